@@ -1,0 +1,232 @@
+"""DDPM: the diffusion math in one place, and the unconditional training script.
+
+    python ddpm.py --dataset imagefolder --dataset_path path/to/images   (or --dataset shapes, or --config FILE)
+
+`Diffusion` holds the noise schedule, the forward noising q(x_t | x_0), the training loss, ancestral
+sampling (DDPM Algorithm 2) and classifier-free guidance. The other scripts import it from here.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from modules import NULL_LABEL
+from utils import arg, to_uint8
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+@dataclass
+class Config:
+    run_name: str = arg("DDPM_Unconditional", "results/<run_name>/ and models/<run_name>/ hold this run's files")
+    dataset: str = arg("imagefolder", "cifar10 | imagefolder (one subfolder per class) | shapes (built in)")
+    dataset_path: str = arg("./data/landscapes", "folder of the dataset (cifar10 downloads here)")
+    dataset_size: int | None = arg(None, "use only this many images (None: all)")
+    image_size: int = arg(64, "training resolution in pixels, divisible by 8")
+    base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
+    batch_size: int = arg(12, "images per optimizer step")
+    epochs: int = arg(500, "passes over the data set")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps, whatever the epochs")
+    lr: float = arg(3e-4, "AdamW learning rate")
+    noise_steps: int = arg(1000, "T, the number of diffusion steps")
+    beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
+    beta_end: float = arg(0.02, "beta_T of the linear schedule")
+    ema_beta: float = arg(0.995, "EMA decay per step")
+    ema_start: int = arg(2000, "steps during which the EMA model is a plain copy")
+    sampler: str = arg("ddpm", "sampler of the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
+    sample_steps: int | None = arg(None, "network steps of the grid sampler (None: its default)")
+    n_samples: int = arg(16, "images in each grid")
+    log_every: int = arg(10, "save grids, loss plot and checkpoints every this many epochs")
+    seed: int = arg(0, "seed of the data order, the noise and the grids")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    mixed_precision: str = arg("no", "no | fp16 | bf16 (through Accelerate)")
+    compile: bool = arg(False, "torch.compile the network")
+    channels_last: bool = arg(False, "channels_last memory format (measure before using it)")
+    num_workers: int = arg(2, "DataLoader worker processes")
+
+
+# ----------------------------------------------------------------------------- the math
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++ode", "euler_a")
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++ode": 20, "euler_a": 30}
+
+
+def broadcast(values, x):
+    """Per-row scalars (B,) -> (B, 1, 1, 1), to scale images or latents x of any channel count."""
+    return values.view(-1, *([1] * (x.dim() - 1)))
+
+
+class Diffusion:
+    """DDPM with a linear beta schedule (Ho et al. 2020), as in the reference repository.
+
+    Index conventions. beta, alpha and alpha_hat are tensors of length T = noise_steps, indexed by
+    t = 0..T-1, with alpha = 1 - beta and alpha_hat[t] = alpha[0] * ... * alpha[t]. Training draws t
+    uniformly from 1..T-1. Ancestral sampling (DDPM Alg. 2) starts from x ~ N(0, I) at its first step
+    t = T-1 and ends after its last step t = 1, which adds no noise; the result is x_0.
+
+    Guidance (CFG, Ho & Salimans 2022, eq. 6): eps = lerp(eps_uncond, eps_cond, cfg_scale). cfg_scale 0
+    means the conditional prediction alone, in one pass; 1 gives the same result in a batched pass; above 1
+    pushes away from the unconditional prediction.
+    """
+
+    def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, c_in=3, device="cpu"):
+        if img_size % 8:
+            raise ValueError(f"img_size {img_size} is not divisible by 8: the U-Net halves it 3 times; use 16, 32 or 64")
+        self.noise_steps = noise_steps
+        self.img_size = img_size
+        self.c_in = c_in
+        self.device = torch.device(device)
+        self.beta = torch.linspace(beta_start, beta_end, noise_steps).to(self.device)  # float32, as the reference
+        self.alpha = 1.0 - self.beta
+        self.alpha_hat = torch.cumprod(self.alpha, dim=0)
+
+    def sample_timesteps(self, n, generator=None):
+        """t ~ U{1, ..., T-1}, shape (n,)."""
+        return torch.randint(1, self.noise_steps, (n,), device=self.device, generator=generator)
+
+    def noise_images(self, x_0, t, eps=None):
+        """Sample q(x_t | x_0): x_t = sqrt(alpha_hat_t) x_0 + sqrt(1 - alpha_hat_t) eps. Returns (x_t, eps)."""
+        if eps is None:
+            eps = torch.randn_like(x_0)
+        alpha_hat = broadcast(self.alpha_hat[t], x_0)
+        x_t = alpha_hat.sqrt() * x_0 + (1.0 - alpha_hat).sqrt() * eps
+        return x_t, eps
+
+    def loss(self, model, x_0, labels=None):
+        """The simple DDPM objective (Alg. 1): MSE between eps and the model's prediction of it.
+
+        `labels` is the model's conditioning for each row (class ids, or text embeddings), or None.
+        """
+        t = self.sample_timesteps(x_0.shape[0])
+        x_t, eps = self.noise_images(x_0, t)
+        eps_pred = model(x_t, t) if labels is None else model(x_t, t, labels)
+        return F.mse_loss(eps_pred.float(), eps.float())
+
+    def predict_eps(self, model, x_t, t, labels=None, null_labels=None, cfg_scale=0.0):
+        """The model's eps for x_t at timesteps t (B,), guided when cfg_scale > 0.
+
+        With guidance, the conditional and unconditional predictions are one forward pass of 2B rows.
+        """
+        if labels is None:
+            return model(x_t, t)
+        if cfg_scale == 0:
+            return model(x_t, t, labels)
+        eps_both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null_labels]))
+        eps_cond, eps_uncond = eps_both.chunk(2)
+        return torch.lerp(eps_uncond, eps_cond, cfg_scale)  # CFG, Ho & Salimans 2022, eq. 6
+
+    def p_sample_step(self, x_t, t, eps, z):
+        """One step of DDPM Alg. 2 at the integer timestep t, with sigma_t^2 = beta_t and noise z."""
+        alpha, alpha_hat, beta = self.alpha[t], self.alpha_hat[t], self.beta[t]
+        mean = (x_t - (1.0 - alpha) / (1.0 - alpha_hat).sqrt() * eps) / alpha.sqrt()
+        return mean + beta.sqrt() * z
+
+    def _check_sample_args(self, model, n, labels, cfg_scale, sampler):
+        if cfg_scale < 0:
+            raise ValueError(f"cfg_scale {cfg_scale} is negative: use 0 (no guidance) or a value > 0, e.g. 3")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}")
+        if labels is None:
+            return
+        if labels.shape[0] != n:
+            raise ValueError(f"got {labels.shape[0]} labels for n={n} images: give one label per image")
+        num_classes = getattr(model, "num_classes", None)
+        if num_classes is not None and not labels.is_floating_point():
+            bad = labels[(labels >= num_classes) | (labels < NULL_LABEL)]
+            if bad.numel():
+                raise ValueError(
+                    f"label {bad[0].item()} is outside the model's classes: use 0..{num_classes - 1} (or -1 for none)"
+                )
+
+    @torch.no_grad()
+    def sample(self, model, n, labels=None, cfg_scale=3, *, null_labels=None, sampler="ddpm", steps=None,
+               eta=0.0, generator=None, seed=None, progress=True):
+        """Generate n images. Returns uint8 (n, c_in, H, W); see `sample_x0` for the arguments."""
+        x_0 = self.sample_x0(model, n, labels, cfg_scale, null_labels=null_labels, sampler=sampler, steps=steps,
+                             eta=eta, generator=generator, seed=seed, progress=progress)
+        return to_uint8(x_0)
+
+    @torch.no_grad()
+    def sample_x0(self, model, n, labels=None, cfg_scale=3, *, null_labels=None, sampler="ddpm", steps=None,
+                  eta=0.0, generator=None, seed=None, progress=True):
+        """Generate n samples x_0 as float (n, c_in, H, W), in the model's space (pixels in [-1, 1], or latents).
+
+        labels: None (unconditional), class ids (n,), or any conditioning with n rows, such as text token
+            states (n, L, D). null_labels: the unconditional conditioning for guidance; by default every row is
+            NULL_LABEL. sampler: "ddpm" with the default steps is the hand-written Alg. 2 over t = T-1..1;
+            the others (and ddpm with fewer steps) use diffusers' schedulers built from these betas.
+        generator or seed: make the noise reproducible.
+        """
+        self._check_sample_args(model, n, labels, cfg_scale, sampler)
+        if labels is not None and null_labels is None:
+            null_labels = torch.full_like(labels, NULL_LABEL)
+        if generator is None and seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        shape = (n, self.c_in, self.img_size, self.img_size)
+        x = torch.randn(shape, generator=generator, device=self.device)
+        was_training = model.training
+        model.eval()
+        if sampler == "ddpm" and steps in (None, self.noise_steps - 1):
+            x = self._ddpm_loop(model, x, labels, null_labels, cfg_scale, generator, progress)
+        else:
+            x = self._scheduler_loop(model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator,
+                                     progress)
+        model.train(was_training)
+        return x
+
+    def _ddpm_loop(self, model, x, labels, null_labels, cfg_scale, generator, progress):
+        """DDPM Alg. 2, exactly as the reference runs it."""
+        n = x.shape[0]
+        for i in tqdm(range(self.noise_steps - 1, 0, -1), desc="ddpm", leave=False, disable=not progress):
+            t = torch.full((n,), i, dtype=torch.long, device=self.device)
+            eps = self.predict_eps(model, x, t, labels, null_labels, cfg_scale)
+            if i > 1:
+                z = torch.randn(x.shape, generator=generator, device=self.device)
+            else:
+                z = torch.zeros_like(x)
+            x = self.p_sample_step(x, i, eps, z)
+        return x
+
+    def make_scheduler(self, sampler, steps=None):
+        """A diffusers scheduler for `sampler`, built from these betas, with `steps` network steps.
+
+        "trailing" spacing starts at t = T-1 and never asks for t = 0, which training never drew.
+        """
+        from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+        common = dict(num_train_timesteps=self.noise_steps, trained_betas=self.beta.cpu().numpy(),
+                      timestep_spacing="trailing", prediction_type="epsilon")
+        if sampler == "ddpm":
+            scheduler = DDPMScheduler(variance_type="fixed_large", clip_sample=False, **common)
+        elif sampler == "ddim":
+            scheduler = DDIMScheduler(clip_sample=False, **common)
+        elif sampler == "dpm++":
+            scheduler = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", **common)
+        elif sampler == "dpm++ode":
+            scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **common)
+        else:
+            scheduler = EulerAncestralDiscreteScheduler(**common)
+        scheduler.set_timesteps(steps or DEFAULT_STEPS.get(sampler, self.noise_steps - 1), device=self.device)
+        return scheduler
+
+    def _scheduler_loop(self, model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator, progress):
+        scheduler = self.make_scheduler(sampler, steps)
+        step_kwargs = {"eta": eta} if sampler == "ddim" else {}
+        x = x * scheduler.init_noise_sigma
+        n = x.shape[0]
+        for t in tqdm(scheduler.timesteps, desc=sampler, leave=False, disable=not progress):
+            x_in = scheduler.scale_model_input(x, t)
+            eps = self.predict_eps(model, x_in, t.expand(n), labels, null_labels, cfg_scale)
+            x = scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+        return x
+
+
+def main(argv=None):
+    from training import train
+
+    train(Config, argv, conditional=False, description=__doc__)
+
+
+if __name__ == "__main__":
+    from utils import run_cli
+
+    run_cli(main)

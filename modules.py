@@ -1,0 +1,299 @@
+"""Networks only: the U-Net that predicts the noise eps, its blocks, and the EMA of its weights.
+
+`UNet` and `UNet_conditional` keep the parameter names and shapes of the reference repository
+(dome272/Diffusion-Models-pytorch), so its released 64x64 checkpoints load with `strict=True` and give the
+same outputs. Unlike the reference they run at any H and W divisible by 8, read their device from the input,
+use fused attention and broadcast the embeddings. `UNet_text` is the same network with cross-attention on
+text tokens, for latent text-to-image. Nothing here knows about betas or timesteps beyond encoding `t`.
+"""
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NULL_LABEL = -1  # a row with this label is unconditional: its label embedding is zero
+
+
+def timestep_encoding(t, dim):
+    """Sinusoidal encoding of the timesteps t, shape (B,), as (B, dim) float32 on t's device."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=t.device).float() / dim))  # (dim/2,)
+    angles = t.float()[:, None] * inv_freq[None, :]  # (B, 1) * (1, dim/2) -> (B, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class DoubleConv(nn.Module):
+    """Two 3x3 convolutions, each followed by GroupNorm(1); GELU between them; optional residual."""
+
+    def __init__(self, in_channels, out_channels, mid_channels=None, residual=False):
+        super().__init__()
+        mid_channels = mid_channels or out_channels
+        self.residual = residual
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(1, mid_channels),
+            nn.GELU(),
+            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(1, out_channels),
+        )
+
+    def forward(self, x):
+        if self.residual:
+            return F.gelu(x + self.double_conv(x))
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    """Halve H and W, convolve, then add the projected embedding to every pixel."""
+
+    def __init__(self, in_channels, out_channels, emb_dim=256):
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(
+            nn.MaxPool2d(2),
+            DoubleConv(in_channels, in_channels, residual=True),
+            DoubleConv(in_channels, out_channels),
+        )
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+
+    def forward(self, x, emb):
+        x = self.maxpool_conv(x)
+        return x + self.emb_layer(emb)[:, :, None, None]  # (B, C) -> (B, C, 1, 1), broadcast over H, W
+
+
+class Up(nn.Module):
+    """Double H and W, concatenate the skip connection, convolve, then add the projected embedding."""
+
+    def __init__(self, in_channels, out_channels, emb_dim=256):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv = nn.Sequential(
+            DoubleConv(in_channels, in_channels, residual=True),
+            DoubleConv(in_channels, out_channels, in_channels // 2),
+        )
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+
+    def forward(self, x, skip, emb):
+        x = torch.cat([skip, self.up(x)], dim=1)
+        x = self.conv(x)
+        return x + self.emb_layer(emb)[:, :, None, None]
+
+
+def to_tokens(x):
+    """(B, C, H, W) -> (B, H*W, C)"""
+    return x.flatten(2).transpose(1, 2)
+
+
+def from_tokens(tokens, like):
+    """(B, H*W, C) -> (B, C, H, W), with H and W taken from the tensor `like`."""
+    return tokens.transpose(1, 2).reshape(like.shape)
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention over all pixels, then a pre-norm feed-forward; both residual.
+
+    `need_weights=False` keeps PyTorch on its fused attention kernel, which never builds the
+    (H*W) x (H*W) weight matrix. `context` is accepted and ignored, so every attention block of the
+    U-Net has the same call signature.
+    """
+
+    def __init__(self, channels, heads=4):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.ln = nn.LayerNorm(channels)
+        self.ff_self = nn.Sequential(
+            nn.LayerNorm(channels),
+            nn.Linear(channels, channels),
+            nn.GELU(),
+            nn.Linear(channels, channels),
+        )
+
+    def forward(self, x, context=None):
+        tokens = to_tokens(x)
+        h = self.ln(tokens)
+        a = self.mha(h, h, h, need_weights=False)[0] + tokens
+        out = self.ff_self(a) + a
+        return from_tokens(out, x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens (B, N, query_dim) to text tokens (B, L, context_dim)."""
+
+    def __init__(self, query_dim, context_dim, heads=4):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(query_dim, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+
+    def forward(self, x, context):
+        return self.mha(x, context, context, need_weights=False)[0]
+
+
+class TransformerBlock(nn.Module):
+    """Stable Diffusion's attention block: self-attention, cross-attention on the text, feed-forward.
+
+    Each sub-layer is pre-norm with a residual. Input and output are feature maps (B, C, H, W);
+    `context` holds the text encoder's token states (B, L, context_dim).
+    """
+
+    def __init__(self, channels, context_dim, heads=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels)
+        self.self_attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(channels)
+        self.cross_attn = CrossAttention(channels, context_dim, heads)
+        self.norm3 = nn.LayerNorm(channels)
+        self.ff = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
+
+    def forward(self, x, context):
+        tokens = to_tokens(x)
+        h = self.norm1(tokens)
+        tokens = tokens + self.self_attn(h, h, h, need_weights=False)[0]
+        tokens = tokens + self.cross_attn(self.norm2(tokens), context)
+        tokens = tokens + self.ff(self.norm3(tokens))
+        return from_tokens(tokens, x)
+
+
+def check_image_size(x):
+    """The U-Net halves H and W three times, so both must be divisible by 8."""
+    height, width = x.shape[-2:]
+    if height % 8 or width % 8:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by 8: the U-Net halves it 3 times; use e.g. 16, 32 or 64"
+        )
+
+
+class UNet(nn.Module):
+    """The reference U-Net: 3 downsamplings, each followed by attention; widths scale with base_channels.
+
+    `attention(channels)` builds the block that follows each Down and Up; the default is the reference's
+    SelfAttention. forward(x, t): x (B, c_in, H, W), t (B,) integer timesteps -> eps (B, c_out, H, W).
+    """
+
+    def __init__(self, c_in=3, c_out=3, time_dim=256, base_channels=64, attention=SelfAttention):
+        super().__init__()
+        self.time_dim = time_dim
+        c = base_channels
+        self.inc = DoubleConv(c_in, c)
+        self.down1 = Down(c, 2 * c, time_dim)
+        self.sa1 = attention(2 * c)
+        self.down2 = Down(2 * c, 4 * c, time_dim)
+        self.sa2 = attention(4 * c)
+        self.down3 = Down(4 * c, 4 * c, time_dim)
+        self.sa3 = attention(4 * c)
+        self.bot1 = DoubleConv(4 * c, 8 * c)
+        self.bot2 = DoubleConv(8 * c, 8 * c)
+        self.bot3 = DoubleConv(8 * c, 4 * c)
+        self.up1 = Up(8 * c, 2 * c, time_dim)
+        self.sa4 = attention(2 * c)
+        self.up2 = Up(4 * c, c, time_dim)
+        self.sa5 = attention(c)
+        self.up3 = Up(2 * c, c, time_dim)
+        self.sa6 = attention(c)
+        self.outc = nn.Conv2d(c, c_out, kernel_size=1)
+
+    def time_embedding(self, t):
+        return timestep_encoding(t, self.time_dim)
+
+    def denoise(self, x, emb, context=None):
+        """The U-Net proper, given the embedding emb (B, time_dim) and, for cross-attention, context."""
+        check_image_size(x)
+        x1 = self.inc(x)  # full resolution
+        x2 = self.sa1(self.down1(x1, emb), context)  # 1/2
+        x3 = self.sa2(self.down2(x2, emb), context)  # 1/4
+        x4 = self.sa3(self.down3(x3, emb), context)  # 1/8
+        x4 = self.bot3(self.bot2(self.bot1(x4)))
+        y = self.sa4(self.up1(x4, x3, emb), context)  # 1/4
+        y = self.sa5(self.up2(y, x2, emb), context)  # 1/2
+        y = self.sa6(self.up3(y, x1, emb), context)  # full resolution
+        return self.outc(y)
+
+    def forward(self, x, t):
+        return self.denoise(x, self.time_embedding(t))
+
+
+class UNet_conditional(UNet):
+    """The U-Net with a class-label embedding added to the time embedding.
+
+    forward(x, t, y): y (B,) holds class ids in 0..num_classes-1, or NULL_LABEL (-1) for rows without a
+    label; y=None means no row has a label. An unlabelled row adds a zero vector, as the reference does
+    when it passes no labels, so one batch can hold the conditional and unconditional halves of guidance.
+    """
+
+    def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, base_channels=64):
+        super().__init__(c_in, c_out, time_dim, base_channels)
+        self.num_classes = num_classes
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_dim)
+
+    def label_embedding(self, y):
+        has_label = (y != NULL_LABEL).unsqueeze(-1)  # (B, 1)
+        return self.label_emb(y.clamp(min=0)) * has_label
+
+    def forward(self, x, t, y=None):
+        emb = self.time_embedding(t)
+        if y is not None and self.num_classes is not None:
+            emb = emb + self.label_embedding(y)
+        return self.denoise(x, emb)
+
+
+class UNet_text(UNet):
+    """The U-Net conditioned on text, for latent text-to-image (a small Stable Diffusion).
+
+    conditioning="cross_attention": every attention block is a TransformerBlock that attends to the
+    text encoder's token states; forward(x, t, context) takes context (B, L, context_dim).
+    conditioning="add": the pooled text embedding (B, context_dim) is projected and added to the time
+    embedding, like a class label; forward(x, t, context) takes that pooled embedding.
+    """
+
+    CONDITIONINGS = ("cross_attention", "add")
+
+    def __init__(
+        self, c_in=4, c_out=4, time_dim=256, base_channels=64, context_dim=768, heads=4, conditioning="cross_attention"
+    ):
+        if conditioning not in self.CONDITIONINGS:
+            raise ValueError(f"conditioning {conditioning!r} is unknown: use one of {', '.join(self.CONDITIONINGS)}")
+        if conditioning == "cross_attention":
+            attention = functools.partial(TransformerBlock, context_dim=context_dim, heads=heads)
+        else:
+            attention = functools.partial(SelfAttention, heads=heads)
+        super().__init__(c_in, c_out, time_dim, base_channels, attention=attention)
+        self.conditioning = conditioning
+        if conditioning == "add":
+            self.text_proj = nn.Linear(context_dim, time_dim)
+
+    def forward(self, x, t, context):
+        emb = self.time_embedding(t)
+        if self.conditioning == "add":
+            return self.denoise(x, emb + self.text_proj(context))
+        return self.denoise(x, emb, context)
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with the reference's semantics.
+
+    For the first `start_step` calls of `step_ema` the EMA model is a plain copy of the model; after that
+    every parameter moves as ema = beta * ema + (1 - beta) * param. Buffers are always copied.
+    """
+
+    def __init__(self, beta=0.995, start_step=2000):
+        self.beta = beta
+        self.start_step = start_step
+        self.step = 0
+
+    @torch.no_grad()
+    def step_ema(self, ema_model, model):
+        if self.step < self.start_step:
+            for ema_p, p in zip(ema_model.parameters(), model.parameters()):
+                ema_p.copy_(p)
+        else:
+            for ema_p, p in zip(ema_model.parameters(), model.parameters()):
+                ema_p.lerp_(p, 1.0 - self.beta)  # ema + (1 - beta) * (p - ema)
+        for ema_b, b in zip(ema_model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+        self.step += 1
+
+    def state_dict(self):
+        return {"beta": self.beta, "start_step": self.start_step, "step": self.step}
+
+    def load_state_dict(self, state):
+        self.beta = state["beta"]
+        self.start_step = state["start_step"]
+        self.step = state["step"]

@@ -1,0 +1,436 @@
+"""Tests for utils.py: config parsing, data sets, the shapes judge, images and checkpoints."""
+
+import dataclasses
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import utils  # noqa: E402
+from utils import UsageError  # noqa: E402
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """A config with one field of every supported type."""
+
+    lr: float = utils.arg(3e-4, "learning rate")
+    epochs: int = utils.arg(5, "passes over the data")
+    run_name: str = utils.arg("demo", "folder name under results/")
+    use_ema: bool = utils.arg(True, "keep an EMA copy")
+    prompt: list[str] = utils.arg(["a red circle"], "prompts for the sample grid")
+    max_steps: int | None = utils.arg(None, "stop after this many steps")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_parse_config_defaults_and_overrides():
+    assert utils.parse_config(DemoConfig, []) == DemoConfig()
+    argv = ["--lr", "1", "--epochs", "7", "--run_name", "x", "--max_steps", "12"]
+    cfg = utils.parse_config(DemoConfig, argv)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert (cfg.epochs, cfg.run_name, cfg.max_steps) == (7, "x", 12)
+    assert utils.parse_config(DemoConfig, ["--max_steps", "none"]).max_steps is None
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("FALSE", False), ("1", True), ("0", False),
+                                         ("Yes", True), ("no", False)])
+def test_parse_config_bool_values(text, value):
+    assert utils.parse_config(DemoConfig, ["--use_ema", text]).use_ema is value
+
+
+def test_parse_config_bare_bool_flag_means_true():
+    cfg = utils.parse_config(DemoConfig, ["--use_ema", "false"])
+    assert cfg.use_ema is False
+    assert utils.parse_config(DemoConfig, ["--use_ema"]).use_ema is True
+
+
+def test_parse_config_list_is_repeatable_and_default_not_shared():
+    cfg = utils.parse_config(DemoConfig, ["--prompt", "a", "--prompt", "b"])
+    assert cfg.prompt == ["a", "b"]
+    first, second = DemoConfig(), DemoConfig()
+    first.prompt.append("x")
+    assert second.prompt == ["a red circle"]
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--nope", "1"], "unrecognized arguments: --nope"),
+                                             (["--epochs", "2.5"], "--epochs"),
+                                             (["--lr", "fast"], "'fast'"),
+                                             (["--use_ema", "maybe"], "'maybe'"),
+                                             (["--e", "3"], "unrecognized")])
+def test_parse_config_bad_flags_exit_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        utils.parse_config(DemoConfig, argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert err.strip().splitlines()[-1].count("error:") == 1
+
+
+def test_help_lists_every_field_and_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        utils.parse_config(DemoConfig, ["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(DemoConfig):
+        assert f"--{field.name}" in out
+    defaults = ("0.0003", "default: 5", "default: demo", "default: True", "a red circle", "default: None")
+    for default in defaults:
+        assert default in out
+    assert "learning rate" in out
+
+
+def test_config_file_applied_then_cli_wins(tmp_path):
+    path = tmp_path / "over.json"
+    path.write_text(json.dumps({"lr": 1, "epochs": 9, "prompt": ["p"]}))
+    cfg = utils.parse_config(DemoConfig, ["--config", str(path), "--epochs", "3"])
+    assert (cfg.lr, cfg.epochs, cfg.prompt) == (1.0, 3, ["p"])
+    assert isinstance(cfg.lr, float)
+
+
+def test_config_file_errors(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"lr": 0.1, "learning_rate": 0.1}))
+    with pytest.raises(UsageError, match="learning_rate"):
+        utils.parse_config(DemoConfig, ["--config", str(path)])
+    path.write_text(json.dumps({"epochs": "many"}))
+    with pytest.raises(UsageError, match="epochs"):
+        utils.parse_config(DemoConfig, ["--config", str(path)])
+    with pytest.raises(UsageError, match="not found"):
+        utils.parse_config(DemoConfig, ["--config", str(tmp_path / "missing.json")])
+
+
+def test_parse_config_extra_arguments():
+    extra = [("--resume", {"action": "store_true", "help": "continue the run"})]
+    cfg, ns = utils.parse_config(DemoConfig, ["--resume", "--epochs", "2"], extra=extra)
+    assert cfg.epochs == 2 and ns.resume is True
+    cfg, ns = utils.parse_config(DemoConfig, [], extra=extra)
+    assert ns.resume is False and not hasattr(cfg, "resume")
+
+
+def test_save_config_round_trip_and_diff(tmp_path):
+    cfg = DemoConfig(lr=0.001, prompt=["a", "b"])
+    path = tmp_path / "nested" / "config.json"
+    utils.save_config(cfg, path)
+    saved = json.loads(path.read_text())
+    assert DemoConfig(**saved) == cfg
+    assert not os.path.exists(str(path) + ".tmp")
+    current = utils.config_to_dict(DemoConfig(lr=0.0003, epochs=9))
+    lines = utils.diff_configs(saved, current, ignore=("epochs",))
+    assert "lr: 0.001 (saved) != 0.0003 (now)" in lines
+    assert not any(line.startswith("epochs") for line in lines)
+    assert utils.diff_configs(saved, saved) == []
+
+
+# ----------------------------------------------------------------------------- seeding, device, CLI
+
+def test_seed_everything_repeats_random_streams():
+    utils.seed_everything(3)
+    first = (np.random.rand(), torch.rand(2))
+    utils.seed_everything(3)
+    second = (np.random.rand(), torch.rand(2))
+    assert first[0] == second[0] and torch.equal(first[1], second[1])
+
+
+def test_pick_device():
+    assert utils.pick_device("cpu") == "cpu"
+    assert utils.pick_device("auto") in ("cpu", "cuda", "mps")
+    with pytest.raises(UsageError, match="unknown device"):
+        utils.pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="--device cpu"):
+            utils.pick_device("cuda")
+
+
+def test_run_cli_prints_one_line_and_exits_2(capsys):
+    def main(argv):
+        raise UsageError("something is wrong\nwith two lines: fix it")
+
+    with pytest.raises(SystemExit) as info:
+        utils.run_cli(main, [])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: something is wrong with two lines: fix it\n"
+
+
+def test_run_cli_passes_argv():
+    seen = []
+    utils.run_cli(seen.append, ["--x"])
+    assert seen == [["--x"]]
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def test_shapes_deterministic_and_seeded():
+    a, b = utils.ShapesDataset(32, size=20, seed=0), utils.ShapesDataset(32, size=20, seed=0)
+    other = utils.ShapesDataset(32, size=20, seed=1)
+    assert torch.equal(a[7][0], b[7][0])
+    assert not torch.equal(a[7][0], other[7][0])
+    assert not torch.equal(a[7][0], a[17][0])
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_shapes_shape_range_and_background(size):
+    dataset = utils.ShapesDataset(size, size=10)
+    for i in range(10):
+        image, label = dataset[i]
+        assert image.shape == (3, size, size) and image.dtype == torch.float32
+        assert image.min() >= -1 and image.max() <= 1
+        assert image[:, 0, 0].tolist() == [-1.0, -1.0, -1.0]
+        assert label == i
+        assert (image > -0.5).any()
+
+
+def test_shapes_balance_and_captions():
+    dataset = utils.ShapesDataset(16, size=50)
+    labels = [dataset[i][1] for i in range(len(dataset))]
+    assert np.bincount(labels).tolist() == [5] * 10
+    assert len(set(dataset.classes)) == 10 and len(set(dataset.colors)) == 10
+    assert dataset.classes[0] == "red circle" and dataset.caption(0) == "a red circle"
+    assert dataset.caption(17) == "a " + dataset.classes[7]
+    assert dataset.classes[8] == "brown frame" and dataset.classes[9] == "gray stripe"
+    with pytest.raises(IndexError):
+        dataset[50]
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_classify_shapes_scores_real_images(size):
+    dataset = utils.ShapesDataset(size, size=500, seed=5)
+    images = torch.stack([dataset[i][0] for i in range(500)])
+    labels = torch.tensor([dataset[i][1] for i in range(500)])
+    assert (utils.classify_shapes(images) == labels).float().mean() >= 0.98
+    assert (utils.classify_shapes(utils.to_uint8(images)) == labels).float().mean() >= 0.98
+
+
+def test_classify_shapes_black_image_is_minus_one():
+    black = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    predicted = utils.classify_shapes(black)
+    assert predicted.dtype == torch.long and predicted.tolist() == [-1, -1]
+    assert utils.classify_shapes(-torch.ones(1, 3, 8, 8)).tolist() == [-1]
+
+
+# ----------------------------------------------------------------------------- file data sets
+
+def _write_image_folder(root):
+    """Two classes with RGB, L, P and RGBA PNGs, a text file and a corrupt PNG."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    for name in ("zebra_fish", "apple"):
+        folder = root / name
+        folder.mkdir(parents=True)
+        Image.fromarray(rgb).save(folder / "rgb.png")
+        Image.fromarray(rgb).convert("L").save(folder / "grey.png")
+        Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+        Image.fromarray(rgb).convert("RGBA").save(folder / "alpha.png")
+    (root / "apple" / "notes.txt").write_text("not an image")
+    (root / "zebra_fish" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+
+def test_imagefolder_reads_all_modes_and_warns_once(tmp_path):
+    _write_image_folder(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = utils.get_dataset("imagefolder", str(tmp_path), 16)
+    messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(messages) == 1 and "skipped 2 " in messages[0]
+    assert dataset.classes == ["apple", "zebra_fish"]
+    assert len(dataset) == 8
+    labels = []
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+        assert image.min() >= -1 and image.max() <= 1
+        labels.append(label)
+    assert sorted(labels) == [0] * 4 + [1] * 4
+    assert dataset.caption(len(dataset) - 1) == "a photo of a zebra fish"
+    with pytest.warns(UserWarning, match="skipped 2"):
+        subset = utils.get_dataset("imagefolder", str(tmp_path), 16, size=3, seed=1)
+    assert len(subset) == 3
+    for i in range(3):
+        assert subset.caption(i) == "a photo of a " + subset.classes[subset[i][1]].replace("_", " ")
+
+
+def test_load_rgb_scales_16_bit_grey(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(path)
+    image = utils.load_rgb(path)
+    assert image.mode == "RGB" and np.asarray(image).min() == 255
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        utils.get_dataset("imagefolder", str(tmp_path / "nowhere"), 16)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="empty"):
+        utils.get_dataset("imagefolder", str(empty), 16)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (8, 8)).save(loose / "a.png")
+    with pytest.raises(UsageError, match="one subfolder per class"):
+        utils.get_dataset("imagefolder", str(loose), 16)
+    junk = tmp_path / "junk" / "cat"
+    junk.mkdir(parents=True)
+    (junk / "readme.txt").write_text("x")
+    with pytest.warns(UserWarning, match="skipped 1"), pytest.raises(UsageError, match="no readable images"):
+        utils.get_dataset("imagefolder", str(tmp_path / "junk"), 16)
+
+
+def test_get_dataset_rejects_bad_name_and_size():
+    with pytest.raises(UsageError, match="image_size 30 is not divisible by 8"):
+        utils.get_dataset("shapes", "", 30)
+    with pytest.raises(UsageError, match="cifar10, imagefolder or shapes"):
+        utils.get_dataset("mnist", "", 32)
+    dataset = utils.get_dataset("shapes", "", 16, size=30, seed=2)
+    assert len(dataset) == 30 and dataset[0][0].shape == (3, 16, 16)
+
+
+def test_cifar10_offline_is_a_usage_error(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(UsageError) as info:
+        utils.get_dataset("cifar10", str(tmp_path), 32)
+    message = str(info.value)
+    assert "--dataset shapes" in message and "Name or service not known" in message
+    assert "\n" not in message
+
+
+def test_make_dataloader_seeded_and_too_small():
+    dataset = utils.ShapesDataset(16, size=20)
+    first = [y.tolist() for _, y in utils.make_dataloader(dataset, 4, seed=1)]
+    again = [y.tolist() for _, y in utils.make_dataloader(dataset, 4, seed=1)]
+    assert first == again and len(first) == 5
+    with pytest.raises(UsageError, match="batch_size 32"):
+        utils.make_dataloader(dataset, 32)
+
+
+# ----------------------------------------------------------------------------- images and plots
+
+def test_to_uint8():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0])
+    assert utils.to_uint8(x).tolist() == [0, 0, 128, 255, 255]
+
+
+@pytest.mark.parametrize("name", ["grid.png", "grid.jpg"])
+def test_save_images_grid_size(tmp_path, name):
+    images = torch.rand(4, 3, 8, 8) * 2 - 1
+    path = tmp_path / "sub" / name
+    utils.save_images(images, path)
+    with Image.open(path) as image:
+        assert image.size == (22, 22) and image.mode == "RGB"
+    assert os.listdir(tmp_path / "sub") == [name]
+
+
+def test_save_images_keeps_pixels(tmp_path):
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    utils.save_images(images, tmp_path / "row.png", nrow=3)
+    array = np.asarray(Image.open(tmp_path / "row.png"))
+    assert array.shape == (12, 32, 3)
+    assert np.array_equal(array[2:10, 2:10], images[0].permute(1, 2, 0).numpy())
+
+
+def test_save_images_with_captions(tmp_path):
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    path = tmp_path / "captioned.png"
+    utils.save_images(images, path, nrow=3, captions=["a red circle", "a blue triangle"])
+    with Image.open(path) as image:
+        assert image.size[0] > 100 and image.size[1] > 100
+    with pytest.raises(ValueError):
+        utils.save_images(images, path, nrow=3, captions=["only one"])
+
+
+def test_save_individual_names(tmp_path):
+    images = torch.rand(5, 3, 8, 8) * 2 - 1
+    paths = utils.save_individual(images, torch.tensor([3, 1, 3, 3, 1]), tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["1_0.png", "1_1.png", "3_0.png", "3_1.png", "3_2.png"]
+    assert len(paths) == 5
+    assert Image.open(paths[0]).size == (8, 8)
+
+
+def test_plot_loss_writes_png(tmp_path):
+    path = tmp_path / "plots" / "loss.png"
+    utils.plot_loss(list(np.linspace(1.0, 0.05, 300)), path, smooth=20)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    utils.plot_loss([], tmp_path / "empty.png")
+    assert os.path.getsize(tmp_path / "empty.png") > 0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    utils.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        utils.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        utils.load_checkpoint(tmp_path / "missing.pt")
+    path = tmp_path / "half.pt"
+    utils.atomic_save({"w": torch.randn(64, 64)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="not a readable PyTorch checkpoint") as info:
+        utils.load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, I am not a checkpoint")
+    with pytest.raises(UsageError, match="truncated or another format"):
+        utils.load_checkpoint(text)
+
+
+@dataclasses.dataclass
+class _Pickled:
+    """A class that weights_only loading refuses."""
+
+    value: int = 1
+
+
+def test_load_checkpoint_names_a_refused_object(tmp_path):
+    path = tmp_path / "object.pt"
+    torch.save({"config": _Pickled()}, path)
+    with pytest.raises(UsageError, match="_Pickled object, which weights_only loading refuses"):
+        utils.load_checkpoint(path)
+
+
+def test_load_state_dict_strict_mismatch_and_prefix():
+    small = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2), torch.nn.ReLU())
+    with pytest.raises(UsageError) as info:
+        utils.load_state_dict_strict(small, wide.state_dict(), what="ema checkpoint")
+    message = str(info.value)
+    assert "0.weight: (16, 4) in ema checkpoint vs (8, 4) in model" in message
+    assert "--base_channels" in message and "\n" not in message
+
+    extra = dict(small.state_dict(), **{"2.weight": torch.zeros(1)})
+    with pytest.raises(UsageError, match="1 unexpected keys"):
+        utils.load_state_dict_strict(small, extra)
+
+    source = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    compiled = {"_orig_mod." + k: v for k, v in source.state_dict().items()}
+    utils.load_state_dict_strict(small, compiled)
+    assert torch.equal(small[0].weight, source[0].weight)
+    ddp = {"module." + k: v * 2 for k, v in source.state_dict().items()}
+    utils.load_state_dict_strict(small, ddp)
+    assert torch.equal(small[1].bias, source[1].bias * 2)

@@ -1,0 +1,643 @@
+"""Shared helpers: errors and CLI, config parsing, seeding, data sets, image grids, checkpoints."""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import textwrap
+import types
+import typing
+import warnings
+
+import numpy as np
+import torch
+import torchvision
+from matplotlib.figure import Figure
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+
+# ----------------------------------------------------------------------------- errors and CLI
+
+class UsageError(ValueError):
+    """Bad user input. The message is one line naming the problem and the fix."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+def _short(exc, limit=160):
+    """First line of an exception's message, cut to `limit` characters."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_cli(main_fn, argv=None):
+    """Call `main_fn(argv)`; turn a UsageError or FileNotFoundError into one stderr line and exit 2."""
+    try:
+        main_fn(argv)
+    except (UsageError, FileNotFoundError) as exc:
+        print(f"error: {_short(exc, limit=1000)}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+_TRUE = ("true", "1", "yes", "y", "on")
+_FALSE = ("false", "0", "no", "n", "off")
+
+
+def arg(default, help):
+    """A dataclass field with a help text; a list default is copied for every instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_bool(text):
+    """Parse true/false/1/0/yes/no (any case) into a bool."""
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}: use true or false")
+
+
+def _unwrap_optional(tp):
+    """Split `X | None` / `Optional[X]` into (X, True); any other type into (type, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"unsupported config field type {tp}")
+        return inner[0], True
+    return tp, False
+
+
+def _optional(parse):
+    """Wrap a parser so that 'none' (any case) gives None."""
+    def parse_optional(text):
+        return None if text.strip().lower() == "none" else parse(text)
+    parse_optional.__name__ = parse.__name__
+    return parse_optional
+
+
+def _field_default(field):
+    """The default of a dataclass field, or MISSING."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _add_field(parser, field, tp):
+    """Add the `--<name>` flag for one dataclass field; its value only appears when given."""
+    inner, optional = _unwrap_optional(tp)
+    default = _field_default(field)
+    shown = "required" if default is dataclasses.MISSING else f"default: {default}"
+    help_text = f"{field.metadata.get('help', '')} ({shown})".strip().replace("%", "%%")
+    kwargs = {"default": argparse.SUPPRESS, "help": help_text}
+    if typing.get_origin(inner) is list and typing.get_args(inner) == (str,):
+        kwargs.update(action="append", type=str, metavar="STR")
+    elif inner in (int, float, str):
+        parse = _optional(inner) if optional else inner
+        kwargs.update(type=parse, metavar=inner.__name__.upper())
+    elif inner is bool:
+        parse = _optional(parse_bool) if optional else parse_bool
+        kwargs.update(type=parse, nargs="?", const=True, metavar="BOOL")
+    else:
+        raise TypeError(f"config field {field.name!r} has unsupported type {tp}")
+    parser.add_argument(f"--{field.name}", **kwargs)
+
+
+def _coerce_json(name, value, tp, path):
+    """Check a value read from a JSON config file against the field type (ints allowed as floats)."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None and optional:
+        return None
+    origin = typing.get_origin(inner) or inner
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, origin) and not (origin in (int, float) and isinstance(value, bool))
+    if origin is list:
+        ok = ok and all(isinstance(v, str) for v in value)
+    if not ok:
+        kind = getattr(inner, "__name__", str(inner)) if origin is not list else "a list of strings"
+        raise UsageError(f"config file '{path}': {name} should be {kind}, got {value!r}: fix the value")
+    return value
+
+
+def _read_config_file(path, fields, hints):
+    """Read a JSON object of overrides whose keys must be field names."""
+    if not os.path.isfile(path):
+        raise UsageError(f"config file '{path}' not found: pass --config an existing JSON file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"config file '{path}' is not valid JSON ({_short(exc)}): fix or remove it") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"config file '{path}' must hold a JSON object of field names to values")
+    names = [f.name for f in fields]
+    for key in data:
+        if key not in names:
+            raise UsageError(f"config file '{path}' has unknown key '{key}': "
+                             f"valid keys are {', '.join(names)}")
+    return {key: _coerce_json(key, value, hints[key], path) for key, value in data.items()}
+
+
+def parse_config(cls, argv=None, description=None, extra=None):
+    """Build a `cls` dataclass instance from defaults, an optional `--config FILE`, then flags.
+
+    `extra` is a list of `(flag, argparse_kwargs)` for arguments that are not config fields; when
+    given, the result is `(config, namespace_of_extras)`.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    parser = argparse.ArgumentParser(
+        description=description, allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="JSON file of overrides (keys = field names); flags given here win")
+    for field in fields:
+        _add_field(parser, field, hints[field.name])
+    extra_dests = [parser.add_argument(flag, **kwargs).dest for flag, kwargs in (extra or ())]
+    namespace = parser.parse_args(argv)
+
+    values = {f.name: _field_default(f) for f in fields}
+    if namespace.config is not None:
+        values.update(_read_config_file(namespace.config, fields, hints))
+    values.update({f.name: getattr(namespace, f.name) for f in fields if hasattr(namespace, f.name)})
+    missing = [name for name, value in values.items() if value is dataclasses.MISSING]
+    if missing:
+        parser.error("missing " + ", ".join(f"--{name}" for name in missing))
+    config = cls(**values)
+    if extra is None:
+        return config
+    return config, argparse.Namespace(**{dest: getattr(namespace, dest) for dest in extra_dests})
+
+
+def config_to_dict(cfg):
+    """The config as a plain dict."""
+    return dataclasses.asdict(cfg)
+
+
+def _atomic_write(path, write):
+    """Call `write(file)` on `path + '.tmp'`, fsync, then rename over `path`; clean up on failure."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_config(cfg, path):
+    """Write the config as pretty JSON, atomically."""
+    text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def diff_configs(saved, current, ignore=()):
+    """Lines like `lr: 0.0003 (saved) != 0.001 (now)` for every key whose value differs."""
+    keys = list(current) + [k for k in saved if k not in current]
+    lines = []
+    for key in keys:
+        if key in ignore:
+            continue
+        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if old != new:
+            lines.append(f"{key}: {old!r} (saved) != {new!r} (now)")
+    return lines
+
+
+# ----------------------------------------------------------------------------- seeding and device
+
+def seed_everything(seed):
+    """Seed Python's `random`, NumPy's global generator and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda, else mps, else cpu; otherwise check that the requested device exists."""
+    mps_ok = torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
+    kind = name.split(":")[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps_ok}
+    if kind in available and not available[kind]:
+        raise UsageError(f"device '{name}' requested but {kind} is not available: "
+                         "use --device cpu or --device auto")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+# ----------------------------------------------------------------------------- shapes data set
+
+SHAPE_CLASSES = (  # (colour name, RGB, shape)
+    ("red", (230, 30, 30), "circle"),
+    ("green", (30, 200, 30), "square"),
+    ("blue", (40, 70, 255), "triangle"),
+    ("yellow", (240, 230, 30), "diamond"),
+    ("magenta", (230, 40, 230), "plus"),
+    ("cyan", (30, 230, 230), "ring"),
+    ("white", (245, 245, 245), "cross"),
+    ("orange", (255, 140, 0), "bar"),
+    ("brown", (140, 70, 40), "frame"),
+    ("gray", (128, 128, 128), "stripe"),
+)
+SHAPE_COLORS = tuple(rgb for _, rgb, _ in SHAPE_CLASSES)
+
+
+def _box(dx, dy):
+    """Chebyshev distance from the centre: squares are its level sets."""
+    return np.maximum(np.abs(dx), np.abs(dy))
+
+
+def _bar(along, across, half_width):
+    """A bar of length 2 along `along` and width 2 * half_width along `across`."""
+    return (np.abs(along) <= 1) & (np.abs(across) <= half_width)
+
+
+def _cross(dx, dy):
+    """An X: the plus sign rotated by 45 degrees."""
+    u, v = (dx + dy) / math.sqrt(2), (dx - dy) / math.sqrt(2)
+    return _bar(u, v, 0.3) | _bar(v, u, 0.3)
+
+
+# Each mask takes offsets from the centre in units of the radius; every shape fits in |dx|, |dy| <= 1.
+_SHAPE_MASKS = {
+    "circle": lambda dx, dy: np.hypot(dx, dy) <= 1,
+    "square": lambda dx, dy: _box(dx, dy) <= 0.8,
+    "triangle": lambda dx, dy: (dy <= 0.8) & (np.abs(dx) <= 0.95 * (dy + 0.8) / 1.6),  # apex up
+    "diamond": lambda dx, dy: np.abs(dx) + np.abs(dy) <= 1,
+    "plus": lambda dx, dy: _bar(dx, dy, 0.3) | _bar(dy, dx, 0.3),
+    "ring": lambda dx, dy: (np.hypot(dx, dy) <= 1) & (np.hypot(dx, dy) >= 0.5),
+    "cross": _cross,
+    "bar": lambda dx, dy: _bar(dx, dy, 0.5),
+    "frame": lambda dx, dy: (_box(dx, dy) <= 0.9) & (_box(dx, dy) >= 0.5),
+    "stripe": lambda dx, dy: _bar(dy, dx, 0.5),
+}
+
+
+class ShapesDataset(Dataset):
+    """Built-in data set: one coloured shape on black; class k has a unique colour and shape.
+
+    Item i is drawn from a NumPy generator seeded with (seed, i), so it is deterministic and nothing
+    is stored; labels are i % 10. Images are float (3, S, S) tensors in [-1, 1].
+    """
+
+    def __init__(self, image_size=32, size=5000, seed=0):
+        self.image_size = image_size
+        self.size = size
+        self.seed = seed
+        self.classes = [f"{color} {shape}" for color, _, shape in SHAPE_CLASSES]
+        self.colors = list(SHAPE_COLORS)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} items")
+        label = index % len(SHAPE_CLASSES)
+        rng = np.random.default_rng([self.seed, index])
+        return self.render(label, rng), label
+
+    def caption(self, index):
+        """A sentence naming the shape, e.g. 'a red circle'."""
+        return "a " + self.classes[index % len(SHAPE_CLASSES)]
+
+    def render(self, label, rng):
+        """Draw one image of class `label` at 2x resolution, then average-pool 2x2 (anti-aliasing)."""
+        size = self.image_size
+        _, rgb, shape = SHAPE_CLASSES[label]
+        radius = rng.uniform(0.25, 0.4) * size
+        cx, cy = rng.uniform(radius, size - radius, size=2)
+        gain = rng.uniform(0.9, 1.1)
+        coords = (np.arange(2 * size) + 0.5) / 2  # sub-pixel centres, in output pixels
+        dx = (coords[None, :] - cx) / radius  # (1, 2S)
+        dy = (coords[:, None] - cy) / radius  # (2S, 1)
+        mask = _SHAPE_MASKS[shape](dx, dy).astype(np.float32)  # (2S, 2S)
+        coverage = mask.reshape(size, 2, size, 2).mean(axis=(1, 3))  # (2S, 2S) -> (S, S)
+        color = np.clip(np.array(rgb, dtype=np.float32) * gain, 0, 255) / 255
+        image = coverage[None, :, :] * color[:, None, None]  # (3, S, S) in [0, 1]
+        return torch.from_numpy(image * 2 - 1).float()
+
+
+def classify_shapes(images, colors=SHAPE_COLORS):
+    """Judge shapes images by colour: nearest class colour to the mean foreground colour.
+
+    `images` is uint8 (N, 3, H, W) in 0..255 or float in [-1, 1]. Foreground pixels have a channel
+    above 25% of full scale. An image without foreground gets -1.
+    """
+    if images.dtype == torch.uint8:
+        pixels = images.float()
+    else:
+        pixels = (images.float().clamp(-1, 1) + 1) / 2 * 255
+    foreground = (pixels.amax(dim=1) > 0.25 * 255).float()  # (N, H, W)
+    count = foreground.sum(dim=(1, 2))  # (N,)
+    mean = (pixels * foreground[:, None]).sum(dim=(2, 3)) / count.clamp(min=1)[:, None]  # (N, 3)
+    palette = torch.tensor(colors, dtype=torch.float32)  # (K, 3)
+    labels = torch.cdist(mean, palette).argmin(dim=1)
+    return torch.where(count > 0, labels, torch.full_like(labels, -1))
+
+
+# ----------------------------------------------------------------------------- file data sets
+
+class ClassDataset(Dataset):
+    """Wraps a torchvision class data set (CIFAR10, ImageFolder) to add `caption(index)`.
+
+    With `size`, only a random subset of `size` items (drawn with `seed`) is kept.
+    """
+
+    def __init__(self, base, size=None, seed=0):
+        self.base = base
+        self.classes = list(base.classes)
+        self.indices = list(range(len(base)))
+        if size is not None and size < len(base):
+            self.indices = np.random.default_rng(seed).permutation(len(base))[:size].tolist()
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        image, label = self.base[self.indices[index]]
+        return image, int(label)
+
+    def caption(self, index):
+        """'a photo of a <class>', with underscores as spaces."""
+        label = self.base.targets[self.indices[index]]
+        return f"a photo of a {self.classes[label].replace('_', ' ')}"
+
+
+def _augmentation(image_size):
+    """The reference repository's 64 px augmentation, scaled to `image_size`."""
+    return transforms.Compose([
+        transforms.Resize(round(image_size * 80 / 64)),
+        transforms.RandomResizedCrop(image_size, scale=(0.8, 1.0)),
+        transforms.ToTensor(),
+        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ])
+
+
+def load_rgb(path):
+    """Open any image as 8-bit RGB (16-bit and 32-bit grey are scaled, transparency is dropped)."""
+    with Image.open(path) as image:
+        if image.mode.startswith("I") or image.mode == "F":
+            scale = 257 if image.mode.startswith("I") else 1
+            grey = np.clip(np.asarray(image, dtype=np.float64) / scale, 0, 255)
+            return Image.fromarray(grey.round().astype(np.uint8)).convert("RGB")
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+
+
+def _is_readable_image(path):
+    """True when `path` has an image extension and PIL can parse it."""
+    if not path.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
+        return False
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:
+        return False
+
+
+def _image_folder(path, transform):
+    """An ImageFolder over one subfolder per class, skipping unreadable files with one warning."""
+    if not path:
+        raise UsageError("--dataset imagefolder needs --dataset_path DIR: a folder with one subfolder "
+                         "per class")
+    if not os.path.isdir(path):
+        raise UsageError(f"dataset folder '{path}' does not exist: pass --dataset_path to a folder with "
+                         "one subfolder per class, or use --dataset shapes")
+    entries = [e for e in os.listdir(path) if not e.startswith(".")]
+    if not entries:
+        raise UsageError(f"dataset folder '{path}' is empty: put images in one subfolder per class")
+    if not any(os.path.isdir(os.path.join(path, e)) for e in entries):
+        raise UsageError(f"dataset folder '{path}' has no class subfolders: put images in one subfolder "
+                         "per class")
+    skipped = []
+
+    def is_valid(file_path):
+        ok = _is_readable_image(file_path)
+        if not ok:
+            skipped.append(file_path)
+        return ok
+
+    folder = torchvision.datasets.ImageFolder(
+        path, transform=transform, loader=load_rgb, is_valid_file=is_valid, allow_empty=True)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} files in '{path}' that are not readable images "
+                      f"(e.g. '{skipped[0]}')", stacklevel=3)
+    if len(folder) == 0:
+        raise UsageError(f"dataset folder '{path}' has no readable images: put .png/.jpg files in "
+                         "one subfolder per class")
+    return folder
+
+
+def _cifar10(path, train, transform):
+    """CIFAR-10 from torchvision, downloading it once; a failed download is a UsageError."""
+    root = path or "./data"
+    try:
+        base = torchvision.datasets.CIFAR10(root=root, train=train, download=True, transform=transform)
+    except Exception as exc:
+        raise UsageError(f"could not download CIFAR-10 to {root} ({_short(exc, 80)}): run once with "
+                         "internet access, or use --dataset shapes (built in) or --dataset imagefolder "
+                         "--dataset_path DIR") from exc
+    return base
+
+
+def get_dataset(name, path, image_size, seed=0, train=True, size=None):
+    """A data set of ((3, S, S) image in [-1, 1], int label) with `classes` and `caption(i)`.
+
+    `name` is cifar10, imagefolder or shapes. `size` sets the number of shapes items (default 5000)
+    and keeps a seeded random subset of the file data sets. `shapes` has no split: `train` is ignored.
+    """
+    if image_size <= 0 or image_size % 8 != 0:
+        raise UsageError(f"image_size {image_size} is not divisible by 8: the U-Net halves it 3 times; "
+                         "use 16, 32 or 64")
+    if name == "shapes":
+        return ShapesDataset(image_size=image_size, size=5000 if size is None else size, seed=seed)
+    if name == "cifar10":
+        return ClassDataset(_cifar10(path, train, _augmentation(image_size)), size, seed)
+    if name == "imagefolder":
+        return ClassDataset(_image_folder(path, _augmentation(image_size)), size, seed)
+    raise UsageError(f"unknown dataset '{name}': choose cifar10, imagefolder or shapes")
+
+
+def make_dataloader(dataset, batch_size, num_workers=0, shuffle=True, seed=0, pin_memory=False,
+                    drop_last=True):
+    """A DataLoader whose shuffling is seeded; refuses a data set smaller than one full batch."""
+    if drop_last and len(dataset) < batch_size:
+        raise UsageError(f"the data set has {len(dataset)} images, fewer than batch_size {batch_size}, so "
+                         "no full batch exists: lower --batch_size or add images")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=drop_last, generator=generator,
+                      persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------- images and plots
+
+def to_uint8(x):
+    """Float tensor in [-1, 1] -> uint8 in 0..255."""
+    return ((x.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+
+
+def _as_uint8(images):
+    """Accept uint8 images as they are; convert float images from [-1, 1]."""
+    images = images.detach().cpu()
+    return images if images.dtype == torch.uint8 else to_uint8(images)
+
+
+def _pil_format(path):
+    """PIL format name from the file extension."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+    if ext not in formats:
+        raise UsageError(f"cannot save images as '{path}': use a .png or .jpg file name")
+    return formats[ext]
+
+
+def _to_pil(image):
+    """uint8 (C, H, W) tensor -> PIL RGB or L image."""
+    array = image.permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def save_images(images, path, nrow=None, captions=None):
+    """Save (N, C, H, W) images as a grid (padding 2); with `captions`, one caption per grid row."""
+    images = _as_uint8(images)
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    if captions is None:
+        grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2)
+        picture, fmt = _to_pil(grid), _pil_format(path)
+        _atomic_write(path, lambda f: picture.save(f, format=fmt))
+        return
+    rows = [images[i:i + nrow] for i in range(0, len(images), nrow)]
+    if len(captions) != len(rows):
+        raise ValueError(f"{len(captions)} captions for {len(rows)} grid rows")
+    fig = Figure(figsize=(max(4.0, 0.9 * nrow), 1.3 * len(rows)))
+    for i, (row, caption) in enumerate(zip(rows, captions, strict=True)):
+        ax = fig.add_subplot(len(rows), 1, i + 1)
+        grid = torchvision.utils.make_grid(row, nrow=nrow, padding=2)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")  # (C, H, W) -> (H, W, C)
+        ax.set_title(textwrap.shorten(caption, 90), fontsize=8, loc="left")
+        ax.axis("off")
+    fig.tight_layout()
+    fmt = _pil_format(path).lower().replace("jpeg", "jpg")
+    _atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=100))
+
+
+def save_individual(images, labels, out_dir):
+    """Write each image to `out_dir/<label>_<i>.png`, i counting within each label; return the paths."""
+    images = _as_uint8(images)
+    os.makedirs(out_dir, exist_ok=True)
+    counts, paths = {}, []
+    for image, label in zip(images, labels, strict=True):
+        label = int(label)
+        index = counts.get(label, 0)
+        counts[label] = index + 1
+        path = os.path.join(out_dir, f"{label}_{index}.png")
+        _to_pil(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def plot_loss(losses, path, smooth=100):
+    """Plot the raw loss (faint) and its moving average over `smooth` steps, log y axis, as a PNG."""
+    losses = np.asarray(losses, dtype=np.float64)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(np.arange(len(losses)), losses, alpha=0.3, linewidth=0.8, label="loss")
+    window = min(smooth, len(losses))
+    if window > 1:
+        average = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window - 1, len(losses)), average, label=f"mean of {window} steps")
+    if len(losses) and (losses > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def atomic_save(obj, path):
+    """`torch.save` to `path + '.tmp'`, fsync, rename: a crash never leaves a half-written `path`."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint with `weights_only=True`; a missing or unreadable file is a UsageError."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint '{path}' not found: check the path or train a model first")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        message = str(exc)
+        if "Unsupported global" in message:
+            found = re.search(r"GLOBAL (\S+)", message)
+            found = found.group(1) if found else "non-tensor"
+            raise UsageError(f"checkpoint '{path}' holds a {found} object, which weights_only loading "
+                             "refuses: store only tensors, numbers, strings, lists and dicts "
+                             "(e.g. dataclasses.asdict)") from exc
+        reason = message.split("WeightsUnpickler error:")[-1]
+        raise UsageError(f"checkpoint '{path}' is not a readable PyTorch checkpoint "
+                         f"(truncated or another format): {_short(reason)}") from exc
+
+
+def _strip_prefixes(key):
+    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes from a state_dict key."""
+    for prefix in ("_orig_mod.", "module."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _listed(items, limit=5):
+    """'a, b, c, ... (+n more)' for the first `limit` items."""
+    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def load_state_dict_strict(model, state_dict, what="checkpoint"):
+    """Load `state_dict` strictly; on any key or shape mismatch raise one readable UsageError line."""
+    target = getattr(model, "_orig_mod", model)
+    if isinstance(target, torch.nn.parallel.DistributedDataParallel):
+        target = target.module
+    state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    expected = target.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} in {what} vs {tuple(v.shape)} in model"
+              for k, v in expected.items()
+              if k in state_dict and getattr(state_dict[k], "shape", None) != getattr(v, "shape", None)]
+    problems = [f"{len(items)} {name} ({_listed(items)})"
+                for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", shapes)) if items]
+    if problems:
+        raise UsageError(f"{what} does not fit the model: {'; '.join(problems)}; the checkpoint was made by "
+                         "another architecture: check --base_channels / --num_classes / the script you used")
+    return target.load_state_dict(state_dict, strict=True)
