@@ -1,0 +1,194 @@
+"""Generate images from any checkpoint of this repository or of the reference repository.
+
+    python sample.py --ckpt models/R/ema_ckpt.pt --labels 0,1,2 --n_per_label 10 --cfg_scale 3 --out grid.png
+    python sample.py --ckpt unconditional_ckpt.pt --n 16 --sampler ddpm   (the reference's 999-step Alg. 2)
+
+The network is rebuilt from the state_dict itself: it is class-conditional iff it has `label_emb.weight`
+(num_classes = its rows), and its widths come from `inc` and `outc`. The schedule and image size come from
+the training config saved with the run (`config.json` beside the checkpoint, or the "config" of a
+`training_state.pt`); the reference's released checkpoints have none and get its 64 px, T = 1000, linear
+betas 1e-4..0.02.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
+from modules import UNet, UNet_conditional
+from utils import (UsageError, _strip_prefixes, arg, load_checkpoint, load_state_dict_strict, parse_config,
+                   pick_device, run_cli, save_images, save_individual)
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class Config:
+    ckpt: str | None = arg(None, "checkpoint: ckpt.pt / ema_ckpt.pt / training_state.pt, or a reference state_dict")
+    labels: str | None = arg(None, "comma-separated class ids, one grid row each, e.g. 0,1,2 (None: all classes)")
+    n_per_label: int = arg(10, "images per label (conditional model): the width of each grid row")
+    n: int = arg(16, "images in all (unconditional model)")
+    cfg_scale: float = arg(3.0, "guidance: 0 = conditional only, 1 = same in one batch, >1 = stronger")
+    out: str = arg("grid.png", "the grid, .png or .jpg; replaced atomically if it exists")
+    save_individual: str | None = arg(None, "also write each image as DIR/<label>_<i>.png (label 0 if unconditional)")
+    seed: int = arg(0, "seed of the noise: the same seed gives the same images")
+    sampler: str = arg("dpm++", "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a")
+    steps: int | None = arg(None, "network steps of the sampler (None: its default, 20 for dpm++)")
+    image_size: int | None = arg(None, "pixels, divisible by 8 (None: the training size, or 64)")
+    weights: str = arg("ema", "weights of a training_state.pt: ema | model")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+
+
+# The reference repository's settings, for checkpoints without a saved config.
+REFERENCE_SCHEDULE = {"image_size": 64, "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def validate(cfg):
+    """One readable error for each option the run cannot use, before any file is read."""
+    if cfg.ckpt is None:
+        raise UsageError("no checkpoint given: pass --ckpt models/<run>/ema_ckpt.pt (or a reference .pt file)")
+    if cfg.cfg_scale < 0:
+        raise UsageError(f"cfg_scale {cfg.cfg_scale} is negative: use 0 (no guidance) or a value > 0, e.g. 3")
+    if cfg.sampler not in SAMPLERS:
+        raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
+    for name in ("n_per_label", "n", "steps"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"{name} {value} must be positive")
+    if cfg.image_size is not None and (cfg.image_size <= 0 or cfg.image_size % 8):
+        raise UsageError(f"image_size {cfg.image_size} is not divisible by 8: the U-Net halves it 3 times; "
+                         "use e.g. 16, 32 or 64")
+    if not cfg.out.lower().endswith(IMAGE_EXTENSIONS):
+        raise UsageError(f"cannot save the grid as '{cfg.out}': use a .png or .jpg file name")
+    if cfg.weights not in ("ema", "model"):
+        raise UsageError(f"weights '{cfg.weights}' is unknown: use ema or model")
+
+
+def parse_labels(text):
+    """'0,1, 2' -> [0, 1, 2]; anything else is a UsageError."""
+    try:
+        labels = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--labels '{text}' is not a comma-separated list of class ids: e.g. --labels 0,1,2") from None
+    return labels
+
+
+# ----------------------------------------------------------------------------- checkpoint -> network
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _config_beside(path):
+    """The training config saved next to a checkpoint (models/<run>/config.json), or {} if there is none."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not os.path.isfile(config_path):
+        return {}
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"'{config_path}' beside the checkpoint is not valid JSON ({exc}): fix or remove it") from exc
+    if not isinstance(saved, dict):
+        raise UsageError(f"'{config_path}' beside the checkpoint is not a JSON object: fix or remove it")
+    return saved
+
+
+def read_checkpoint(path, weights="ema"):
+    """(state_dict with plain key names, saved training config or {}) from any supported checkpoint file."""
+    obj = load_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # training_state.pt
+        if weights not in obj:
+            raise UsageError(f"checkpoint '{path}' holds no '{weights}' weights: use --weights model")
+        state_dict, saved = obj[weights], obj.get("config") or _config_beside(path)
+    else:
+        state_dict, saved = obj, _config_beside(path)
+    if not _is_state_dict(state_dict):
+        raise UsageError(f"checkpoint '{path}' is not a model state_dict (a dict of tensors): pass ckpt.pt, "
+                         "ema_ckpt.pt or training_state.pt")
+    return {_strip_prefixes(k): v for k, v in state_dict.items()}, saved
+
+
+def infer_network(state_dict, path="checkpoint"):
+    """The U-Net's constructor arguments, read from the shapes of its weights."""
+    for key in ("inc.double_conv.0.weight", "outc.weight", "down1.emb_layer.1.weight"):
+        if key not in state_dict or state_dict[key].dim() < 2:
+            raise UsageError(f"'{path}' is not a U-Net of this repository or the reference: it has no 2-D+ "
+                             f"'{key}'; text-to-image checkpoints are not supported here")
+    inc = state_dict["inc.double_conv.0.weight"]  # (base_channels, c_in, 3, 3)
+    arch = {"c_in": inc.shape[1], "c_out": state_dict["outc.weight"].shape[0], "base_channels": inc.shape[0],
+            "time_dim": state_dict["down1.emb_layer.1.weight"].shape[1], "num_classes": None}
+    label_emb = state_dict.get("label_emb.weight")
+    if label_emb is not None:  # (num_classes, time_dim)
+        arch["num_classes"], arch["time_dim"] = label_emb.shape[0], label_emb.shape[1]
+    return arch
+
+
+def build_network(arch):
+    """UNet_conditional when the checkpoint has classes, else UNet."""
+    if arch["num_classes"] is None:
+        return UNet(arch["c_in"], arch["c_out"], arch["time_dim"], arch["base_channels"])
+    return UNet_conditional(arch["c_in"], arch["c_out"], arch["time_dim"], arch["num_classes"], arch["base_channels"])
+
+
+def load_model(path, weights="ema"):
+    """(network with the checkpoint's weights, its arch dict, the saved training config or {})."""
+    state_dict, saved = read_checkpoint(path, weights)
+    arch = infer_network(state_dict, path)
+    model = build_network(arch)
+    load_state_dict_strict(model, state_dict, what=f"checkpoint '{path}'")
+    return model.eval().requires_grad_(False), arch, saved
+
+
+def make_diffusion(cfg, saved, c_in, device):
+    """The schedule of the training run (or the reference's), at --image_size if given."""
+    settings = {key: saved.get(key, default) for key, default in REFERENCE_SCHEDULE.items()}
+    image_size = cfg.image_size or settings["image_size"]
+    if not isinstance(image_size, int) or image_size <= 0 or image_size % 8:
+        raise UsageError(f"the saved image_size {image_size!r} is not divisible by 8: pass --image_size 64")
+    return Diffusion(settings["noise_steps"], settings["beta_start"], settings["beta_end"], image_size, c_in, device)
+
+
+# ----------------------------------------------------------------------------- sampling
+def grid_labels(cfg, num_classes):
+    """Class ids, one run of n_per_label per grid row; None for an unconditional model."""
+    if num_classes is None:
+        if cfg.labels is not None:
+            raise UsageError("this checkpoint is unconditional: drop --labels (and use --n for the image count)")
+        return None
+    labels = parse_labels(cfg.labels) if cfg.labels is not None else list(range(num_classes))
+    for label in labels:
+        if not 0 <= label < num_classes:
+            raise UsageError(f"label {label} is outside the model's {num_classes} classes: use 0..{num_classes - 1}")
+    return torch.tensor(labels, dtype=torch.long).repeat_interleave(cfg.n_per_label)  # (L,) -> (L * n_per_label,)
+
+
+def main(argv=None):
+    """Load the checkpoint, sample, and write the grid (and the single images); returns the uint8 images."""
+    cfg = parse_config(Config, argv, description=__doc__)
+    validate(cfg)
+    device = pick_device(cfg.device)
+    model, arch, saved = load_model(cfg.ckpt, cfg.weights)
+    labels = grid_labels(cfg, arch["num_classes"])
+    diffusion = make_diffusion(cfg, saved, arch["c_in"], device)
+    n = cfg.n if labels is None else labels.shape[0]
+    kind = "unconditional" if labels is None else f"conditional ({arch['num_classes']} classes)"
+    steps = cfg.steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
+    print(f"{kind} U-Net, base_channels {arch['base_channels']}, from {cfg.ckpt}: {n} images at "
+          f"{diffusion.img_size} px, {cfg.sampler} with {steps} steps, on {device}")
+
+    model.to(device)
+    labels = None if labels is None else labels.to(device)
+    cfg_scale = cfg.cfg_scale if labels is not None else 0.0
+    images = diffusion.sample(model, n, labels, cfg_scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed)
+    save_images(images, cfg.out, nrow=cfg.n_per_label if labels is not None else None)
+    print(f"saved {cfg.out}")
+    if cfg.save_individual:
+        row_labels = labels.tolist() if labels is not None else [0] * n
+        save_individual(images, row_labels, cfg.save_individual)
+        print(f"saved {n} images in {cfg.save_individual}/")
+    return images
+
+
+if __name__ == "__main__":
+    run_cli(main)

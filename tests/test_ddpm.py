@@ -1,0 +1,148 @@
+"""The DDPM math: schedule, forward noising, Algorithm 2, guidance, the loss, and bad input."""
+import math
+
+import pytest
+import torch
+
+from ddpm import Diffusion
+from modules import NULL_LABEL, UNet, UNet_conditional
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a network and records the batch size of every forward call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.num_classes = getattr(net, "num_classes", None)
+        self.batch_sizes = []
+
+    def forward(self, *args):
+        self.batch_sizes.append(args[0].shape[0])
+        return self.net(*args)
+
+
+def test_schedule_alpha_hat_strictly_decreasing_in_open_unit_interval():
+    diffusion = Diffusion()
+    alpha_hat = diffusion.alpha_hat
+    assert alpha_hat.shape == (1000,)
+    assert torch.all(alpha_hat > 0) and torch.all(alpha_hat < 1)
+    assert torch.all(alpha_hat[1:] < alpha_hat[:-1])
+    assert diffusion.beta[0].item() == pytest.approx(1e-4) and diffusion.beta[-1].item() == pytest.approx(0.02)
+    expected = math.prod(1 - (1e-4 + i * (0.02 - 1e-4) / 999) for i in range(11))
+    assert alpha_hat[10].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sample_timesteps_range():
+    t = Diffusion(noise_steps=10).sample_timesteps(5000)
+    assert t.min().item() == 1 and t.max().item() == 9
+
+
+def test_noise_images_matches_the_closed_form():
+    diffusion = Diffusion(img_size=8)
+    x_0 = torch.randn(3, 3, 8, 8)
+    eps = torch.randn(3, 3, 8, 8)
+    t = torch.tensor([1, 400, 999])
+    x_t, returned_eps = diffusion.noise_images(x_0, t, eps)
+    assert returned_eps is eps
+    for row, step in enumerate(t.tolist()):
+        a = diffusion.alpha_hat[step].item()
+        torch.testing.assert_close(x_t[row], math.sqrt(a) * x_0[row] + math.sqrt(1 - a) * eps[row])
+
+
+def test_one_reverse_step_against_algorithm_2_by_hand():
+    diffusion = Diffusion(img_size=8)
+    x_t, eps, z = torch.randn(3, 1, 1, 1), torch.randn(3, 1, 1, 1), torch.randn(3, 1, 1, 1)
+    t = 500
+    beta = 1e-4 + t * (0.02 - 1e-4) / 999
+    alpha = 1 - beta
+    alpha_hat = math.prod(1 - (1e-4 + i * (0.02 - 1e-4) / 999) for i in range(t + 1))
+    expected = 1 / math.sqrt(alpha) * (x_t - (1 - alpha) / math.sqrt(1 - alpha_hat) * eps) + math.sqrt(beta) * z
+    torch.testing.assert_close(diffusion.p_sample_step(x_t, t, eps, z), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_loop_runs_t_from_T_minus_1_to_1_and_adds_no_noise_last():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(t[0].item())
+            return torch.zeros_like(x)
+
+    diffusion = Diffusion(noise_steps=6, img_size=8)
+    x_0 = diffusion.sample_x0(Recorder(), 2, seed=0, progress=False)
+    assert seen == [5, 4, 3, 2, 1]
+    # With eps = 0, every step is x / sqrt(alpha_t) + sqrt(beta_t) z; replay it with the same noise.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 3, 8, 8), generator=generator)
+    for t in range(5, 0, -1):
+        z = torch.randn(x.shape, generator=generator) if t > 1 else torch.zeros_like(x)
+        x = x / diffusion.alpha[t].sqrt() + diffusion.beta[t].sqrt() * z
+    torch.testing.assert_close(x_0, x)
+
+
+def test_batched_guidance_equals_two_passes_then_lerp():
+    torch.manual_seed(0)
+    net = UNet_conditional(num_classes=3, base_channels=8).eval()
+    with torch.no_grad():
+        net.label_emb.weight.normal_()
+    diffusion = Diffusion(img_size=16)
+    x_t, t, labels = torch.randn(2, 3, 16, 16), torch.tensor([50, 700]), torch.tensor([0, 2])
+    with torch.no_grad():
+        guided = diffusion.predict_eps(net, x_t, t, labels, torch.full_like(labels, NULL_LABEL), cfg_scale=3.0)
+        eps_cond = net(x_t, t, labels)
+        eps_uncond = net(x_t, t, None)
+    torch.testing.assert_close(guided, eps_uncond + 3.0 * (eps_cond - eps_uncond), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg_scale, rows", [(0, 2), (3, 4)])
+def test_forwards_per_step(cfg_scale, rows):
+    model = CountingModel(UNet_conditional(num_classes=3, base_channels=8))
+    Diffusion(noise_steps=5, img_size=16).sample(model, 2, torch.tensor([0, 1]), cfg_scale=cfg_scale, progress=False)
+    assert model.batch_sizes == [rows] * 4  # one forward per step, of n rows (no guidance) or 2n rows
+
+
+def test_unconditional_sampling_and_output_format():
+    model = CountingModel(UNet(base_channels=8))
+    images = Diffusion(noise_steps=4, img_size=16).sample(model, 3, progress=False)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 16, 16)
+    assert model.batch_sizes == [3, 3, 3]
+
+
+def test_seed_makes_sampling_reproducible():
+    model = UNet_conditional(num_classes=3, base_channels=8)
+    diffusion = Diffusion(noise_steps=4, img_size=16)
+    labels = torch.tensor([0, 2])
+    first = diffusion.sample(model, 2, labels, seed=1, progress=False)
+    again = diffusion.sample(model, 2, labels, seed=1, progress=False)
+    other = diffusion.sample(model, 2, labels, seed=2, progress=False)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert model.training  # the caller's mode is restored
+
+
+def test_loss_is_the_mse_to_the_drawn_noise():
+    class Constant(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    torch.manual_seed(0)
+    loss = Diffusion(img_size=8).loss(Constant(), torch.randn(64, 3, 8, 8))
+    assert loss.item() == pytest.approx(1.0, abs=0.05)  # E[eps^2] = 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cfg_scale=-1), r"cfg_scale -1 is negative"),
+    (dict(labels=torch.tensor([0, 3])), r"label 3 is outside the model's classes: use 0\.\.2"),
+    (dict(labels=torch.tensor([0])), r"got 1 labels for n=2"),
+    (dict(sampler="plms"), r"sampler 'plms' is unknown"),
+])
+def test_bad_sampling_arguments_raise_value_errors(kwargs, message):
+    model = UNet_conditional(num_classes=3, base_channels=8)
+    kwargs.setdefault("labels", torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=message):
+        Diffusion(noise_steps=4, img_size=16).sample(model, 2, progress=False, **kwargs)
+
+
+def test_image_size_not_divisible_by_8_is_a_value_error():
+    with pytest.raises(ValueError, match=r"img_size 30 is not divisible by 8"):
+        Diffusion(img_size=30)

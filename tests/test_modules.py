@@ -1,0 +1,217 @@
+"""The networks: reference layout and outputs, any image size, per-row null labels, attention, EMA."""
+import math
+import pathlib
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modules import EMA, NULL_LABEL, CrossAttention, SelfAttention, UNet, UNet_conditional, UNet_text, timestep_encoding
+
+REFERENCE_LAYOUT = pathlib.Path(__file__).parent / "data" / "reference_state_dict.txt"
+
+
+def reference_layout():
+    """{section title: {key: shape}} read from the recorded reference state_dict layout."""
+    sections, current = {}, None
+    for line in REFERENCE_LAYOUT.read_text().splitlines():
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        elif "\t" in line:
+            key, shape = line.split("\t")
+            current[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
+    return sections
+
+
+def deterministic_weights(model):
+    """The weights of the reference test vector: a sine of the flat index, phase set by the name."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        k = sum(ord(c) for c in name) % 97
+        v = torch.sin(torch.arange(tensor.numel(), dtype=torch.float64) * 0.7 + k).float().reshape(tensor.shape)
+        if tensor.dim() >= 2:
+            state[name] = v / math.sqrt(tensor[0].numel())
+        elif name.endswith("weight"):
+            state[name] = 1 + 0.1 * v
+        else:
+            state[name] = 0.1 * v
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def test_state_dicts_match_the_reference_layout_and_load_strictly():
+    layout = reference_layout()
+    for model, title in [(UNet(), "UNet"), (UNet_conditional(num_classes=10), "UNet_conditional num_classes=10")]:
+        expected = layout[title]
+        got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert got == expected
+        reference_state = {k: torch.zeros(shape) for k, shape in expected.items()}
+        assert not model.load_state_dict(reference_state, strict=True).missing_keys
+    assert sum(p.numel() for p in UNet().parameters()) == 23332739
+    assert sum(p.numel() for p in UNet_conditional(num_classes=10).parameters()) == 23335299
+
+
+# Recorded by running the reference's own networks in fp32 on the CPU with `deterministic_weights`.
+REFERENCE_OUTPUTS = {
+    "UNet": dict(mean=-0.161088, std=0.246930, abs_sum=5880.0103,
+                 first=[0.27911, 0.50775, 0.66725, 0.76557, 0.83215, 0.8837],
+                 last=[-1.17934, -1.15932, -1.11751, -1.04442, -0.92636, -0.74177]),
+    "UNet_conditional": dict(mean=-0.187980, std=0.225290, abs_sum=5766.1221,
+                             first=[0.2891, 0.52961, 0.69669, 0.80174, 0.87093, 0.9223],
+                             last=[-1.18606, -1.16761, -1.12717, -1.05456, -0.93679, -0.75087]),
+}
+
+
+@pytest.mark.parametrize("name", ["UNet", "UNet_conditional", "UNet_conditional_no_label"])
+def test_reference_test_vector(name):
+    x = torch.sin(torch.arange(2 * 3 * 64 * 64, dtype=torch.float64) * 0.01).float().reshape(2, 3, 64, 64)
+    t = torch.tensor([7, 731])
+    with torch.no_grad():
+        if name == "UNet":
+            out, expected = deterministic_weights(UNet())(x, t), REFERENCE_OUTPUTS["UNet"]
+        elif name == "UNet_conditional":
+            model = deterministic_weights(UNet_conditional(num_classes=10))
+            out, expected = model(x, t, torch.tensor([3, 9])), REFERENCE_OUTPUTS["UNet_conditional"]
+        else:
+            out, expected = deterministic_weights(UNet_conditional(num_classes=10))(x, t), REFERENCE_OUTPUTS["UNet"]
+    assert out.mean().item() == pytest.approx(expected["mean"], abs=1e-4)
+    assert out.std().item() == pytest.approx(expected["std"], abs=1e-4)
+    assert out.abs().sum().item() == pytest.approx(expected["abs_sum"], rel=1e-5)
+    torch.testing.assert_close(out[0, 0, 0, :6], torch.tensor(expected["first"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1, 2, 63, -6:], torch.tensor(expected["last"]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_any_size_divisible_by_8(size):
+    model = UNet_conditional(num_classes=3, base_channels=8)
+    x = torch.randn(2, 3, size, size)
+    assert model(x, torch.tensor([1, 500]), torch.tensor([0, 2])).shape == (2, 3, size, size)
+    assert UNet(base_channels=8)(x, torch.tensor([1, 500])).shape == (2, 3, size, size)
+    assert UNet(base_channels=8)(torch.randn(1, 3, size, 2 * size), torch.tensor([3])).shape == (1, 3, size, 2 * size)
+
+
+def test_size_not_divisible_by_8_is_a_value_error():
+    with pytest.raises(ValueError, match=r"20x20 is not divisible by 8"):
+        UNet(base_channels=8)(torch.randn(1, 3, 20, 20), torch.tensor([1]))
+
+
+def test_base_channels_scales_every_width_by_the_same_ratio():
+    full = {k: v.shape for k, v in UNet().state_dict().items()}
+    half = {k: v.shape for k, v in UNet(base_channels=32).state_dict().items()}
+    assert full.keys() == half.keys()
+    unscaled = {("inc.double_conv.0.weight", 1), ("outc.weight", 0), ("outc.bias", 0)}  # image channels
+    for key, shape in full.items():
+        expected = []
+        for dim, size in enumerate(shape):
+            kernel = len(shape) == 4 and dim >= 2
+            time_dim = key.endswith("emb_layer.1.weight") and dim == 1
+            expected.append(size if kernel or time_dim or (key, dim) in unscaled else size // 2)
+        expected = tuple(expected)
+        assert tuple(half[key]) == expected, key
+
+
+def test_no_device_is_stored_on_the_model():
+    model = UNet_conditional(num_classes=3, base_channels=8)
+    assert not hasattr(model, "device")
+    assert timestep_encoding(torch.tensor([5]), 8).device == torch.device("cpu")
+
+
+def test_timestep_encoding_formula():
+    t = torch.tensor([0, 3, 999])
+    dim = 8
+    expected = torch.zeros(3, dim)
+    for row, step in enumerate(t.tolist()):
+        for i in range(dim // 2):
+            angle = step / 10000 ** (2 * i / dim)
+            expected[row, i] = math.sin(angle)
+            expected[row, dim // 2 + i] = math.cos(angle)
+    torch.testing.assert_close(timestep_encoding(t, dim), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_null_label_rows_equal_the_unconditional_prediction():
+    torch.manual_seed(0)
+    model = UNet_conditional(num_classes=4, base_channels=8).eval()
+    with torch.no_grad():
+        model.label_emb.weight.normal_()
+        x, t = torch.randn(3, 3, 16, 16), torch.tensor([10, 500, 900])
+        mixed = model(x, t, torch.tensor([2, NULL_LABEL, 1]))
+        uncond = model(x, t)
+        cond = model(x, t, torch.tensor([2, 0, 1]))
+    torch.testing.assert_close(mixed[1], uncond[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[[0, 2]], cond[[0, 2]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], uncond[0], atol=1e-3)
+
+
+def test_self_attention_matches_a_hand_written_softmax_attention():
+    torch.manual_seed(0)
+    block = SelfAttention(8, heads=4).eval()
+    x = torch.randn(2, 8, 4, 4)
+    tokens = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+    h = F.layer_norm(tokens, (8,), block.ln.weight, block.ln.bias)
+    q, k, v = (h @ block.mha.in_proj_weight.T + block.mha.in_proj_bias).chunk(3, dim=-1)
+    heads = [torch.softmax(q[..., i:i + 2] @ k[..., i:i + 2].transpose(1, 2) / math.sqrt(2), dim=-1) @ v[..., i:i + 2]
+             for i in range(0, 8, 2)]
+    a = torch.cat(heads, dim=-1) @ block.mha.out_proj.weight.T + block.mha.out_proj.bias + tokens
+    ff = block.ff_self
+    out = ff[3](F.gelu(ff[1](F.layer_norm(a, (8,), ff[0].weight, ff[0].bias)))) + a
+    expected = out.transpose(1, 2).reshape(2, 8, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_never_asks_for_the_weight_matrix(monkeypatch):
+    calls = []
+    original = torch.nn.MultiheadAttention.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("need_weights", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward", spy)
+    UNet(base_channels=8)(torch.randn(1, 3, 16, 16), torch.tensor([3]))
+    UNet_text(base_channels=8, context_dim=16)(torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 5, 16))
+    assert len(calls) == 6 + 12 and not any(calls)
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "add"])
+def test_text_unet_shapes(conditioning):
+    model = UNet_text(c_in=4, c_out=4, base_channels=8, context_dim=16, conditioning=conditioning)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([1, 999])
+    context = torch.randn(2, 7, 16) if conditioning == "cross_attention" else torch.randn(2, 16)
+    out = model(x, t, context)
+    assert out.shape == (2, 4, 16, 16)
+    other = model(x, t, context + 1.0)
+    assert not torch.allclose(out, other)  # the text changes the prediction
+
+
+def test_cross_attention_shapes():
+    attention = CrossAttention(query_dim=8, context_dim=12, heads=2)
+    assert attention(torch.randn(3, 10, 8), torch.randn(3, 5, 12)).shape == (3, 10, 8)
+
+
+def test_ema_warm_up_copies_then_follows_the_formula():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema_model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(beta=0.9, start_step=2)
+    for _ in range(2):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+            model[1].running_mean.add_(0.5)
+        ema.step_ema(ema_model, model)
+        torch.testing.assert_close(ema_model[0].weight, model[0].weight)
+        torch.testing.assert_close(ema_model[1].running_mean, model[1].running_mean)
+    before = ema_model[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.step_ema(ema_model, model)
+    torch.testing.assert_close(ema_model[0].weight, 0.9 * before + 0.1 * model[0].weight)
+    assert ema.step == 3
+    restored = EMA()
+    restored.load_state_dict(ema.state_dict())
+    assert (restored.beta, restored.start_step, restored.step) == (0.9, 2, 3)
+
+
+def test_ema_default_semantics_are_the_reference():
+    ema = EMA()
+    assert (ema.beta, ema.start_step) == (0.995, 2000)
