@@ -17,8 +17,8 @@ import torch
 
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
 from modules import UNet, UNet_conditional
-from utils import (UsageError, _strip_prefixes, arg, load_checkpoint, load_state_dict_strict, parse_config,
-                   pick_device, run_cli, save_images, save_individual)
+from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device, run_cli,
+                   save_images, save_individual)
 
 
 # ----------------------------------------------------------------------------- options
@@ -42,6 +42,7 @@ class Config:
 # The reference repository's settings, for checkpoints without a saved config.
 REFERENCE_SCHEDULE = {"image_size": 64, "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP, nested in either order
 
 
 def validate(cfg):
@@ -79,6 +80,13 @@ def _is_state_dict(obj):
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def plain_key(key):
+    """A state_dict key without torch.compile / DDP prefixes: 'module._orig_mod.inc.x' -> 'inc.x'."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def _config_beside(path):
     """The training config saved next to a checkpoint (models/<run>/config.json), or {} if there is none."""
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
@@ -106,15 +114,15 @@ def read_checkpoint(path, weights="ema"):
     if not _is_state_dict(state_dict):
         raise UsageError(f"checkpoint '{path}' is not a model state_dict (a dict of tensors): pass ckpt.pt, "
                          "ema_ckpt.pt or training_state.pt")
-    return {_strip_prefixes(k): v for k, v in state_dict.items()}, saved
+    return {plain_key(k): v for k, v in state_dict.items()}, saved
 
 
 def infer_network(state_dict, path="checkpoint"):
     """The U-Net's constructor arguments, read from the shapes of its weights."""
     for key in ("inc.double_conv.0.weight", "outc.weight", "down1.emb_layer.1.weight"):
         if key not in state_dict or state_dict[key].dim() < 2:
-            raise UsageError(f"'{path}' is not a U-Net of this repository or the reference: it has no 2-D+ "
-                             f"'{key}'; text-to-image checkpoints are not supported here")
+            raise UsageError(f"'{path}' is not a U-Net of this repository or the reference (no U-Net weight "
+                             f"'{key}'): pass a ddpm.py / ddpm_conditional.py checkpoint")
     inc = state_dict["inc.double_conv.0.weight"]  # (base_channels, c_in, 3, 3)
     arch = {"c_in": inc.shape[1], "c_out": state_dict["outc.weight"].shape[0], "base_channels": inc.shape[0],
             "time_dim": state_dict["down1.emb_layer.1.weight"].shape[1], "num_classes": None}

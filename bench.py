@@ -1,0 +1,357 @@
+"""Speed of the class-conditional U-Net: training, network evaluations, memory, 10x10 grids, % of matmul peak.
+
+    python bench.py                                   # reference: 64 px, batch 8, base 64, 10 classes, fp32
+    python bench.py --precision bf16 --out bench_bf16.json
+    python bench.py --base_channels 8 --image_size 16 --batch 2 --steps 2 --warmup 1   # seconds, for tests
+
+Each measurement runs in a fresh subprocess (--isolate true), so its peak memory is its own: ru_maxrss is a
+process-lifetime peak on the CPU; on CUDA it is torch.cuda.max_memory_allocated.
+
+FLOPs are counted by torch.utils.flop_counter.FlopCounterMode (convolutions, matmuls and, through
+`count_flops`, the CPU attention kernel): one training step is forward + backward, the optimizer is not
+counted. "% of peak" divides the achieved FLOP/s by the best of a few large square matmuls in the same
+precision, measured in the same run.
+
+Grid times (num_classes x grid_per_class images, guided, each sampler at its default steps) are estimated:
+steps x (rows per step / measured network evaluations per second) + the sampler's own work, timed by a full
+run with a network that costs nothing. --grid_full true times complete runs with the real network as well.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
+from modules import UNet_conditional
+from utils import UsageError, arg, config_to_dict, parse_config, pick_device, run_cli
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class Config:
+    base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
+    num_classes: int = arg(10, "classes of the conditional network; the grid has one row per class")
+    image_size: int = arg(64, "pixels, divisible by 8")
+    batch: int = arg(8, "images per training step and per timed network evaluation")
+    precision: str = arg("fp32", "fp32 | bf16 (torch.autocast; the matmul peak is measured in the same dtype)")
+    device: str = arg("auto", "auto (cuda if available, else cpu) | cpu | cuda")
+    compile: bool = arg(False, "torch.compile the network before timing")
+    warmup: int = arg(2, "untimed steps before each timing")
+    steps: int = arg(5, "timed training steps, and timed network evaluations")
+    peak_size: int = arg(2048, "n of the n x n matmul that measures the peak")
+    peak_repeats: int = arg(3, "matmuls timed for the peak; the best counts")
+    grid_per_class: int = arg(10, "grid images per class: 10 gives the 10x10 grid")
+    cfg_scale: float = arg(3.0, "guidance of the grid; > 0 doubles the rows of every network call")
+    grid_samplers: str = arg(",".join(SAMPLERS), "comma-separated samplers to time on the grid ('' for none)")
+    grid_full: bool = arg(False, "also time complete grid runs with the real network (slow on a CPU)")
+    isolate: bool = arg(True, "run each measurement in a fresh subprocess, so each peak memory is its own")
+    seed: int = arg(0, "seed of the inputs and of the grid noise")
+    out: str = arg("bench.json", "JSON file of the results")
+
+
+MEASUREMENTS = ("peak", "train", "forward", "grid")
+EXTRA_FLAGS = [("--only", {"choices": MEASUREMENTS, "default": None,
+                           "help": "run this one measurement in this process and write its JSON to --out"})]
+
+
+def validate(cfg):
+    """One readable error for each value the benchmark cannot use."""
+    if cfg.precision not in ("fp32", "bf16"):
+        raise UsageError(f"precision '{cfg.precision}' is unknown: use fp32 or bf16")
+    if cfg.device.split(":")[0] not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"device '{cfg.device}' is not supported here: use auto, cpu or cuda")
+    if cfg.image_size % 8:
+        raise UsageError(f"image_size {cfg.image_size} is not divisible by 8: use 16, 32 or 64")
+    for name in ("base_channels", "num_classes", "batch", "steps", "peak_size", "peak_repeats", "grid_per_class"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
+    if cfg.warmup < 0 or cfg.cfg_scale < 0:
+        raise UsageError(f"warmup {cfg.warmup} and cfg_scale {cfg.cfg_scale} must not be negative")
+    unknown = [s for s in grid_samplers(cfg) if s not in SAMPLERS]
+    if unknown:
+        raise UsageError(f"grid sampler '{unknown[0]}' is unknown: use some of {', '.join(SAMPLERS)}")
+
+
+def grid_samplers(cfg):
+    return [s.strip() for s in cfg.grid_samplers.split(",") if s.strip()]
+
+
+def default_steps(sampler, noise_steps=1000):
+    """Network calls of `sampler` at its default steps (ddpm: Alg. 2 over t = T-1..1)."""
+    return DEFAULT_STEPS.get(sampler, noise_steps - 1)
+
+
+# ----------------------------------------------------------------------------- helpers
+def autocast_dtype(precision):
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+class Runner(nn.Module):
+    """The network under autocast (when dtype is set), returning float32 eps so that the loss and the
+    samplers' math stay in float32, as the training loop and sampling do with mixed precision."""
+
+    def __init__(self, net, dtype, device_type):
+        super().__init__()
+        self.net = net
+        self.dtype = dtype
+        self.device_type = device_type
+        self.num_classes = net.num_classes
+
+    def forward(self, x, t, y=None):
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.net(x, t, y).float()
+
+
+class ZeroEps(nn.Module):
+    """A network that costs nothing (eps = 0): a full sampler run with it times the sampler's own work."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x, t, y=None):
+        return torch.zeros_like(x)
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the CUDA attention kernels; these add the CPU one (QK^T and AV are 4 N^2 d per head).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
+}
+
+
+def count_flops(fn):
+    """FLOPs of everything fn() runs (a multiply-add counts 2)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device, warmup, repeats):
+    """Seconds of each of `repeats` calls of fn, after `warmup` untimed calls; CUDA is synchronized."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def peak_memory_mib(device):
+    """This process's peak: ru_maxrss on the CPU (KiB on Linux, bytes on macOS), max allocated on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pick_device(name))
+
+
+def build(cfg, device):
+    """(network, its Runner (compiled if asked), Diffusion) for this config."""
+    torch.manual_seed(cfg.seed)
+    net = UNet_conditional(num_classes=cfg.num_classes, base_channels=cfg.base_channels).to(device)
+    model = torch.compile(net) if cfg.compile else net
+    runner = Runner(model, autocast_dtype(cfg.precision), device.type)
+    diffusion = Diffusion(img_size=cfg.image_size, device=device)
+    return net, runner, diffusion
+
+
+def random_batch(cfg, device):
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    x_0 = torch.rand(cfg.batch, 3, cfg.image_size, cfg.image_size, generator=generator, device=device) * 2 - 1
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=generator, device=device)
+    return x_0, labels
+
+
+# ----------------------------------------------------------------------------- measurements
+def measure_peak(cfg, device):
+    """Best FLOP/s of an n x n matmul in the benchmark's precision."""
+    dtype = autocast_dtype(cfg.precision) or torch.float32
+    a = torch.randn(cfg.peak_size, cfg.peak_size, device=device, dtype=dtype)
+    b = torch.randn(cfg.peak_size, cfg.peak_size, device=device, dtype=dtype)
+    seconds = time_calls(lambda: a @ b, device, 1, cfg.peak_repeats)
+    return {"flops_per_s": 2 * cfg.peak_size**3 / min(seconds), "size": cfg.peak_size}
+
+
+def measure_train(cfg, device):
+    """Images/s of AdamW steps on Diffusion.loss, and the FLOPs of one forward + backward."""
+    net, runner, diffusion = build(cfg, device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-4)
+    x_0, labels = random_batch(cfg, device)
+
+    def step():
+        loss = diffusion.loss(runner, x_0, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def forward_backward():
+        diffusion.loss(Runner(net, runner.dtype, device.type), x_0, labels).backward()
+
+    flops = count_flops(forward_backward)
+    step_s = median(time_calls(step, device, cfg.warmup, cfg.steps))
+    return {"images_per_s": cfg.batch / step_s, "step_s": step_s, "flops_per_step": flops,
+            "flops_per_s": flops / step_s, "peak_mem_mib": peak_memory_mib(device)}
+
+
+def measure_forward(cfg, device):
+    """Network evaluations (images) per second: eval mode, no grad, `batch` rows.
+
+    FLOPs are counted in train mode: same math, but PyTorch's eval-mode attention fast path is one fused op
+    that FlopCounterMode does not see into.
+    """
+    net, runner, diffusion = build(cfg, device)
+    x_0, labels = random_batch(cfg, device)
+    t = diffusion.sample_timesteps(cfg.batch)
+    with torch.no_grad():
+        flops = count_flops(lambda: Runner(net, runner.dtype, device.type)(x_0, t, labels))
+        runner.eval()
+        call_s = median(time_calls(lambda: runner(x_0, t, labels), device, cfg.warmup, cfg.steps))
+    return {"evals_per_s": cfg.batch / call_s, "call_s": call_s, "flops_per_call": flops,
+            "flops_per_s": flops / call_s, "peak_mem_mib": peak_memory_mib(device)}
+
+
+def measure_grid(cfg, device):
+    """For each sampler: the seconds of a full grid run with a free network (the sampler's own work), and
+    with --grid_full the seconds of a full run with the real network."""
+    net, runner, diffusion = build(cfg, device)
+    labels = torch.arange(cfg.num_classes, device=device).repeat_interleave(cfg.grid_per_class)
+    free = ZeroEps(cfg.num_classes)
+    results = {}
+    for sampler in grid_samplers(cfg):
+        def run(model, sampler=sampler):
+            diffusion.sample(model, labels.shape[0], labels, cfg.cfg_scale, sampler=sampler, seed=cfg.seed,
+                             progress=False)
+        results[sampler] = {"steps": default_steps(sampler, diffusion.noise_steps),
+                            "overhead_s": time_calls(lambda: run(free), device, 0, 1)[0]}
+        if cfg.grid_full:
+            results[sampler]["measured_s"] = time_calls(lambda: run(runner), device, 0, 1)[0]
+    return {"samplers": results, "images": int(labels.shape[0]), "peak_mem_mib": peak_memory_mib(device)}
+
+
+MEASURE = {"peak": measure_peak, "train": measure_train, "forward": measure_forward, "grid": measure_grid}
+
+
+def run_isolated(name, cfg):
+    """Run one measurement in a fresh Python process and return its JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path, out_path = os.path.join(tmp, "config.json"), os.path.join(tmp, "out.json")
+        with open(config_path, "w") as f:
+            json.dump(config_to_dict(cfg), f)
+        command = [sys.executable, os.path.abspath(__file__), "--config", config_path, "--only", name,
+                   "--out", out_path]
+        subprocess.run(command, check=True)
+        with open(out_path) as f:
+            return json.load(f)
+
+
+# ----------------------------------------------------------------------------- report
+def summarize(cfg, device, parts):
+    """The results as one dict: fractions of peak and grid times filled in."""
+    peak = parts["peak"]["flops_per_s"]
+    for name in ("train", "forward"):
+        parts[name]["fraction_of_peak"] = parts[name]["flops_per_s"] / peak
+    grid = parts["grid"]
+    rows_per_step = grid["images"] * (2 if cfg.cfg_scale > 0 else 1)
+    for entry in grid["samplers"].values():
+        entry["network_s"] = entry["steps"] * rows_per_step / parts["forward"]["evals_per_s"]
+        entry["estimated_s"] = entry["network_s"] + entry["overhead_s"]
+    samplers = grid["samplers"]
+    if "ddpm" in samplers and "dpm++" in samplers:
+        grid["speedup_dpmpp_vs_ddpm"] = samplers["ddpm"]["estimated_s"] / samplers["dpm++"]["estimated_s"]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return {"config": config_to_dict(cfg), "device": device_name, "torch": torch.__version__,
+            "isolated": cfg.isolate, "matmul_peak": parts["peak"], **{k: parts[k] for k in ("train", "forward", "grid")}}
+
+
+def format_seconds(seconds):
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.2f} s"
+
+
+def format_table(result):
+    """The results as a small plain-text table."""
+    cfg, train, forward = result["config"], result["train"], result["forward"]
+    lines = [f"{result['device']}, {cfg['precision']}, {cfg['image_size']} px, batch {cfg['batch']}, "
+             f"base {cfg['base_channels']}, {cfg['num_classes']} classes",
+             f"{'matmul peak':<26}{result['matmul_peak']['flops_per_s'] / 1e9:10.1f} GFLOP/s "
+             f"({result['matmul_peak']['size']}^2)"]
+    for label, part, rate, unit in (("training", train, "images_per_s", "img/s"),
+                                    ("network evaluations", forward, "evals_per_s", "img/s")):
+        lines.append(f"{label:<26}{part[rate]:10.2f} {unit:<8}{part['flops_per_s'] / 1e9:8.1f} GFLOP/s "
+                     f"{100 * part['fraction_of_peak']:5.1f}% of peak   peak mem {part['peak_mem_mib']:.0f} MiB")
+    grid = result["grid"]
+    lines.append(f"grid of {grid['images']} images, cfg {cfg['cfg_scale']} (peak mem {grid['peak_mem_mib']:.0f} MiB):")
+    for sampler, entry in grid["samplers"].items():
+        measured = f"   measured {format_seconds(entry['measured_s'])}" if "measured_s" in entry else ""
+        lines.append(f"  {sampler:<10}{entry['steps']:4d} steps {format_seconds(entry['estimated_s']):>10} "
+                     f"(estimated){measured}")
+    if "speedup_dpmpp_vs_ddpm" in grid:
+        lines.append(f"  dpm++ vs ddpm: {grid['speedup_dpmpp_vs_ddpm']:.0f}x faster")
+    return "\n".join(lines)
+
+
+def write_json(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def main(argv=None):
+    cfg, flags = parse_config(Config, argv, __doc__, extra=EXTRA_FLAGS)
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    if flags.only is not None:
+        write_json(MEASURE[flags.only](cfg, device), cfg.out)
+        return None
+    parts = {}
+    for name in MEASUREMENTS:
+        parts[name] = run_isolated(name, cfg) if cfg.isolate else MEASURE[name](cfg, device)
+    result = summarize(cfg, device, parts)
+    print(format_table(result))
+    write_json(result, cfg.out)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

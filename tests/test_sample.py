@@ -1,0 +1,338 @@
+"""Tests for sample.py: rebuilding the network from any checkpoint, the grid it writes, and its errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import ddpm_conditional  # noqa: E402
+import sample  # noqa: E402
+from modules import UNet, UNet_conditional  # noqa: E402
+from utils import parse_config, run_cli, save_config  # noqa: E402
+
+FAST = ["--sampler", "ddim", "--steps", "2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny networks gain nothing from threads; on busy shared cores each op's thread hand-off costs more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def grid_size(rows, cols, size, padding=2):
+    """(width, height) of a torchvision grid of rows x cols images of size x size pixels.
+
+    make_grid returns a single image as it is, without padding.
+    """
+    if rows * cols == 1:
+        return size, size
+    return cols * size + (cols + 1) * padding, rows * size + (rows + 1) * padding
+
+
+def tiny_conditional(seed=0):
+    torch.manual_seed(seed)
+    return UNet_conditional(num_classes=3, base_channels=8)
+
+
+def tiny_unconditional(seed=0):
+    torch.manual_seed(seed)
+    return UNet(base_channels=8)
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+@pytest.fixture
+def ref_cond(tmp_path):
+    """A reference-style checkpoint: a raw state_dict of a conditional U-Net, no config beside it."""
+    path = tmp_path / "ref" / "cond.pt"
+    path.parent.mkdir()
+    torch.save(tiny_conditional().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture
+def ref_uncond(tmp_path):
+    """A reference-style raw state_dict of an unconditional U-Net."""
+    path = tmp_path / "ref_uncond" / "uncond.pt"
+    path.parent.mkdir()
+    torch.save(tiny_unconditional().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """This repository's layout: models/R/{ckpt.pt, ema_ckpt.pt, training_state.pt, config.json}."""
+    models_dir = tmp_path / "models" / "R"
+    models_dir.mkdir(parents=True)
+    cfg = ddpm_conditional.Config(run_name="R", image_size=16, base_channels=8, noise_steps=200)
+    net, ema_net = tiny_conditional(seed=1), tiny_conditional(seed=2)
+    torch.save(net.state_dict(), models_dir / "ckpt.pt")
+    torch.save(ema_net.state_dict(), models_dir / "ema_ckpt.pt")
+    save_config(cfg, str(models_dir / "config.json"))
+    state = {"model": net.state_dict(), "ema": ema_net.state_dict(), "step": 3, "epoch": 1,
+             "config": {**vars(cfg), "image_size": 24}}
+    torch.save(state, models_dir / "training_state.pt")
+    return models_dir
+
+
+def run_main(argv):
+    """sample.main through run_cli, as the command line runs it; returns the exit code (0 on success)."""
+    try:
+        run_cli(sample.main, argv)
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def image_size_of(path):
+    with Image.open(path) as image:
+        return image.size
+
+
+# ----------------------------------------------------------------------------- the network from the weights
+def test_infer_network_conditional():
+    arch = sample.infer_network(tiny_conditional().state_dict())
+    assert arch == {"c_in": 3, "c_out": 3, "base_channels": 8, "time_dim": 256, "num_classes": 3}
+
+
+def test_infer_network_unconditional_and_other_widths():
+    arch = sample.infer_network(UNet(c_in=1, c_out=1, time_dim=64, base_channels=16).state_dict())
+    assert arch == {"c_in": 1, "c_out": 1, "base_channels": 16, "time_dim": 64, "num_classes": None}
+    assert type(sample.build_network(arch)) is UNet
+
+
+def test_load_model_gives_the_saved_weights(ref_cond):
+    model, _, saved = sample.load_model(ref_cond)
+    assert isinstance(model, UNet_conditional) and not model.training and saved == {}
+    expected = tiny_conditional().state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."])
+def test_load_model_strips_compile_and_ddp_prefixes(prefix, tmp_path):
+    state = {prefix + k: v for k, v in tiny_conditional().state_dict().items()}
+    torch.save(state, tmp_path / "wrapped.pt")
+    model, arch, _ = sample.load_model(str(tmp_path / "wrapped.pt"))
+    assert arch["num_classes"] == 3 and arch["base_channels"] == 8
+    assert torch.equal(model.label_emb.weight, tiny_conditional().label_emb.weight)
+
+
+def test_training_state_uses_ema_by_default(run_dir):
+    path = str(run_dir / "training_state.pt")
+    ema, _, saved = sample.load_model(path)
+    model, _, _ = sample.load_model(path, weights="model")
+    assert torch.equal(ema.inc.double_conv[0].weight, tiny_conditional(seed=2).inc.double_conv[0].weight)
+    assert torch.equal(model.inc.double_conv[0].weight, tiny_conditional(seed=1).inc.double_conv[0].weight)
+    assert saved["image_size"] == 24  # the config inside the file wins over config.json beside it
+
+
+def test_schedule_comes_from_saved_config_or_reference_defaults(run_dir):
+    _, _, saved = sample.load_model(str(run_dir / "ema_ckpt.pt"))
+    diffusion = sample.make_diffusion(sample.Config(ckpt="x"), saved, 3, "cpu")
+    assert (diffusion.noise_steps, diffusion.img_size) == (200, 16)
+    reference = sample.make_diffusion(sample.Config(ckpt="x"), {}, 3, "cpu")
+    assert (reference.noise_steps, reference.img_size) == (1000, 64)
+    assert reference.beta[0].item() == pytest.approx(1e-4) and reference.beta[-1].item() == pytest.approx(0.02)
+    override = sample.make_diffusion(sample.Config(ckpt="x", image_size=32), saved, 3, "cpu")
+    assert override.img_size == 32
+
+
+def test_defaults_passed_to_the_sampler(ref_cond, ref_uncond, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_sample(self, model, n, labels, cfg_scale, **kwargs):
+        calls.append((n, labels, cfg_scale, kwargs))
+        return torch.zeros(n, 3, self.img_size, self.img_size, dtype=torch.uint8)
+
+    monkeypatch.setattr(sample.Diffusion, "sample", fake_sample)
+    sample.main(["--ckpt", ref_cond, "--out", str(tmp_path / "c.png")])
+    n, labels, cfg_scale, kwargs = calls[-1]
+    assert n == 30 and labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10 and cfg_scale == 3.0
+    assert kwargs == {"sampler": "dpm++", "steps": None, "seed": 0}
+    assert image_size_of(tmp_path / "c.png") == grid_size(3, 10, 64)
+    sample.main(["--ckpt", ref_uncond, "--n", "5", "--out", str(tmp_path / "u.png"), "--sampler", "ddpm"])
+    n, labels, cfg_scale, kwargs = calls[-1]
+    assert (n, labels, cfg_scale, kwargs["sampler"]) == (5, None, 0.0, "ddpm")
+
+
+# ----------------------------------------------------------------------------- grids and files
+def test_grid_has_one_row_per_label(ref_cond, tmp_path):
+    out = tmp_path / "grid.png"
+    images = sample.main(["--ckpt", ref_cond, "--labels", "0,1,2", "--n_per_label", "2", "--image_size", "16",
+                          "--out", str(out), *FAST])
+    assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
+    assert image_size_of(out) == grid_size(3, 2, 16)  # width 2*16+3*2, height 3*16+4*2
+
+
+def test_repo_layout_uses_saved_image_size(run_dir, tmp_path):
+    out = tmp_path / "grid.jpg"
+    sample.main(["--ckpt", str(run_dir / "ema_ckpt.pt"), "--n_per_label", "1", "--out", str(out), *FAST])
+    assert image_size_of(out) == grid_size(3, 1, 16)  # all 3 classes, at the saved 16 px
+    sample.main(["--ckpt", str(run_dir / "training_state.pt"), "--labels", "2", "--n_per_label", "1",
+                 "--out", str(out), *FAST])
+    assert image_size_of(out) == grid_size(1, 1, 24)
+
+
+def test_unconditional_grid(ref_uncond, tmp_path):
+    out = tmp_path / "grid.png"
+    images = sample.main(["--ckpt", ref_uncond, "--n", "4", "--image_size", "16", "--out", str(out), *FAST])
+    assert images.shape == (4, 3, 16, 16)
+    assert image_size_of(out) == grid_size(2, 2, 16)
+
+
+def test_save_individual_names_label_and_index(ref_cond, tmp_path):
+    folder = tmp_path / "single"
+    sample.main(["--ckpt", ref_cond, "--labels", "2,0", "--n_per_label", "2", "--image_size", "16",
+                 "--out", str(tmp_path / "grid.png"), "--save_individual", str(folder), *FAST])
+    assert sorted(os.listdir(folder)) == ["0_0.png", "0_1.png", "2_0.png", "2_1.png"]
+    assert image_size_of(folder / "2_1.png") == (16, 16)
+
+
+def test_same_seed_same_grid(ref_cond, tmp_path):
+    def grid(seed, name):
+        out = tmp_path / name
+        sample.main(["--ckpt", ref_cond, "--labels", "1", "--n_per_label", "2", "--image_size", "16",
+                     "--seed", str(seed), "--out", str(out), *FAST])
+        return out.read_bytes()
+
+    first = grid(0, "a.png")
+    assert grid(0, "b.png") == first
+    assert grid(1, "c.png") != first
+
+
+def test_existing_out_is_replaced(ref_cond, tmp_path):
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"old")
+    sample.main(["--ckpt", ref_cond, "--labels", "0", "--n_per_label", "1", "--image_size", "16",
+                 "--out", str(out), *FAST])
+    assert image_size_of(out) == grid_size(1, 1, 16)
+    assert not (tmp_path / "grid.png.tmp").exists()
+
+
+def test_reference_full_size_conditional_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "ema_ckpt.pt"
+    torch.save(UNet_conditional(num_classes=10).state_dict(), path)  # the reference's widths: 23M parameters
+    out = tmp_path / "grid.png"
+    images = sample.main(["--ckpt", str(path), "--image_size", "16", "--sampler", "ddim", "--steps", "1",
+                          "--n_per_label", "1", "--labels", "0", "--out", str(out)])
+    assert images.shape == (1, 3, 16, 16)
+    assert image_size_of(out) == grid_size(1, 1, 16)
+    arch = sample.infer_network(torch.load(path, weights_only=True))
+    assert (arch["num_classes"], arch["base_channels"], arch["time_dim"]) == (10, 64, 256)
+
+
+# ----------------------------------------------------------------------------- errors
+def truncated(src, dst):
+    with open(src, "rb") as f:
+        data = f.read()
+    dst.write_bytes(data[: len(data) // 2])
+    return str(dst)
+
+
+def with_state(src, dst, change):
+    state = torch.load(src, weights_only=True)
+    change(state)
+    torch.save(state, dst)
+    return str(dst)
+
+
+def add_extra_key(state):
+    state["extra.weight"] = torch.zeros(3)
+
+
+def misshape_key(state):
+    state["sa1.mha.in_proj_weight"] = torch.zeros(3, 16)
+
+
+BAD_INPUTS = {
+    "label outside": (["--labels", "0,5"], "label 5 is outside the model's 3 classes: use 0..2"),
+    "negative label": (["--labels", "-1"], "label -1 is outside the model's 3 classes"),
+    "labels not ints": (["--labels", "0,a"], "is not a comma-separated list of class ids"),
+    "cfg_scale": (["--cfg_scale", "-1"], "cfg_scale -1.0 is negative"),
+    "image_size": (["--image_size", "12"], "image_size 12 is not divisible by 8"),
+    "sampler": (["--sampler", "plms"], "sampler 'plms' is unknown"),
+    "out format": (["--out", "grid.gif"], "use a .png or .jpg file name"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_options_exit_2_with_one_line(name, ref_cond, tmp_path, capsys):
+    flags, message = BAD_INPUTS[name]
+    out = tmp_path / "grid.png"
+    argv = ["--ckpt", ref_cond, "--image_size", "16", "--out", str(out), *FAST, *flags]
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda src, tmp: truncated(src, tmp / "cut.pt"), "is not a readable PyTorch checkpoint"),
+    (lambda src, tmp: (tmp / "notes.txt").write_text("not weights\n") and str(tmp / "notes.txt"),
+     "is not a readable PyTorch checkpoint"),
+    (lambda src, tmp: with_state(src, tmp / "extra.pt", add_extra_key), "1 unexpected keys (extra.weight)"),
+    (lambda src, tmp: with_state(src, tmp / "shape.pt", misshape_key), "1 shape mismatches (sa1.mha.in_proj_weight"),
+    (lambda src, tmp: str(tmp / "missing.pt"), "not found"),
+    (lambda src, tmp: torch.save({"a": 1}, tmp / "dict.pt") or str(tmp / "dict.pt"), "is not a model state_dict"),
+    (lambda src, tmp: torch.save({"x": torch.zeros(2)}, tmp / "other.pt") or str(tmp / "other.pt"),
+     "is not a U-Net"),
+], ids=["truncated", "text file", "extra key", "mis-shaped key", "missing file", "not tensors", "other network"])
+def test_bad_checkpoints_exit_2_with_one_line(make, message, ref_cond, tmp_path, capsys):
+    path = make(ref_cond, tmp_path)
+    assert run_main(["--ckpt", path, "--out", str(tmp_path / "grid.png"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err
+
+
+def test_labels_for_unconditional_model_is_an_error(ref_uncond, tmp_path, capsys):
+    assert run_main(["--ckpt", ref_uncond, "--labels", "0", "--out", str(tmp_path / "g.png")]) == 2
+    assert "this checkpoint is unconditional: drop --labels" in capsys.readouterr().err
+
+
+def test_missing_ckpt_flag_and_unknown_flag(capsys):
+    assert run_main([]) == 2
+    assert "no checkpoint given: pass --ckpt" in capsys.readouterr().err
+    assert run_main(["--ckpt", "x.pt", "--cfg", "3"]) == 2
+    assert "unrecognized arguments: --cfg 3" in capsys.readouterr().err
+
+
+def test_help_lists_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(sample.Config, ["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: dpm++)" in text and "(default: grid.png)" in text and "(default: 10)" in text
+
+
+# ----------------------------------------------------------------------------- the command line
+def run_script(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          check=False, timeout=300)
+
+
+def test_cli_writes_grid_and_single_images(run_dir, tmp_path):
+    out, folder = tmp_path / "out" / "grid.png", tmp_path / "single"
+    result = run_script("--ckpt", str(run_dir / "ema_ckpt.pt"), "--labels", "0,1", "--n_per_label", "2",
+                        "--cfg_scale", "3", "--seed", "0", "--device", "cpu", "--out", str(out),
+                        "--save_individual", str(folder), *FAST)
+    assert result.returncode == 0, result.stderr
+    assert image_size_of(out) == grid_size(2, 2, 16)
+    assert sorted(os.listdir(folder)) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
+
+
+def test_cli_bad_label_exits_2(run_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    result = run_script("--ckpt", str(run_dir / "ema_ckpt.pt"), "--labels", "12", "--out", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: label 12 is outside the model's 3 classes: use 0..2"
+    assert not out.exists()

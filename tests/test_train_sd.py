@@ -1,0 +1,315 @@
+"""Tests for train_sd.py and text_data.py: the real code on a tiny random VAE and CLIP, built offline."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import text_data  # noqa: E402
+import train_sd  # noqa: E402
+from modules import UNet, UNet_text  # noqa: E402
+from utils import UsageError, classify_shapes, parse_config, run_cli  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_sd.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions are far faster on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of a tiny random AutoencoderKL (factor 2, 4 latent channels) and CLIP text encoder (D = 32, L = 16)."""
+    vae_dir, text_dir = text_data.make_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
+    return {"vae": vae_dir, "text_encoder": text_dir}
+
+
+def tiny_argv(tiny, run_name="run", **overrides):
+    """Flags of a seconds-long run on shapes at 16 px (8 px latents) with the tiny models."""
+    values = {"dataset": "shapes", "dataset_size": 32, "image_size": 16, "base_channels": 8, "batch_size": 8,
+              "max_steps": 2, "n_per_prompt": 1, "sample_steps": 2, "num_workers": 0, "device": "cpu",
+              "run_name": run_name, "cache_dir": "cache", **tiny, **overrides}
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def tiny_cfg(tiny, **overrides):
+    return parse_config(train_sd.Config, tiny_argv(tiny, **overrides))
+
+
+# ----------------------------------------------------------------------------- stages and shapes
+
+@pytest.mark.parametrize("conditioning, context_shape", [("cross_attention", (2, 16, 32)), ("add", (2, 32))])
+def test_shapes_through_every_stage(tiny, conditioning, context_shape):
+    cfg = tiny_cfg(tiny, conditioning=conditioning)
+    latents, text = train_sd.load_frozen(cfg, "cpu")
+    assert not any(p.requires_grad for p in latents.vae.parameters())
+    assert not text.model.training and not latents.vae.training
+    ids = text.tokenize(["a red circle", ""])
+    assert ids.shape == (2, 16) and ids[1, 1] == text.tokenizer.eos_token_id
+    context = text(["a red circle", "a blue triangle"])
+    assert context.shape == context_shape and not torch.allclose(context[0], context[1])
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, std = latents.encode(images)
+    assert mean.shape == std.shape == (2, 4, 8, 8) and latents.factor == 2
+    net = train_sd.build_unet(cfg, latents, text)
+    eps = net(mean, torch.tensor([1, 500]), context)
+    assert eps.shape == (2, 4, 8, 8)
+    assert latents.decode(mean).shape == (2, 3, 16, 16)
+    assert train_sd.make_diffusion(cfg, latents, "cpu").img_size == 8
+
+
+def test_pixel_space_and_image_size_check(tiny):
+    cfg = tiny_cfg(tiny, vae="none")
+    latents, text = train_sd.load_frozen(cfg, "cpu")
+    assert (latents.channels, latents.factor) == (3, 1)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, std = latents.encode(images)
+    assert torch.equal(mean, images) and not std.any() and torch.equal(latents.decode(mean), images)
+    vae_latents, _ = train_sd.load_frozen(tiny_cfg(tiny), "cpu")
+    with pytest.raises(UsageError, match="not divisible by 16"):
+        train_sd.make_diffusion(tiny_cfg(tiny, image_size=24), vae_latents, "cpu")
+
+
+# ----------------------------------------------------------------------------- caption dropout and guidance
+
+def test_caption_dropout_rate_on_both_paths():
+    torch.manual_seed(0)
+    assert abs(train_sd.drop_mask(20000, 0.1).float().mean().item() - 0.1) < 0.01
+
+    class FakeText:
+        def __call__(self, captions):
+            self.captions = captions
+            return torch.tensor([[0.0] if c == "" else [1.0] for c in captions])
+
+    class FakeLatents:
+        def encode(self, images):
+            return images, torch.zeros_like(images)
+
+    text, images = FakeText(), torch.zeros(4000, 1)
+    train_sd.training_batch((images, ["a red circle"] * 4000), FakeLatents(), text, None, None, 0.1)
+    assert abs(text.captions.count("") / 4000 - 0.1) < 0.02
+    contexts, null_context = torch.ones(3, 5, 2), torch.zeros(1, 5, 2)
+    index = torch.randint(0, 3, (4000,))
+    x_0, context = train_sd.training_batch((images, images, index), None, None, contexts, null_context, 0.1)
+    dropped = (context == 0).all(dim=(1, 2))
+    assert context.shape == (4000, 5, 2) and (context[~dropped] == 1).all()
+    assert abs(dropped.float().mean().item() - 0.1) < 0.02 and torch.equal(x_0, images)
+
+
+class Counting(torch.nn.Module):
+    """Wraps a network and records the batch size of each forward call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows = net, []
+
+    def forward(self, x, t, context):
+        self.rows.append(x.shape[0])
+        return self.net(x, t, context)
+
+
+def test_guidance_is_one_batched_pass_with_the_empty_prompt(tiny, tmp_path):
+    cfg = tiny_cfg(tiny, n_per_prompt=3, sample_steps=4, cfg_scale=7.5)
+    latents, text = train_sd.load_frozen(cfg, "cpu")
+    torch.manual_seed(0)
+    net = Counting(train_sd.build_unet(cfg, latents, text)).eval()
+    diffusion = train_sd.make_diffusion(cfg, latents, "cpu")
+    prompts = ["a red circle", "a blue triangle"]
+    images = train_sd.sample_grid(cfg, diffusion, net, latents, text, prompts, str(tmp_path / "grid.png"))
+    assert images.shape == (6, 3, 16, 16) and os.path.isfile(tmp_path / "grid.png")
+    assert net.rows == [12] * 4  # one pass of 2 x 6 rows per step
+
+    context = text(prompts).repeat_interleave(3, dim=0)
+    null_context = text([""]).expand_as(context)
+    x_t, t = torch.randn(6, 4, 8, 8), torch.full((6,), 300)
+    net.rows.clear()
+    with torch.no_grad():
+        guided = diffusion.predict_eps(net, x_t, t, context, null_context, cfg_scale=7.5)
+        eps_cond, eps_uncond = net(x_t, t, context), net(x_t, t, null_context)
+    assert net.rows == [12, 6, 6]
+    torch.testing.assert_close(guided, torch.lerp(eps_uncond, eps_cond, 7.5), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- runs: cache, resume, CLI
+
+def count_encodes(monkeypatch):
+    calls = []
+    encode = train_sd.Latents.encode
+
+    def counted(self, images):
+        calls.append(images.shape[0])
+        return encode(self, images)
+
+    monkeypatch.setattr(train_sd.Latents, "encode", counted)
+    return calls
+
+
+def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = count_encodes(monkeypatch)
+    train_sd.main(tiny_argv(tiny, "cached", cache_latents=True))
+    assert sum(calls) == 32 and len(os.listdir("cache")) == 1  # each image encoded once, then the cache trains
+    cache = torch.load(os.path.join("cache", os.listdir("cache")[0]), weights_only=True)
+    assert cache["mean"].shape == (32, 4, 8, 8) and len(cache["captions"]) == 10
+    assert cache["contexts"].shape == (10, 16, 32) and cache["caption_index"].shape == (32,)
+    calls.clear()
+    train_sd.main(tiny_argv(tiny, "cached", cache_latents=True) + ["--overwrite"])
+    assert calls == [] and len(os.listdir("cache")) == 1  # hit: the VAE encoder never ran
+    train_sd.main(tiny_argv(tiny, "cached32", cache_latents=True, image_size=32))
+    assert sum(calls) == 32 and len(os.listdir("cache")) == 2  # new image_size -> new key -> re-encoded
+
+    cfg = tiny_cfg(tiny, cache_latents=True)
+    dataset = text_data.get_caption_dataset("shapes", "", 16, size=32)
+    keys = {train_sd.cache_path(c, dataset) for c in
+            (cfg, tiny_cfg(tiny, vae=tiny["vae"] + "_copy"), tiny_cfg(tiny, conditioning="add"),
+             tiny_cfg(tiny, seed=1), tiny_cfg(tiny, cache_latents=True))}
+    assert len(keys) == 4
+
+
+def test_resume_continues_step_and_optimizer(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = train_sd.main(tiny_argv(tiny, "resumed", max_steps=2))
+    state_2 = torch.load("models/resumed/training_state.pt", weights_only=True)
+    assert first["step"] == 2 and state_2["step"] == 2
+    with pytest.raises(UsageError, match="already holds a run"):
+        train_sd.main(tiny_argv(tiny, "resumed", max_steps=4))
+    with pytest.raises(UsageError, match="different config: lr"):
+        train_sd.main(tiny_argv(tiny, "resumed", max_steps=4, lr=1e-3) + ["--resume"])
+    second = train_sd.main(tiny_argv(tiny, "resumed", max_steps=4) + ["--resume"])
+    state_4 = torch.load("models/resumed/training_state.pt", weights_only=True)
+    assert second["step"] == 4 and state_4["step"] == 4
+    assert second["losses"][:2] == state_2["losses"] and len(second["losses"]) == 4
+    adam_steps = {float(s["step"]) for s in state_4["optimizer"]["state"].values()}
+    assert adam_steps == {4.0}  # AdamW's moments carried on from step 2
+    assert state_4["ema_state"]["step"] == 4
+
+
+def run_script(args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_trains_then_samples_a_captioned_grid(tiny, tmp_path):
+    done = run_script(tiny_argv(tiny, "cli", conditioning="add"), tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("ckpt.pt", "ema_ckpt.pt", "training_state.pt", "config.json"):
+        assert (tmp_path / "models" / "cli" / name).is_file()
+    for name in ("0.jpg", "0_ema.jpg", "loss.png", "config.json"):
+        assert (tmp_path / "results" / "cli" / name).is_file()
+    args = ["--sample", "--ckpt", "models/cli/ema_ckpt.pt", "--prompt", "a red circle", "--prompt",
+            "a blue triangle", "--cfg_scale", "7.5", "--n_per_prompt", "2", "--sample_steps", "2", "--out", "grid.png"]
+    done = run_script(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.width > 0
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_sample_errors(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train_sd.main(tiny_argv(tiny, "arch", max_steps=1))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_sd.main, ["--sample", "--ckpt", "models/arch/ema_ckpt.pt"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --sample needs at least one --prompt")
+    with pytest.raises(UsageError, match="checkpoint 'models/none.pt' not found"):
+        train_sd.main(["--sample", "--ckpt", "models/none.pt", "--prompt", "a red circle"])
+    out = train_sd.main(["--sample", "--ckpt", "models/arch/training_state.pt", "--prompt", "a red circle",
+                         "--n_per_prompt", "1", "--sample_steps", "1"])
+    assert out == os.path.join("results", "arch", "samples.png") and os.path.isfile(out)
+    torch.save(UNet(base_channels=8).state_dict(), "models/arch/ema_ckpt.pt")
+    with pytest.raises(UsageError, match="does not fit the model"):
+        train_sd.main(["--sample", "--ckpt", "models/arch/ema_ckpt.pt", "--prompt", "a red circle"])
+
+
+def test_too_long_prompt_is_truncated_with_a_warning(tiny):
+    _, text = train_sd.load_frozen(tiny_cfg(tiny), "cpu")
+    with pytest.warns(UserWarning, match="truncated"):
+        ids = text.tokenize(["a red circle and a blue triangle " * 5])
+    assert ids.shape == (1, 16) and ids[0, -1] == text.tokenizer.eos_token_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text.tokenize(["a red circle"])
+
+
+def test_unloadable_models_are_one_line_errors(tiny, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for overrides in ({"vae": "./no/such/vae"}, {"text_encoder": "nobody-xyz/no-such-clip"}):
+        start = time.time()
+        with pytest.raises(UsageError, match="could not load .*downloaded once with internet access") as info:
+            train_sd.load_frozen(tiny_cfg(tiny, **overrides), "cpu")
+        assert "\n" not in str(info.value) and time.time() - start < 10
+
+
+def write_image(path):
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(path)
+
+
+def test_caption_folder_reads_metadata_and_txt_and_names_errors(tmp_path):
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    write_image(folder / "a.png")
+    write_image(folder / "b.png")
+    lines = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "b.png", "text": "a red dot"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    dataset = text_data.get_caption_dataset("captions", str(folder), 16)
+    image, caption = dataset[1]
+    assert image.shape == (3, 16, 16) and caption == "a red dot" and dataset.caption(0) == "a red square"
+    (folder / "metadata.jsonl").write_text(json.dumps(lines[0]) + "\n{not json\n")
+    with pytest.raises(UsageError, match="line 2"):
+        text_data.get_caption_dataset("captions", str(folder), 16)
+
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    with pytest.raises(UsageError, match="holds no images"):
+        text_data.get_caption_dataset("captions", str(folder), 16)
+    write_image(folder / "cat.jpg")
+    (folder / "cat.txt").write_text("a  photo of\na cat\n")
+    assert text_data.get_caption_dataset("captions", str(folder), 16).caption(0) == "a photo of a cat"
+    write_image(folder / "dog.png")
+    with pytest.raises(UsageError, match="'dog.png' .* no caption file dog.txt"):
+        text_data.get_caption_dataset("captions", str(folder), 16)
+
+
+# ----------------------------------------------------------------------------- learning
+
+def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
+    """Pixel space at 16 px with the tiny random CLIP: the prompt's colour must dominate the samples."""
+    monkeypatch.chdir(tmp_path)
+    overrides = {"vae": "none", "dataset_size": 2000, "base_channels": 16, "batch_size": 32, "max_steps": 600,
+                 "lr": 2e-3, "ema_start": 100, "log_every": 1000, "epochs": 1000, "n_per_prompt": 1,
+                 "sample_steps": 1}
+    start = time.time()
+    train_sd.main(tiny_argv(tiny, "learn", **overrides))
+    seconds = time.time() - start
+    cfg = tiny_cfg(tiny, **{**overrides, "n_per_prompt": 10, "sample_steps": 20, "cfg_scale": 3.0})
+    latents, text = train_sd.load_frozen(cfg, "cpu")
+    net = train_sd.build_unet(cfg, latents, text)
+    net.load_state_dict(torch.load("models/learn/ema_ckpt.pt", weights_only=True))
+    dataset = text_data.get_caption_dataset("shapes", "", 16)
+    prompts = text_data.default_prompts(dataset)
+    images = train_sd.sample_grid(cfg, train_sd.make_diffusion(cfg, latents, "cpu"), net, latents, text, prompts, "learned.png")
+    expected = torch.arange(10).repeat_interleave(10)
+    accuracy = (classify_shapes(images) == expected).float().mean().item()
+    print(f"learning test: {seconds:.0f} s of training, colour accuracy {accuracy:.2f} (chance 0.1)")
+    assert accuracy >= 0.5

@@ -1,0 +1,139 @@
+"""The training scripts end to end (ddpm.py, ddpm_conditional.py through training.py), on tiny data."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+import ddpm_conditional
+from utils import UsageError, load_checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "shapes", "--dataset_size", "32", "--image_size", "16", "--base_channels", "8",
+        "--batch_size", "8", "--max_steps", "2", "--sampler", "ddim", "--sample_steps", "2",
+        "--num_workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run each script inside a fresh folder, where it writes results/ and models/."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_image_folder(root, per_class=6):
+    for name, colour in [("cats", (200, 40, 40)), ("dogs", (40, 40, 200))]:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (20, 24), colour).save(root / name / f"{i}.png")
+    return root
+
+
+def test_help_lists_every_field_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm_conditional.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name, default in [("--p_uncond", "0.1"), ("--cfg_scale", "3.0"), ("--ema_beta", "0.995"),
+                          ("--max_steps", "None"), ("--log_every", "10"), ("--dataset", "cifar10")]:
+        assert name in text and default in text
+    assert "--resume" in text and "--overwrite" in text and "--config" in text
+
+
+def test_conditional_run_writes_grids_plots_checkpoints_and_config(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_class", "2"])
+    results, models = workdir / "results" / "R", workdir / "models" / "R"
+    for name in ["0.jpg", "0_ema.jpg", "loss.png", "config.json"]:
+        assert (results / name).is_file(), name
+    grid = Image.open(results / "0.jpg")
+    assert grid.size == (2 * 16 + 3 * 2, 10 * 16 + 11 * 2)  # one row per class, 2 per row
+    config = json.loads((results / "config.json").read_text())
+    assert config["max_steps"] == 2 and config["p_uncond"] == 0.1 and config["run_name"] == "R"
+    state = load_checkpoint(models / "training_state.pt")
+    assert state["step"] == 2 and state["config"] == config
+    assert set(state) >= {"model", "ema", "optimizer", "step", "epoch", "rng", "config"}
+    plain = load_checkpoint(models / "ema_ckpt.pt")
+    assert "label_emb.weight" in plain and plain["label_emb.weight"].shape == (10, 256)
+    assert json.loads((models / "config.json").read_text()) == config
+
+
+def test_unconditional_run_on_an_image_folder(workdir):
+    write_image_folder(workdir / "pets")
+    ddpm.main(TINY + ["--dataset", "imagefolder", "--dataset_path", "pets", "--dataset_size", "none",
+                      "--run_name", "U", "--n_samples", "4"])
+    grid = Image.open(workdir / "results" / "U" / "1.jpg")  # 12 images: 1 batch per epoch, step 2 ends epoch 1
+    assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+    assert "label_emb.weight" not in load_checkpoint(workdir / "models" / "U" / "ckpt.pt")
+
+
+def test_max_steps_stops_mid_epoch_and_resume_continues_step_and_optimizer(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_class", "1"])
+    first = load_checkpoint(workdir / "models" / "R" / "training_state.pt")
+    assert (first["step"], first["epoch"], first["batches_done"]) == (2, 0, 2)
+    adam_step = first["optimizer"]["state"][0]["step"].item()
+    assert adam_step == 2
+    ddpm_conditional.main(TINY[:-10] + ["--max_steps", "5"] + TINY[-8:] + ["--run_name", "R", "--n_per_class", "1",
+                                                                            "--resume"])
+    second = load_checkpoint(workdir / "models" / "R" / "training_state.pt")
+    assert second["step"] == 5 and len(second["losses"]) == 5
+    assert second["losses"][:2] == first["losses"]
+    assert second["optimizer"]["state"][0]["step"].item() == 5
+    assert (second["epoch"], second["batches_done"]) == (1, 1)  # 4 batches per epoch: 5 = 4 + 1
+
+
+def test_resume_refuses_a_changed_config_and_says_what_differs(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_class", "1"])
+    with pytest.raises(UsageError, match=r"lr: 0\.0003 \(saved\) != 0\.001 \(now\)"):
+        ddpm_conditional.main(TINY + ["--run_name", "R", "--resume", "--lr", "0.001"])
+
+
+def test_a_run_never_overwrites_another_runs_checkpoints(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_class", "1"])
+    ckpt = workdir / "models" / "R" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(UsageError, match=r"already holds a run: pass --resume .* --overwrite"):
+        ddpm_conditional.main(TINY + ["--run_name", "R", "--seed", "3"])
+    assert ckpt.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume", "--run_name", "nothing"], r"--resume found no models.nothing.training_state\.pt"),
+    (["--image_size", "20"], r"image_size 20 is not divisible by 8"),
+    (["--p_uncond", "1.5"], r"p_uncond 1\.5 is not a probability"),
+    (["--dataset", "imagefolder", "--dataset_path", "missing"], r"'missing' does not exist"),
+    (["--mixed_precision", "fp16"], r"fp16 needs a GPU: use --mixed_precision bf16"),
+    (["--sampler", "plms"], r"sampler 'plms' is unknown"),
+])
+def test_bad_input_is_one_readable_error(workdir, args, message):
+    with pytest.raises(UsageError, match=message):
+        ddpm_conditional.main(TINY + args)
+    assert not (workdir / "models").exists()
+
+
+def test_folder_without_class_subfolders(workdir):
+    (workdir / "flat").mkdir()
+    Image.new("RGB", (16, 16)).save(workdir / "flat" / "a.png")
+    with pytest.raises(UsageError, match="subfolder per class"):
+        ddpm.main(TINY + ["--dataset", "imagefolder", "--dataset_path", "flat"])
+
+
+def run_script(args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "ddpm_conditional.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_subprocess_run_and_errors_exit_non_zero_with_one_line(tmp_path):
+    done = run_script(TINY + ["--run_name", "S", "--n_per_class", "1"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "results" / "S" / "0_ema.jpg").is_file()
+    for args, code, needle in [(["--image_size", "12"], 2, "image_size 12 is not divisible by 8"),
+                               (["--no_such_flag", "1"], 2, "unrecognized arguments: --no_such_flag"),
+                               (["--batch_size", "eight"], 2, "--batch_size: invalid")]:
+        failed = run_script(TINY + args, tmp_path)
+        assert failed.returncode == code
+        error_lines = [line for line in failed.stderr.splitlines() if "error:" in line]
+        assert len(error_lines) == 1 and needle in error_lines[0], failed.stderr[-2000:]

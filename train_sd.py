@@ -1,0 +1,348 @@
+"""Latent text-to-image: a small Stable Diffusion (U-Net with cross-attention on CLIP token states).
+
+    python train_sd.py                              (CIFAR-10 captions at 128 px in SD's VAE latents: a GPU job)
+    python train_sd.py --make_tiny_models data/tiny_sd && python train_sd.py --config configs/sd_quick_cpu.json
+    python train_sd.py --sample --ckpt models/SD_text/ema_ckpt.pt --prompt "a photo of a cat" --out cat.png
+
+A frozen VAE (diffusers' AutoencoderKL) maps images to latents, a frozen CLIP text encoder maps captions to
+token states, and only the U-Net trains, with the DDPM loss of ddpm.py on the scaled latents. Each caption
+is replaced by "" with probability p_uncond, so one network learns eps(x_t, t, text) and eps(x_t, t, "");
+sampling mixes the two with classifier-free guidance. `--vae none` trains in pixel space instead.
+"""
+import copy
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from ddpm import Diffusion, broadcast
+from modules import EMA, UNet_text
+from text_data import cache_key, default_prompts, get_caption_dataset, load_or_build_cache, make_tiny_models
+from training import (RESUMABLE_FIELDS, RUN_FLAGS, STATE_FILE, make_accelerator, run_dirs, save_run,
+                      set_rng_state, validate)
+from utils import (UsageError, _short, arg, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
+                   make_dataloader, parse_config, pick_device, plot_loss, run_cli, save_config, save_images,
+                   seed_everything)
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+@dataclass
+class Config:
+    run_name: str = arg("SD_text", "results/<run_name>/ and models/<run_name>/ hold this run's files")
+    dataset: str = arg("cifar10", "cifar10 ('a photo of a <class>') | imagefolder (class subfolders) | "
+                                  "captions (metadata.jsonl or <image>.txt) | shapes (built in)")
+    dataset_path: str = arg("./data", "folder of the dataset (cifar10 downloads here)")
+    dataset_size: int | None = arg(None, "use only this many images (None: all)")
+    image_size: int = arg(128, "training resolution in pixels; the latents are image_size / VAE factor")
+    vae: str = arg("stabilityai/sd-vae-ft-mse", "frozen AutoencoderKL: Hub id or local folder; none = pixel space")
+    text_encoder: str = arg("openai/clip-vit-large-patch14", "Hub id or folder holding CLIPTextModel + tokenizer")
+    conditioning: str = arg("cross_attention", "cross_attention (token states) | add (pooled embedding)")
+    cache_latents: bool = arg(False, "encode images and captions once, then train from the cache (no augmentation)")
+    cache_dir: str = arg("data/latent_cache", "folder of the latent caches, one file per cache key")
+    base_channels: int = arg(64, "U-Net width")
+    batch_size: int = arg(64, "images per optimizer step")
+    epochs: int = arg(50, "passes over the data set")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps, whatever the epochs")
+    lr: float = arg(2e-4, "AdamW learning rate")
+    noise_steps: int = arg(1000, "T, the number of diffusion steps")
+    beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
+    beta_end: float = arg(0.02, "beta_T of the linear schedule")
+    p_uncond: float = arg(0.1, "probability of replacing each caption by '', to learn the unconditional eps")
+    cfg_scale: float = arg(7.5, "guidance scale of the grids and --sample: 0 = conditional only")
+    ema_beta: float = arg(0.995, "EMA decay per step")
+    ema_start: int = arg(2000, "steps during which the EMA model is a plain copy")
+    sampler: str = arg("dpm++", "sampler of the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
+    sample_steps: int | None = arg(None, "network steps of the sampler (None: its default)")
+    prompt: list[str] = arg([], "prompts of the grids and of --sample, one row each (repeat the flag)")
+    n_per_prompt: int = arg(8, "images in each prompt's row")
+    log_every: int = arg(5, "save grids, loss plot and checkpoints every this many epochs")
+    seed: int = arg(0, "seed of the data order, the noise and the grids")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    mixed_precision: str = arg("no", "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to it)")
+    num_workers: int = arg(2, "DataLoader worker processes")
+
+
+SD_FLAGS = RUN_FLAGS + [
+    ("--sample", {"action": "store_true", "help": "generate from --ckpt instead of training"}),
+    ("--ckpt", {"default": None, "help": "checkpoint for --sample: models/<run>/ema_ckpt.pt or training_state.pt"}),
+    ("--out", {"default": None, "help": "grid file of --sample (default results/<run_name>/samples.png)"}),
+    ("--make_tiny_models", {"default": None, "metavar": "DIR", "help": "write tiny random VAE and CLIP to DIR"}),
+]
+SD_RESUMABLE = RESUMABLE_FIELDS + ("prompt", "cfg_scale", "n_per_prompt", "cache_latents", "cache_dir")
+SAMPLING_FIELDS = ("prompt", "cfg_scale", "sampler", "sample_steps", "n_per_prompt", "seed", "device")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- frozen VAE and text encoder
+def from_pretrained(cls, name, **kwargs):
+    """`cls.from_pretrained(name)`; failing to load is a one-line UsageError."""
+    advice = "the weights must be downloaded once with internet access, or pass a local folder"
+    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise UsageError(f"could not load '{name}' (no such folder): {advice}")
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not load '{name}' ({_short(exc, 200)}): {advice}") from exc
+
+
+class Latents:
+    """The frozen VAE: pixels in [-1, 1] <-> scaled latents. With vae=None it is pixel space (identity)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.channels = 3 if vae is None else vae.config.latent_channels
+        self.factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scale = 1.0 if vae is None else vae.config.scaling_factor
+        self.shift = 0.0 if vae is None else (getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(self, images):
+        """(B, 3, H, W) -> mean and std of the scaled posterior, (B, C, H/f, W/f) float32."""
+        if self.vae is None:
+            return images.float(), torch.zeros_like(images, dtype=torch.float32)
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        return (dist.mean.float() - self.shift) * self.scale, dist.std.float() * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Scaled latents (B, C, h, w) -> pixels (B, 3, h*f, w*f) in [-1, 1]."""
+        if self.vae is not None:
+            latents = self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample
+        return latents.float().clamp(-1, 1)
+
+
+class TextEncoder:
+    """The frozen CLIP: prompts -> token states (B, L, D) for cross_attention, or pooled (B, D) for add."""
+
+    def __init__(self, tokenizer, model, conditioning):
+        self.tokenizer, self.model, self.conditioning = tokenizer, model, conditioning
+        self.dim = model.config.hidden_size
+
+    def tokenize(self, prompts):
+        """Token ids (B, model_max_length), padded; longer prompts are cut, with a warning."""
+        limit = self.tokenizer.model_max_length
+        too_long = [p for p, ids in zip(prompts, self.tokenizer(list(prompts)).input_ids) if len(ids) > limit]
+        if too_long:
+            warnings.warn(f"{len(too_long)} prompt(s) longer than the text encoder's {limit} tokens are truncated, "
+                          f"e.g. '{too_long[0][:60]}...'", stacklevel=3)
+        return self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
+                              return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def __call__(self, prompts):
+        out = self.model(input_ids=self.tokenize(prompts).to(self.model.device))
+        states = out.last_hidden_state if self.conditioning == "cross_attention" else out.pooler_output
+        return states.float()
+
+
+def load_frozen(cfg, device):
+    """(Latents, TextEncoder), in eval mode, without gradients, in the training precision."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dtype = DTYPES[cfg.mixed_precision]
+    vae = None
+    if cfg.vae.lower() != "none":
+        vae = from_pretrained(AutoencoderKL, cfg.vae, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    tokenizer = from_pretrained(CLIPTokenizer, cfg.text_encoder)
+    model = from_pretrained(CLIPTextModel, cfg.text_encoder, dtype=dtype).to(device).eval().requires_grad_(False)
+    return Latents(vae), TextEncoder(tokenizer, model, cfg.conditioning)
+
+
+def check(cfg):
+    """training.validate, plus the settings only this script has."""
+    validate(cfg)
+    if cfg.conditioning not in UNet_text.CONDITIONINGS:
+        raise UsageError(f"conditioning '{cfg.conditioning}' is unknown: use cross_attention or add")
+    if cfg.n_per_prompt <= 0:
+        raise UsageError(f"n_per_prompt {cfg.n_per_prompt} must be positive")
+
+
+def build_unet(cfg, latents, text):
+    return UNet_text(c_in=latents.channels, c_out=latents.channels, base_channels=cfg.base_channels,
+                     context_dim=text.dim, conditioning=cfg.conditioning)
+
+
+def make_diffusion(cfg, latents, device):
+    """The DDPM of ddpm.py on latents of size image_size / factor, which the U-Net halves 3 times."""
+    if cfg.image_size % (8 * latents.factor):
+        raise UsageError(f"image_size {cfg.image_size} is not divisible by {8 * latents.factor}: the VAE shrinks it "
+                         f"{latents.factor}x and the U-Net halves it 3 times; use a multiple of {8 * latents.factor}")
+    return Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size // latents.factor,
+                     c_in=latents.channels, device=device)
+
+
+# ----------------------------------------------------------------------------- data
+def drop_mask(n, p_uncond, device=None):
+    """Rows (n,) whose caption is replaced by the empty prompt, each with probability p_uncond."""
+    return torch.rand(n, device=device) < p_uncond
+
+
+def training_batch(batch, latents, text, contexts, null_context, p_uncond):
+    """(x_0, context) of one batch: a latent sample from the posterior, and the text with captions dropped.
+
+    Without a cache the batch is (images, captions) and both frozen networks run; with one it is
+    (mean, std, caption index) and `contexts` holds each distinct caption's states.
+    """
+    if contexts is None:
+        images, captions = batch
+        drop = drop_mask(len(captions), p_uncond).tolist()
+        mean, std = latents.encode(images)
+        context = text(["" if d else c for c, d in zip(captions, drop)])
+    else:
+        mean, std, index = batch
+        drop = drop_mask(len(index), p_uncond, index.device)
+        context = contexts[index]
+        context = torch.where(broadcast(drop, context), null_context, context)
+    return mean + std * torch.randn_like(mean), context
+
+
+def cache_path(cfg, dataset):
+    key = cache_key(vae=cfg.vae, text_encoder=cfg.text_encoder, image_size=cfg.image_size, dataset=cfg.dataset,
+                    dataset_path=os.path.abspath(cfg.dataset_path), dataset_size=len(dataset), seed=cfg.seed,
+                    conditioning=cfg.conditioning, precision=cfg.mixed_precision)
+    return os.path.join(cfg.cache_dir, f"{key}.pt")
+
+
+# ----------------------------------------------------------------------------- grids
+def sample_grid(cfg, diffusion, net, latents, text, prompts, path):
+    """n_per_prompt images per prompt, one row each, guided by the empty prompt in one batched pass."""
+    context = text(prompts).repeat_interleave(cfg.n_per_prompt, dim=0)  # (P, ...) -> (P * n, ...)
+    null_context = text([""]).expand_as(context)
+    x_0 = diffusion.sample_x0(net, len(context), context, cfg.cfg_scale, null_labels=null_context,
+                              sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed)
+    images = latents.decode(x_0)
+    save_images(images, path, nrow=cfg.n_per_prompt, captions=list(prompts))
+    return images
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg, flags):
+    check(cfg)
+    results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    seed_everything(cfg.seed)
+    latents, text = load_frozen(cfg, device)
+    diffusion = make_diffusion(cfg, latents, device)
+    dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size)
+    prompts = cfg.prompt or default_prompts(dataset)
+    null_context = text([""])
+    contexts = None
+    if cfg.cache_latents:
+        path = cache_path(cfg, dataset)
+        cache, hit = load_or_build_cache(path, dataset, latents.encode, text, cfg.batch_size, cfg.num_workers)
+        accelerator.print(f"latent cache {path}: {'read' if hit else 'written'}")
+        contexts = cache["contexts"].to(device)
+        dataset = TensorDataset(cache["mean"], cache["std"], cache["caption_index"])
+    dataloader = make_dataloader(dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
+                                 pin_memory=device.type == "cuda")
+    net = build_unet(cfg, latents, text)
+    ema_net = copy.deepcopy(net).requires_grad_(False).to(device)
+    ema = EMA(cfg.ema_beta, cfg.ema_start)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+
+    step, start_epoch, skip_batches, losses = 0, 0, 0, []
+    if flags.resume:
+        state = load_checkpoint(os.path.join(models_dir, STATE_FILE))
+        changed = diff_configs(state["config"], config_to_dict(cfg), ignore=SD_RESUMABLE)
+        if changed:
+            raise UsageError(f"--resume with a different config: {'; '.join(changed)}; use the saved values "
+                             f"({models_dir}/config.json) or start a new --run_name")
+        for module, key in ((net, "model"), (ema_net, "ema")):
+            load_state_dict_strict(module, state[key])
+        ema.load_state_dict(state["ema_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, start_epoch, skip_batches, losses = state["step"], state["epoch"], state["batches_done"], state["losses"]
+        set_rng_state(state["rng"])
+        accelerator.print(f"resumed {cfg.run_name} at step {step}, epoch {start_epoch}")
+    model, optimizer, dataloader = accelerator.prepare(net, optimizer, dataloader)
+
+    os.makedirs(results_dir, exist_ok=True)
+    save_config(cfg, os.path.join(results_dir, "config.json"))
+    accelerator.print(f"config: {config_to_dict(cfg)}")
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        dataloader.set_epoch(epoch)
+        batches_done = skip_batches if epoch == start_epoch else 0
+        batches = accelerator.skip_first_batches(dataloader, batches_done) if batches_done else dataloader
+        pbar = tqdm(batches, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
+        for batch in pbar:
+            x_0, context = training_batch(batch, latents, text, contexts, null_context, cfg.p_uncond)
+            loss = diffusion.loss(model, x_0, context)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            ema.step_ema(ema_net, net)
+            step, batches_done = step + 1, batches_done + 1
+            losses.append(loss.item())
+            pbar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
+        if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
+            for suffix, module in (("", net), ("_ema", ema_net)):
+                sample_grid(cfg, diffusion, module, latents, text, prompts, f"{results_dir}/{epoch}{suffix}.jpg")
+            plot_loss(losses, os.path.join(results_dir, "loss.png"))
+            finished = batches_done == len(dataloader)
+            next_epoch, next_batches = (epoch + 1, 0) if finished else (epoch, batches_done)
+            save_run(cfg, net, ema_net, ema, optimizer, step, next_epoch, next_batches, losses, models_dir)
+        if last:
+            break
+    accelerator.print(f"done: {step} steps; grids in {results_dir}/, checkpoints in {models_dir}/")
+    return {"step": step, "epoch": epoch, "losses": losses, "results_dir": results_dir, "models_dir": models_dir}
+
+
+# ----------------------------------------------------------------------------- sampling
+def saved_run(ckpt):
+    """(weights, saved Config) of a checkpoint: training_state.pt holds both, ema_ckpt.pt has config.json beside."""
+    weights = load_checkpoint(ckpt)
+    if "ema" in weights and "config" in weights:
+        weights, saved = weights["ema"], weights["config"]
+    else:
+        config_file = os.path.join(os.path.dirname(ckpt), "config.json")
+        if not os.path.isfile(config_file):
+            raise UsageError(f"no config.json beside '{ckpt}': pass a checkpoint from models/<run_name>/ of train_sd.py")
+        with open(config_file, encoding="utf-8") as f:
+            saved = json.load(f)
+    names = {field.name for field in dataclasses.fields(Config)}
+    if set(saved) != names:
+        raise UsageError(f"the config of '{ckpt}' was not written by train_sd.py (keys differ: "
+                         f"{sorted(set(saved) ^ names)[:4]}): pass a train_sd.py checkpoint")
+    return weights, Config(**saved)
+
+
+def sample(cfg, flags):
+    if not cfg.prompt:
+        raise UsageError('--sample needs at least one --prompt "..." (repeat the flag for more rows)')
+    if not flags.ckpt:
+        raise UsageError("--sample needs --ckpt models/<run_name>/ema_ckpt.pt")
+    weights, saved = saved_run(flags.ckpt)
+    run_cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in SAMPLING_FIELDS})
+    check(run_cfg)
+    device = torch.device(pick_device(run_cfg.device))
+    latents, text = load_frozen(dataclasses.replace(run_cfg, mixed_precision="no"), device)
+    net = build_unet(run_cfg, latents, text)
+    load_state_dict_strict(net, weights)
+    net.to(device)
+    out = flags.out or os.path.join("results", run_cfg.run_name, "samples.png")
+    sample_grid(run_cfg, make_diffusion(run_cfg, latents, device), net, latents, text, run_cfg.prompt, out)
+    print(f"saved {len(run_cfg.prompt)} x {run_cfg.n_per_prompt} samples to {out}")
+    return out
+
+
+def main(argv=None):
+    cfg, flags = parse_config(Config, argv, __doc__, extra=SD_FLAGS)
+    if flags.make_tiny_models:
+        print("wrote", *make_tiny_models(flags.make_tiny_models))
+        return None
+    return sample(cfg, flags) if flags.sample else train(cfg, flags)
+
+
+if __name__ == "__main__":
+    run_cli(main)
