@@ -196,7 +196,8 @@ class Diffusion:
         common = dict(num_train_timesteps=self.noise_steps, trained_betas=self.beta.cpu().numpy(),
                       timestep_spacing="trailing", prediction_type="epsilon")
         if sampler == "ddpm":
-            scheduler = DDPMScheduler(variance_type="fixed_large", clip_sample=False, **common)
+            # "fixed_small" (the posterior variance) is 0 at the last strided step; "fixed_large" would add noise there.
+            scheduler = DDPMScheduler(variance_type="fixed_small", clip_sample=False, **common)
         elif sampler == "ddim":
             scheduler = DDIMScheduler(clip_sample=False, **common)
         elif sampler == "dpm++":
@@ -205,7 +206,15 @@ class Diffusion:
             scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **common)
         else:
             scheduler = EulerAncestralDiscreteScheduler(**common)
-        scheduler.set_timesteps(steps or DEFAULT_STEPS.get(sampler, self.noise_steps - 1), device=self.device)
+        steps = steps if steps is not None else DEFAULT_STEPS.get(sampler, self.noise_steps - 1)
+        if not 1 <= steps < self.noise_steps:
+            raise ValueError(f"steps {steps} is out of range: use 1..{self.noise_steps - 1}")
+        scheduler.set_timesteps(steps, device=self.device)
+        if len(scheduler.timesteps) != steps or scheduler.timesteps.min() < 1:
+            # diffusers' trailing spacing rounds badly for a few step counts, and for counts >= 2T/3.
+            raise ValueError(f"steps {steps}: trailing spacing gives {len(scheduler.timesteps)} timesteps down to "
+                             f"t={int(scheduler.timesteps.min())}, outside 1..{self.noise_steps - 1}; use a "
+                             f"neighbouring count, at most {2 * self.noise_steps // 3 - 1}")
         return scheduler
 
     def _scheduler_loop(self, model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator, progress):

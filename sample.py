@@ -18,7 +18,7 @@ import torch
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
 from modules import UNet, UNet_conditional
 from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device, run_cli,
-                   save_images, save_individual)
+                   save_images, save_individual, strip_wrapper_prefixes)
 
 
 # ----------------------------------------------------------------------------- options
@@ -42,7 +42,6 @@ class Config:
 # The reference repository's settings, for checkpoints without a saved config.
 REFERENCE_SCHEDULE = {"image_size": 64, "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP, nested in either order
 
 
 def validate(cfg):
@@ -80,13 +79,6 @@ def _is_state_dict(obj):
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def plain_key(key):
-    """A state_dict key without torch.compile / DDP prefixes: 'module._orig_mod.inc.x' -> 'inc.x'."""
-    while key.startswith(WRAPPER_PREFIXES):
-        key = key.split(".", 1)[1]
-    return key
-
-
 def _config_beside(path):
     """The training config saved next to a checkpoint (models/<run>/config.json), or {} if there is none."""
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
@@ -114,7 +106,7 @@ def read_checkpoint(path, weights="ema"):
     if not _is_state_dict(state_dict):
         raise UsageError(f"checkpoint '{path}' is not a model state_dict (a dict of tensors): pass ckpt.pt, "
                          "ema_ckpt.pt or training_state.pt")
-    return {plain_key(k): v for k, v in state_dict.items()}, saved
+    return {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}, saved
 
 
 def infer_network(state_dict, path="checkpoint"):

@@ -222,6 +222,13 @@ def sample_grid(cfg, diffusion, net, latents, text, prompts, path):
 
 
 # ----------------------------------------------------------------------------- training
+def epoch_batches(accelerator, dataloader, epoch, skip):
+    """This epoch's batches with a progress bar, after the `skip` a resumed run already trained on."""
+    dataloader.set_epoch(epoch)
+    batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+    return tqdm(batches, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
+
+
 def train(cfg, flags):
     check(cfg)
     results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
@@ -236,7 +243,8 @@ def train(cfg, flags):
     contexts = None
     if cfg.cache_latents:
         path = cache_path(cfg, dataset)
-        cache, hit = load_or_build_cache(path, dataset, latents.encode, text, cfg.batch_size, cfg.num_workers)
+        with accelerator.main_process_first():  # one process encodes, the others read its file
+            cache, hit = load_or_build_cache(path, dataset, latents.encode, text, cfg.batch_size, cfg.num_workers)
         accelerator.print(f"latent cache {path}: {'read' if hit else 'written'}")
         contexts = cache["contexts"].to(device)
         dataset = TensorDataset(cache["mean"], cache["std"], cache["caption_index"])
@@ -268,10 +276,8 @@ def train(cfg, flags):
     accelerator.print(f"config: {config_to_dict(cfg)}")
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        dataloader.set_epoch(epoch)
         batches_done = skip_batches if epoch == start_epoch else 0
-        batches = accelerator.skip_first_batches(dataloader, batches_done) if batches_done else dataloader
-        pbar = tqdm(batches, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
+        pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
         for batch in pbar:
             x_0, context = training_batch(batch, latents, text, contexts, null_context, cfg.p_uncond)
             loss = diffusion.loss(model, x_0, context)
@@ -287,7 +293,8 @@ def train(cfg, flags):
         last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
         if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
             for suffix, module in (("", net), ("_ema", ema_net)):
-                sample_grid(cfg, diffusion, module, latents, text, prompts, f"{results_dir}/{epoch}{suffix}.jpg")
+                grid_path = os.path.join(results_dir, f"{epoch}{suffix}.jpg")
+                sample_grid(cfg, diffusion, module, latents, text, prompts, grid_path)
             plot_loss(losses, os.path.join(results_dir, "loss.png"))
             finished = batches_done == len(dataloader)
             next_epoch, next_batches = (epoch + 1, 0) if finished else (epoch, batches_done)
@@ -307,7 +314,8 @@ def saved_run(ckpt):
     else:
         config_file = os.path.join(os.path.dirname(ckpt), "config.json")
         if not os.path.isfile(config_file):
-            raise UsageError(f"no config.json beside '{ckpt}': pass a checkpoint from models/<run_name>/ of train_sd.py")
+            raise UsageError(f"no config.json beside '{ckpt}': pass a checkpoint from models/<run_name>/ of "
+                             "train_sd.py")
         with open(config_file, encoding="utf-8") as f:
             saved = json.load(f)
     names = {field.name for field in dataclasses.fields(Config)}

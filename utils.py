@@ -151,6 +151,10 @@ def _read_config_file(path, fields, hints):
     return {key: _coerce_json(key, value, hints[key], path) for key, value in data.items()}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the script's docstring as written and shows every default."""
+
+
 def parse_config(cls, argv=None, description=None, extra=None):
     """Build a `cls` dataclass instance from defaults, an optional `--config FILE`, then flags.
 
@@ -161,7 +165,7 @@ def parse_config(cls, argv=None, description=None, extra=None):
     fields = [f for f in dataclasses.fields(cls) if f.init]
     parser = argparse.ArgumentParser(
         description=description, allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="JSON file of overrides (keys = field names); flags given here win")
     for field in fields:
@@ -608,11 +612,10 @@ def load_checkpoint(path, map_location="cpu"):
                          f"(truncated or another format): {_short(reason)}") from exc
 
 
-def _strip_prefixes(key):
-    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes from a state_dict key."""
-    for prefix in ("_orig_mod.", "module."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
+def strip_wrapper_prefixes(key):
+    """A state_dict key without torch.compile / DDP prefixes, in either order: 'module._orig_mod.inc.x' -> 'inc.x'."""
+    while key.startswith(("_orig_mod.", "module.")):
+        key = key.split(".", 1)[1]
     return key
 
 
@@ -627,7 +630,7 @@ def load_state_dict_strict(model, state_dict, what="checkpoint"):
     target = getattr(model, "_orig_mod", model)
     if isinstance(target, torch.nn.parallel.DistributedDataParallel):
         target = target.module
-    state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    state_dict = {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
     expected = target.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

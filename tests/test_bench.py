@@ -1,0 +1,83 @@
+"""Tests for bench.py: the tiny benchmark's JSON, FLOP counting against hand counts, and the CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bench  # noqa: E402
+
+TINY = ["--base_channels", "8", "--image_size", "16", "--batch", "2", "--steps", "2", "--warmup", "1",
+        "--num_classes", "2", "--grid_per_class", "2", "--peak_size", "256", "--peak_repeats", "2"]
+
+
+def positive_finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_tiny_benchmark_writes_positive_finite_fields(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(TINY + ["--isolate", "false", "--grid_samplers", "ddpm,dpm++", "--grid_full", "false",
+                       "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert positive_finite(result["matmul_peak"]["flops_per_s"])
+    for part, rate in (("train", "images_per_s"), ("forward", "evals_per_s")):
+        for key in (rate, "flops_per_s", "peak_mem_mib"):
+            assert positive_finite(result[part][key]), (part, key)
+        assert 0 < result[part]["fraction_of_peak"] <= 5  # a tiny network can beat a small matmul, not by 5x
+    # forward + backward is about 3 forwards: counted per image, the training step costs 2..4 times a forward
+    ratio = (result["train"]["flops_per_step"] / 2) / (result["forward"]["flops_per_call"] / 2)
+    assert 2 < ratio < 4
+    grid = result["grid"]
+    assert grid["images"] == 4 and set(grid["samplers"]) == {"ddpm", "dpm++"}
+    assert grid["samplers"]["ddpm"]["steps"] == 999 and grid["samplers"]["dpm++"]["steps"] == 20
+    for entry in grid["samplers"].values():
+        assert positive_finite(entry["estimated_s"]) and entry["estimated_s"] >= entry["overhead_s"] > 0
+    assert grid["speedup_dpmpp_vs_ddpm"] > 10
+    assert "estimated" in capsys.readouterr().out
+
+
+def test_grid_full_times_complete_runs(tmp_path):
+    cfg = bench.parse_config(bench.Config, TINY + ["--grid_samplers", "dpm++ode", "--grid_full", "true"])
+    grid = bench.measure_grid(cfg, torch.device("cpu"))
+    entry = grid["samplers"]["dpm++ode"]
+    assert positive_finite(entry["measured_s"]) and entry["measured_s"] > entry["overhead_s"]
+
+
+def test_count_flops_linear_conv_and_attention_match_hand_counts():
+    x = torch.randn(4, 16)
+    assert bench.count_flops(lambda: nn.Linear(16, 32)(x)) == 2 * 4 * 16 * 32
+    image = torch.randn(2, 3, 8, 8)
+    assert bench.count_flops(lambda: nn.Conv2d(3, 5, 3, padding=1)(image)) == 2 * 2 * 5 * 8 * 8 * 3 * 9
+    batch, tokens, dim = 2, 10, 8
+    mha, h = nn.MultiheadAttention(dim, 2, batch_first=True), torch.randn(batch, tokens, dim)
+    projections = 2 * batch * tokens * dim * (3 * dim + dim)  # q, k, v in; out
+    attention = 4 * batch * tokens * tokens * dim  # QK^T and AV over all heads
+    assert bench.count_flops(lambda: mha(h, h, h, need_weights=False)) == projections + attention
+
+
+def test_measure_peak_positive():
+    cfg = bench.parse_config(bench.Config, TINY)
+    assert positive_finite(bench.measure_peak(cfg, torch.device("cpu"))["flops_per_s"])
+
+
+def test_cli_rejects_a_bad_value_with_one_line():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--precision", "fp16"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "fp16" in proc.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--grid_samplers", "plms"), ("--batch", "0"), ("--device", "mps")])
+def test_validate_names_the_bad_value(flag, value):
+    cfg = bench.parse_config(bench.Config, [flag, value])
+    with pytest.raises(bench.UsageError, match=value):
+        bench.validate(cfg)

@@ -1,0 +1,199 @@
+"""Tests for the samplers of ddpm.Diffusion: the DDPM step against diffusers, timesteps, guidance, seeds, errors,
+and an analytic oracle (data that is one point) that every sampler must reproduce."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
+from modules import NULL_LABEL, UNet_conditional
+
+NUM_CLASSES = 3
+POINT = torch.tensor([0.5, -0.25, 0.1]).view(1, 3, 1, 1)  # the data point c, one value per channel
+
+
+def default_steps(sampler, diffusion):
+    return DEFAULT_STEPS.get(sampler, diffusion.noise_steps - 1)
+
+
+class PointMassEps(nn.Module):
+    """The exact eps-prediction for data x_0 = c: eps* = (x_t - sqrt(alpha_hat_t) c) / sqrt(1 - alpha_hat_t).
+
+    label_shift > 0 adds label_shift * (y + 1) to rows with a label (NULL_LABEL rows get 0), so conditional and
+    unconditional predictions differ. Every call's rows and timesteps are recorded.
+    """
+
+    def __init__(self, alpha_hat, c=POINT, label_shift=0.0, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.alpha_hat, self.c, self.label_shift = alpha_hat, c, label_shift
+        self.num_classes = num_classes
+        self.rows, self.timesteps = [], []
+
+    def forward(self, x, t, y=None):
+        self.rows.append(x.shape[0])
+        self.timesteps.append(t.detach().clone())
+        alpha_hat = self.alpha_hat[t.long()].view(-1, 1, 1, 1)
+        eps = (x - alpha_hat.sqrt() * self.c) / (1.0 - alpha_hat).sqrt()
+        if y is not None:
+            eps = eps + self.label_shift * (y + 1).float().view(-1, 1, 1, 1)
+        return eps
+
+
+class SeparateGuidance(nn.Module):
+    """Guidance done by hand: two separate passes (conditional, unconditional), then their lerp."""
+
+    def __init__(self, model, cfg_scale):
+        super().__init__()
+        self.model, self.cfg_scale, self.num_classes = model, cfg_scale, model.num_classes
+
+    def forward(self, x, t, y):
+        eps_cond = self.model(x, t, y)
+        eps_uncond = self.model(x, t, torch.full_like(y, NULL_LABEL))
+        return eps_uncond + self.cfg_scale * (eps_cond - eps_uncond)
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return Diffusion(img_size=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet_conditional(num_classes=NUM_CLASSES, base_channels=8)
+
+
+def labels_for(n):
+    return torch.arange(n) % NUM_CLASSES
+
+
+# ----------------------------------------------------------------------------- the DDPM step: oracle
+@pytest.mark.parametrize("t", [2, 10, 500, 999])
+def test_p_sample_step_equals_diffusers_ddpm_step(diffusion, t):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=diffusion.noise_steps, trained_betas=diffusion.beta.numpy(),
+                              variance_type="fixed_large", clip_sample=False, prediction_type="epsilon")
+    scheduler.set_timesteps(diffusion.noise_steps)  # 999..0: the step from t goes to t-1, as in Alg. 2
+    generator = torch.Generator().manual_seed(0)
+    x_t, eps = torch.randn(2, 3, 8, 8, generator=generator), torch.randn(2, 3, 8, 8, generator=generator)
+    # DDPMScheduler.step draws its noise as torch.randn(shape, generator) on the CPU: the same z as here.
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t))
+    ours = diffusion.p_sample_step(x_t, t, eps, z)
+    theirs = scheduler.step(eps, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, diffusion.p_sample_step(x_t, t, eps, torch.zeros_like(z)))  # noise matters
+
+
+# ----------------------------------------------------------------------------- output, timesteps, calls
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sample_returns_uint8_images(sampler, tiny_unet):
+    diffusion = Diffusion(img_size=16)
+    images = diffusion.sample(tiny_unet, 3, labels_for(3), 3, sampler=sampler, steps=2, seed=0, progress=False)
+    assert images.dtype == torch.uint8
+    assert images.shape == (3, 3, 16, 16)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_default_steps_trailing_from_999_never_zero(diffusion, sampler):
+    model = PointMassEps(diffusion.alpha_hat)
+    diffusion.sample(model, 2, labels_for(2), 3, sampler=sampler, seed=0, progress=False)
+    timesteps = torch.stack([t[0] for t in model.timesteps])
+    assert len(model.rows) == default_steps(sampler, diffusion)
+    assert timesteps[0] == diffusion.noise_steps - 1
+    assert timesteps.min() >= 1  # training never drew t = 0
+    assert torch.all(timesteps[1:] < timesteps[:-1])
+    assert torch.equal(timesteps, timesteps.round())  # integer timesteps, even where the scheduler uses floats
+    if sampler == "ddpm":
+        assert torch.equal(timesteps, torch.arange(diffusion.noise_steps - 1, 0, -1).float().to(timesteps.dtype))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("cfg_scale, rows_per_image", [(3.0, 2), (1.0, 2), (0.0, 1)])
+def test_network_calls_equal_steps_and_rows_double_with_guidance(diffusion, sampler, cfg_scale, rows_per_image):
+    model = PointMassEps(diffusion.alpha_hat)
+    diffusion.sample(model, 4, labels_for(4), cfg_scale, sampler=sampler, steps=7, seed=0, progress=False)
+    assert model.rows == [4 * rows_per_image] * 7
+
+
+# ----------------------------------------------------------------------------- guidance
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_batched_guidance_equals_lerp_of_two_separate_passes(diffusion, sampler):
+    labels = labels_for(4)
+    steps = None if sampler == "ddpm" else 7  # ddpm: the hand-written Alg. 2 loop
+    batched = diffusion.sample_x0(PointMassEps(diffusion.alpha_hat, label_shift=0.1), 4, labels, 3.0,
+                                  sampler=sampler, steps=steps, seed=5, progress=False)
+    separate_model = SeparateGuidance(PointMassEps(diffusion.alpha_hat, label_shift=0.1), 3.0)
+    separate = diffusion.sample_x0(separate_model, 4, labels, 0.0, sampler=sampler, steps=steps, seed=5,
+                                   progress=False)
+    unguided = diffusion.sample_x0(PointMassEps(diffusion.alpha_hat, label_shift=0.1), 4, labels, 0.0,
+                                   sampler=sampler, steps=steps, seed=5, progress=False)
+    torch.testing.assert_close(batched, separate, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batched, unguided, atol=1e-2)  # guidance changed the result
+
+
+def test_predict_eps_guidance_identity(diffusion):
+    model = PointMassEps(diffusion.alpha_hat, label_shift=0.2)
+    x_t, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([400, 400]), torch.tensor([0, 2])
+    eps = diffusion.predict_eps(model, x_t, t, labels, torch.full_like(labels, NULL_LABEL), cfg_scale=2.5)
+    eps_cond, eps_uncond = model(x_t, t, labels), model(x_t, t, torch.full_like(labels, NULL_LABEL))
+    torch.testing.assert_close(eps, eps_uncond + 2.5 * (eps_cond - eps_uncond))
+    assert model.rows[0] == 4  # one batched pass of 2B rows
+
+
+# ----------------------------------------------------------------------------- seeds and errors
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_same_seed_same_images_other_seed_other_images(sampler, tiny_unet):
+    diffusion = Diffusion(img_size=16)
+
+    def run(seed):
+        return diffusion.sample_x0(tiny_unet, 2, labels_for(2), 3, sampler=sampler, steps=3, seed=seed,
+                                   progress=False)
+
+    first, again, other = run(1), run(1), run(2)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+@pytest.mark.parametrize("kwargs, value", [({"sampler": "plms"}, "plms"), ({"cfg_scale": -0.5}, "-0.5"),
+                                           ({"labels": torch.tensor([0, NUM_CLASSES])}, str(NUM_CLASSES))])
+def test_invalid_arguments_raise_value_error_naming_the_value(diffusion, kwargs, value):
+    args = {"labels": labels_for(2), "cfg_scale": 3.0, "sampler": "ddim"} | kwargs
+    model = PointMassEps(diffusion.alpha_hat)
+    with pytest.raises(ValueError, match=value.replace("+", r"\+")):
+        diffusion.sample(model, 2, args["labels"], args["cfg_scale"], sampler=args["sampler"], progress=False)
+    assert model.rows == []  # refused before any network call
+
+
+# ----------------------------------------------------------------------------- analytic oracle
+# Exact eps for a point mass: deterministic samplers land on c; the stochastic ones too, since the posterior
+# is a point mass. ddpm's Alg. 2 ends at the index-0 sample (noise std sqrt(1 - alpha_hat_0) = 0.01 around c).
+ORACLE_TOLERANCE = {"ddpm": 0.06, "ddim": 1e-4, "dpm++": 1e-4, "dpm++ode": 1e-4, "euler_a": 1e-4}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("guided", [False, True])
+def test_point_mass_oracle_every_sampler_returns_the_point(diffusion, sampler, guided):
+    model = PointMassEps(diffusion.alpha_hat)
+    labels, cfg_scale = (labels_for(4), 3.0) if guided else (None, 0.0)
+    x_0 = diffusion.sample_x0(model, 4, labels, cfg_scale, sampler=sampler, seed=3, progress=False)
+    error = (x_0 - POINT).abs().max().item()
+    assert error < ORACLE_TOLERANCE[sampler], f"{sampler}: max |x_0 - c| = {error:.3g}"
+    images = diffusion.sample(PointMassEps(diffusion.alpha_hat), 4, labels, cfg_scale, sampler=sampler, seed=3,
+                              progress=False)
+    expected = ((POINT + 1) / 2 * 255).round().expand_as(images)
+    assert (images.float() - expected).abs().max() <= 255 * ORACLE_TOLERANCE[sampler] / 2 + 1
+
+
+@pytest.mark.parametrize("steps", [10, 100])
+def test_strided_ddpm_adds_no_noise_at_its_last_step(diffusion, steps):
+    x_0 = diffusion.sample_x0(PointMassEps(diffusion.alpha_hat), 4, sampler="ddpm", steps=steps, seed=0,
+                              progress=False)
+    assert (x_0 - POINT).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("steps, message", [(61, "steps 61: trailing spacing gives 62 timesteps"),
+                                            (0, "steps 0 is out of range"), (1000, "steps 1000 is out of range")])
+def test_step_counts_that_would_ask_for_t_below_1_are_refused(diffusion, steps, message):
+    with pytest.raises(ValueError, match=message):
+        diffusion.sample(PointMassEps(diffusion.alpha_hat), 1, sampler="ddim", steps=steps, progress=False)
