@@ -295,9 +295,13 @@ def summarize(cfg, device, parts):
     samplers = grid["samplers"]
     if "ddpm" in samplers and "dpm++" in samplers:
         grid["speedup_dpmpp_vs_ddpm"] = samplers["ddpm"]["estimated_s"] / samplers["dpm++"]["estimated_s"]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"cpu, {torch.get_num_threads()} threads"
+    measured = {k: parts[k] for k in ("train", "forward", "grid")}
     return {"config": config_to_dict(cfg), "device": device_name, "torch": torch.__version__,
-            "isolated": cfg.isolate, "matmul_peak": parts["peak"], **{k: parts[k] for k in ("train", "forward", "grid")}}
+            "isolated": cfg.isolate, "matmul_peak": parts["peak"], **measured}
 
 
 def format_seconds(seconds):

@@ -70,7 +70,8 @@ class Diffusion:
 
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, c_in=3, device="cpu"):
         if img_size % 8:
-            raise ValueError(f"img_size {img_size} is not divisible by 8: the U-Net halves it 3 times; use 16, 32 or 64")
+            raise ValueError(f"img_size {img_size} is not divisible by 8: the U-Net halves it 3 times; "
+                             "use 16, 32 or 64")
         self.noise_steps = noise_steps
         self.img_size = img_size
         self.c_in = c_in

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-from utils import UsageError, _augmentation, atomic_save, get_dataset, load_checkpoint, load_rgb
+from utils import UsageError, augmentation, atomic_save, get_dataset, load_checkpoint, load_rgb
 
 CACHE_VERSION = 1  # bump when the cache's layout changes, so old files are never read
 
@@ -78,7 +78,7 @@ class CaptionFolder(Dataset):
             raise UsageError(f"caption folder '{path}' holds no images: add .png/.jpg files with captions")
         self.items = self.items[:size]  # the first `size` in file order (all with None)
         self.path = path
-        self.transform = _augmentation(image_size)
+        self.transform = augmentation(image_size)
 
     def __len__(self):
         return len(self.items)

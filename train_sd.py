@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 
 from ddpm import Diffusion, broadcast
 from modules import EMA, UNet_text
 from text_data import cache_key, default_prompts, get_caption_dataset, load_or_build_cache, make_tiny_models
-from training import (RESUMABLE_FIELDS, RUN_FLAGS, STATE_FILE, make_accelerator, run_dirs, save_run,
-                      set_rng_state, validate)
-from utils import (UsageError, _short, arg, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
+from training import (RESUMABLE_FIELDS, RUN_FLAGS, epoch_batches, make_accelerator, restore_run, run_dirs, save_run,
+                      validate)
+from utils import (UsageError, short_reason, arg, config_to_dict, load_checkpoint, load_state_dict_strict,
                    make_dataloader, parse_config, pick_device, plot_loss, run_cli, save_config, save_images,
                    seed_everything)
 
@@ -87,7 +86,7 @@ def from_pretrained(cls, name, **kwargs):
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"could not load '{name}' ({_short(exc, 200)}): {advice}") from exc
+        raise UsageError(f"could not load '{name}' ({short_reason(exc, 200)}): {advice}") from exc
 
 
 class Latents:
@@ -222,13 +221,6 @@ def sample_grid(cfg, diffusion, net, latents, text, prompts, path):
 
 
 # ----------------------------------------------------------------------------- training
-def epoch_batches(accelerator, dataloader, epoch, skip):
-    """This epoch's batches with a progress bar, after the `skip` a resumed run already trained on."""
-    dataloader.set_epoch(epoch)
-    batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-    return tqdm(batches, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
-
-
 def train(cfg, flags):
     check(cfg)
     results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
@@ -257,18 +249,8 @@ def train(cfg, flags):
 
     step, start_epoch, skip_batches, losses = 0, 0, 0, []
     if flags.resume:
-        state = load_checkpoint(os.path.join(models_dir, STATE_FILE))
-        changed = diff_configs(state["config"], config_to_dict(cfg), ignore=SD_RESUMABLE)
-        if changed:
-            raise UsageError(f"--resume with a different config: {'; '.join(changed)}; use the saved values "
-                             f"({models_dir}/config.json) or start a new --run_name")
-        for module, key in ((net, "model"), (ema_net, "ema")):
-            load_state_dict_strict(module, state[key])
-        ema.load_state_dict(state["ema_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, start_epoch, skip_batches, losses = state["step"], state["epoch"], state["batches_done"], state["losses"]
-        set_rng_state(state["rng"])
-        accelerator.print(f"resumed {cfg.run_name} at step {step}, epoch {start_epoch}")
+        step, start_epoch, skip_batches, losses = restore_run(cfg, models_dir, net, ema_net, ema, optimizer,
+                                                              resumable=SD_RESUMABLE)
     model, optimizer, dataloader = accelerator.prepare(net, optimizer, dataloader)
 
     os.makedirs(results_dir, exist_ok=True)

@@ -112,8 +112,8 @@ def log_samples(cfg, diffusion, models, labels, epoch, results_dir, losses):
     nrow = cfg.n_per_class if labels is not None else None
     n = labels.shape[0] if labels is not None else cfg.n_samples
     for suffix, net in models.items():
-        images = diffusion.sample(net, n, labels, getattr(cfg, "cfg_scale", 0.0), sampler=cfg.sampler, steps=cfg.sample_steps,
-                                  seed=cfg.seed)
+        images = diffusion.sample(net, n, labels, getattr(cfg, "cfg_scale", 0.0), sampler=cfg.sampler,
+                                  steps=cfg.sample_steps, seed=cfg.seed)
         save_images(images, os.path.join(results_dir, f"{epoch}{suffix}.jpg"), nrow=nrow)
     plot_loss(losses, os.path.join(results_dir, "loss.png"))
 
@@ -127,6 +127,29 @@ def save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, losse
              "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batches_done": batches_done,
              "losses": losses, "rng": rng_state(), "config": config_to_dict(cfg)}
     atomic_save(state, os.path.join(models_dir, STATE_FILE))
+
+
+def restore_run(cfg, models_dir, net, ema_net, ema, optimizer, resumable=RESUMABLE_FIELDS):
+    """Load models/<run_name>/training_state.pt into the run; returns (step, epoch, batches_done, losses)."""
+    state = load_checkpoint(os.path.join(models_dir, STATE_FILE))
+    changed = diff_configs(state["config"], config_to_dict(cfg), ignore=resumable)
+    if changed:
+        raise UsageError(f"--resume with a different config: {'; '.join(changed)}; use the saved values "
+                         f"({models_dir}/config.json) or start a new --run_name")
+    load_state_dict_strict(net, state["model"])
+    load_state_dict_strict(ema_net, state["ema"])
+    ema.load_state_dict(state["ema_state"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    print(f"resumed {cfg.run_name} at step {state['step']}, epoch {state['epoch']}")
+    return state["step"], state["epoch"], state["batches_done"], list(state["losses"])
+
+
+def epoch_batches(accelerator, dataloader, epoch, skip):
+    """This epoch's batches with a progress bar, after the `skip` batches a resumed run already trained on."""
+    dataloader.set_epoch(epoch)
+    batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+    return tqdm(batches, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
 
 
 def train(config_cls, argv=None, conditional=True, description=None):
@@ -154,19 +177,7 @@ def train(config_cls, argv=None, conditional=True, description=None):
 
     step, start_epoch, skip_batches, losses = 0, 0, 0, []
     if flags.resume:
-        state = load_checkpoint(os.path.join(models_dir, STATE_FILE))
-        changed = diff_configs(state["config"], config_to_dict(cfg), ignore=RESUMABLE_FIELDS)
-        if changed:
-            raise UsageError(f"--resume with a different config: {'; '.join(changed)}; use the saved values "
-                             f"(models/{cfg.run_name}/config.json) or start a new --run_name")
-        load_state_dict_strict(net, state["model"])
-        load_state_dict_strict(ema_net, state["ema"])
-        ema.load_state_dict(state["ema_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_done"]
-        losses = list(state["losses"])
-        set_rng_state(state["rng"])
-        accelerator.print(f"resumed {cfg.run_name} at step {step}, epoch {start_epoch}")
+        step, start_epoch, skip_batches, losses = restore_run(cfg, models_dir, net, ema_net, ema, optimizer)
     model = torch.compile(net) if cfg.compile else net
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
 
@@ -177,10 +188,8 @@ def train(config_cls, argv=None, conditional=True, description=None):
     labels_grid = grid_labels(cfg, num_classes, device)
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        dataloader.set_epoch(epoch)
         batches_done = skip_batches if epoch == start_epoch else 0
-        batches = accelerator.skip_first_batches(dataloader, batches_done) if batches_done else dataloader
-        pbar = tqdm(batches, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
+        pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
         for images, labels in pbar:
             if conditional:  # drop each row's label with probability p_uncond (CFG training)
                 drop = torch.rand(labels.shape, device=labels.device) < cfg.p_uncond

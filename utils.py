@@ -31,7 +31,7 @@ class UsageError(ValueError):
         super().__init__(" ".join(str(message).splitlines()))
 
 
-def _short(exc, limit=160):
+def short_reason(exc, limit=160):
     """First line of an exception's message, cut to `limit` characters."""
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__
@@ -43,7 +43,7 @@ def run_cli(main_fn, argv=None):
     try:
         main_fn(argv)
     except (UsageError, FileNotFoundError) as exc:
-        print(f"error: {_short(exc, limit=1000)}", file=sys.stderr)
+        print(f"error: {short_reason(exc, limit=1000)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -140,7 +140,7 @@ def _read_config_file(path, fields, hints):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"config file '{path}' is not valid JSON ({_short(exc)}): fix or remove it") from exc
+        raise UsageError(f"config file '{path}' is not valid JSON ({short_reason(exc)}): fix or remove it") from exc
     if not isinstance(data, dict):
         raise UsageError(f"config file '{path}' must hold a JSON object of field names to values")
     names = [f.name for f in fields]
@@ -390,7 +390,7 @@ class ClassDataset(Dataset):
         return f"a photo of a {self.classes[label].replace('_', ' ')}"
 
 
-def _augmentation(image_size):
+def augmentation(image_size):
     """The reference repository's 64 px augmentation, scaled to `image_size`."""
     return transforms.Compose([
         transforms.Resize(round(image_size * 80 / 64)),
@@ -463,7 +463,7 @@ def _cifar10(path, train, transform):
     try:
         base = torchvision.datasets.CIFAR10(root=root, train=train, download=True, transform=transform)
     except Exception as exc:
-        raise UsageError(f"could not download CIFAR-10 to {root} ({_short(exc, 80)}): run once with "
+        raise UsageError(f"could not download CIFAR-10 to {root} ({short_reason(exc, 80)}): run once with "
                          "internet access, or use --dataset shapes (built in) or --dataset imagefolder "
                          "--dataset_path DIR") from exc
     return base
@@ -481,9 +481,9 @@ def get_dataset(name, path, image_size, seed=0, train=True, size=None):
     if name == "shapes":
         return ShapesDataset(image_size=image_size, size=5000 if size is None else size, seed=seed)
     if name == "cifar10":
-        return ClassDataset(_cifar10(path, train, _augmentation(image_size)), size, seed)
+        return ClassDataset(_cifar10(path, train, augmentation(image_size)), size, seed)
     if name == "imagefolder":
-        return ClassDataset(_image_folder(path, _augmentation(image_size)), size, seed)
+        return ClassDataset(_image_folder(path, augmentation(image_size)), size, seed)
     raise UsageError(f"unknown dataset '{name}': choose cifar10, imagefolder or shapes")
 
 
@@ -609,7 +609,7 @@ def load_checkpoint(path, map_location="cpu"):
                              "(e.g. dataclasses.asdict)") from exc
         reason = message.split("WeightsUnpickler error:")[-1]
         raise UsageError(f"checkpoint '{path}' is not a readable PyTorch checkpoint "
-                         f"(truncated or another format): {_short(reason)}") from exc
+                         f"(truncated or another format): {short_reason(reason)}") from exc
 
 
 def strip_wrapper_prefixes(key):
