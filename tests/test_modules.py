@@ -160,18 +160,23 @@ def test_self_attention_matches_a_hand_written_softmax_attention():
         torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_never_asks_for_the_weight_matrix(monkeypatch):
-    calls = []
-    original = torch.nn.MultiheadAttention.forward
-
-    def spy(self, *args, **kwargs):
-        calls.append(kwargs.get("need_weights", True))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward", spy)
+def test_attention_runs_on_the_fused_kernel(monkeypatch):
+    fused, modules_called = [], []
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: fused.append(1) or original(*a, **k))
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward", lambda *a, **k: modules_called.append(1))
     UNet(base_channels=8)(torch.randn(1, 3, 16, 16), torch.tensor([3]))
+    assert len(fused) == 6
     UNet_text(base_channels=8, context_dim=16)(torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 5, 16))
-    assert len(calls) == 6 + 12 and not any(calls)
+    assert len(fused) == 6 + 12 and not modules_called  # 6 self- and 6 cross-attentions
+
+
+def test_cross_attention_matches_the_multihead_attention_module():
+    torch.manual_seed(0)
+    block = CrossAttention(query_dim=8, context_dim=12, heads=2)
+    x, context = torch.randn(3, 10, 8), torch.randn(3, 5, 12)
+    expected = block.mha(x, context, context, need_weights=False)[0]
+    torch.testing.assert_close(block(x, context), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("conditioning", ["cross_attention", "add"])
