@@ -9,7 +9,6 @@ the training config saved with the run (`config.json` beside the checkpoint, or 
 `training_state.pt`); the reference's released checkpoints have none and get its 64 px, T = 1000, linear
 betas 1e-4..0.02.
 """
-import json
 import os
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import torch
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
 from modules import UNet, UNet_conditional
 from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device, run_cli,
-                   save_images, save_individual, strip_wrapper_prefixes)
+                   read_json_object, save_images, save_individual, strip_wrapper_prefixes)
 
 
 # ----------------------------------------------------------------------------- options
@@ -84,14 +83,7 @@ def _config_beside(path):
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if not os.path.isfile(config_path):
         return {}
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"'{config_path}' beside the checkpoint is not valid JSON ({exc}): fix or remove it") from exc
-    if not isinstance(saved, dict):
-        raise UsageError(f"'{config_path}' beside the checkpoint is not a JSON object: fix or remove it")
-    return saved
+    return read_json_object(config_path, "the config beside the checkpoint")
 
 
 def read_checkpoint(path, weights="ema"):

@@ -11,7 +11,6 @@ sampling mixes the two with classifier-free guidance. `--vae none` trains in pix
 """
 import copy
 import dataclasses
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from modules import EMA, UNet_text
 from text_data import cache_key, default_prompts, get_caption_dataset, load_or_build_cache, make_tiny_models
 from training import (RESUMABLE_FIELDS, RUN_FLAGS, epoch_batches, make_accelerator, restore_run, run_dirs, save_run,
                       validate)
-from utils import (UsageError, short_reason, arg, config_to_dict, load_checkpoint, load_state_dict_strict,
-                   make_dataloader, parse_config, pick_device, plot_loss, run_cli, save_config, save_images,
-                   seed_everything)
+from utils import (UsageError, arg, config_to_dict, load_checkpoint, load_state_dict_strict, make_dataloader,
+                   parse_config, pick_device, plot_loss, read_json_object, run_cli, save_config, save_images,
+                   seed_everything, short_reason)
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -298,8 +297,7 @@ def saved_run(ckpt):
         if not os.path.isfile(config_file):
             raise UsageError(f"no config.json beside '{ckpt}': pass a checkpoint from models/<run_name>/ of "
                              "train_sd.py")
-        with open(config_file, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = read_json_object(config_file, "the config beside the checkpoint")
     names = {field.name for field in dataclasses.fields(Config)}
     if set(saved) != names:
         raise UsageError(f"the config of '{ckpt}' was not written by train_sd.py (keys differ: "

@@ -132,17 +132,23 @@ def _coerce_json(name, value, tp, path):
     return value
 
 
-def _read_config_file(path, fields, hints):
-    """Read a JSON object of overrides whose keys must be field names."""
-    if not os.path.isfile(path):
-        raise UsageError(f"config file '{path}' not found: pass --config an existing JSON file")
+def read_json_object(path, what="file"):
+    """The JSON object (dict) stored in `path`; anything else is a UsageError that names `what` and the path."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"config file '{path}' is not valid JSON ({short_reason(exc)}): fix or remove it") from exc
+        raise UsageError(f"{what} '{path}' is not valid JSON ({short_reason(exc)}): fix or remove it") from exc
     if not isinstance(data, dict):
-        raise UsageError(f"config file '{path}' must hold a JSON object of field names to values")
+        raise UsageError(f"{what} '{path}' must hold a JSON object of field names to values: fix or remove it")
+    return data
+
+
+def _read_config_file(path, fields, hints):
+    """Read a JSON object of overrides whose keys must be field names."""
+    if not os.path.isfile(path):
+        raise UsageError(f"config file '{path}' not found: pass --config an existing JSON file")
+    data = read_json_object(path, "config file")
     names = [f.name for f in fields]
     for key in data:
         if key not in names:
