@@ -277,9 +277,7 @@ def train(cfg, flags):
                 grid_path = os.path.join(results_dir, f"{epoch}{suffix}.jpg")
                 sample_grid(cfg, diffusion, module, latents, text, prompts, grid_path)
             plot_loss(losses, os.path.join(results_dir, "loss.png"))
-            finished = batches_done == len(dataloader)
-            next_epoch, next_batches = (epoch + 1, 0) if finished else (epoch, batches_done)
-            save_run(cfg, net, ema_net, ema, optimizer, step, next_epoch, next_batches, losses, models_dir)
+            save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, len(dataloader), losses, models_dir)
         if last:
             break
     accelerator.print(f"done: {step} steps; grids in {results_dir}/, checkpoints in {models_dir}/")

@@ -118,8 +118,13 @@ def log_samples(cfg, diffusion, models, labels, epoch, results_dir, losses):
     plot_loss(losses, os.path.join(results_dir, "loss.png"))
 
 
-def save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, losses, models_dir):
-    """Plain state_dicts as the reference names them, and the full state for --resume; all atomic."""
+def save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, batches_per_epoch, losses, models_dir):
+    """Plain state_dicts as the reference names them, and the full state for --resume; all atomic.
+
+    A resumed run starts at the next epoch if `epoch` finished, else after this epoch's `batches_done`.
+    """
+    if batches_done == batches_per_epoch:
+        epoch, batches_done = epoch + 1, 0
     atomic_save(net.state_dict(), os.path.join(models_dir, "ckpt.pt"))
     atomic_save(ema_net.state_dict(), os.path.join(models_dir, "ema_ckpt.pt"))
     save_config(cfg, os.path.join(models_dir, "config.json"))
@@ -207,12 +212,10 @@ def train(config_cls, argv=None, conditional=True, description=None):
             pbar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-        finished_epoch = batches_done == len(dataloader)
         last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
         if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
             log_samples(cfg, diffusion, {"": net, "_ema": ema_net}, labels_grid, epoch, results_dir, losses)
-            next_epoch, next_batches = (epoch + 1, 0) if finished_epoch else (epoch, batches_done)
-            save_run(cfg, net, ema_net, ema, optimizer, step, next_epoch, next_batches, losses, models_dir)
+            save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, len(dataloader), losses, models_dir)
         if last:
             break
     accelerator.print(f"done: {step} steps; grids in {results_dir}/, checkpoints in {models_dir}/")
