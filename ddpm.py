@@ -231,9 +231,9 @@ class Diffusion:
 
 
 def main(argv=None):
-    from training import train
+    from training import train_images
 
-    train(Config, argv, conditional=False, description=__doc__)
+    train_images(Config, argv, conditional=False, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ class Config:
 
 
 def main(argv=None):
-    from training import train
+    from training import train_images
 
-    train(Config, argv, conditional=True, description=__doc__)
+    train_images(Config, argv, conditional=True, description=__doc__)
 
 
 if __name__ == "__main__":

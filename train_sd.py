@@ -9,7 +9,6 @@ token states, and only the U-Net trains, with the DDPM loss of ddpm.py on the sc
 is replaced by "" with probability p_uncond, so one network learns eps(x_t, t, text) and eps(x_t, t, "");
 sampling mixes the two with classifier-free guidance. `--vae none` trains in pixel space instead.
 """
-import copy
 import dataclasses
 import os
 import warnings
@@ -18,14 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
+from data import SHAPE_CLASSES, cache_key, default_prompts, get_caption_dataset, load_or_build_cache
 from ddpm import Diffusion, broadcast
-from modules import EMA, UNet_text
-from text_data import cache_key, default_prompts, get_caption_dataset, load_or_build_cache, make_tiny_models
-from training import (RESUMABLE_FIELDS, RUN_FLAGS, epoch_batches, make_accelerator, restore_run, run_dirs, save_run,
-                      validate)
-from utils import (UsageError, arg, config_to_dict, load_checkpoint, load_state_dict_strict, make_dataloader,
-                   parse_config, pick_device, plot_loss, read_json_object, run_cli, save_config, save_images,
-                   seed_everything, short_reason)
+from modules import UNet_text
+from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, train, validate
+from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device,
+                   read_json_object, run_cli, save_images, short_reason)
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -153,8 +150,7 @@ def load_frozen(cfg, device):
 
 
 def check(cfg):
-    """training.validate, plus the settings only this script has."""
-    validate(cfg)
+    """The settings only this script has; training.validate checks the others."""
     if cfg.conditioning not in UNet_text.CONDITIONINGS:
         raise UsageError(f"conditioning '{cfg.conditioning}' is unknown: use cross_attention or add")
     if cfg.n_per_prompt <= 0:
@@ -220,12 +216,9 @@ def sample_grid(cfg, diffusion, net, latents, text, prompts, path):
 
 
 # ----------------------------------------------------------------------------- training
-def train(cfg, flags):
-    check(cfg)
-    results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
-    accelerator = make_accelerator(cfg)
+def text_task(cfg, accelerator):
+    """What training.train trains here: captions through the frozen VAE and CLIP, or through their cache."""
     device = accelerator.device
-    seed_everything(cfg.seed)
     latents, text = load_frozen(cfg, device)
     diffusion = make_diffusion(cfg, latents, device)
     dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size)
@@ -239,49 +232,63 @@ def train(cfg, flags):
         accelerator.print(f"latent cache {path}: {'read' if hit else 'written'}")
         contexts = cache["contexts"].to(device)
         dataset = TensorDataset(cache["mean"], cache["std"], cache["caption_index"])
-    dataloader = make_dataloader(dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
-                                 pin_memory=device.type == "cuda")
-    net = build_unet(cfg, latents, text)
-    ema_net = copy.deepcopy(net).requires_grad_(False).to(device)
-    ema = EMA(cfg.ema_beta, cfg.ema_start)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
 
-    step, start_epoch, skip_batches, losses = 0, 0, 0, []
-    if flags.resume:
-        step, start_epoch, skip_batches, losses = restore_run(cfg, models_dir, net, ema_net, ema, optimizer,
-                                                              resumable=SD_RESUMABLE)
-    model, optimizer, dataloader = accelerator.prepare(net, optimizer, dataloader)
+    def make_batch(batch):
+        return training_batch(batch, latents, text, contexts, null_context, cfg.p_uncond)
 
-    os.makedirs(results_dir, exist_ok=True)
-    save_config(cfg, os.path.join(results_dir, "config.json"))
-    accelerator.print(f"config: {config_to_dict(cfg)}")
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        batches_done = skip_batches if epoch == start_epoch else 0
-        pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
-        for batch in pbar:
-            x_0, context = training_batch(batch, latents, text, contexts, null_context, cfg.p_uncond)
-            loss = diffusion.loss(model, x_0, context)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            ema.step_ema(ema_net, net)
-            step, batches_done = step + 1, batches_done + 1
-            losses.append(loss.item())
-            pbar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break
-        last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
-        if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
-            for suffix, module in (("", net), ("_ema", ema_net)):
-                grid_path = os.path.join(results_dir, f"{epoch}{suffix}.jpg")
-                sample_grid(cfg, diffusion, module, latents, text, prompts, grid_path)
-            plot_loss(losses, os.path.join(results_dir, "loss.png"))
-            save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, len(dataloader), losses, models_dir)
-        if last:
-            break
-    accelerator.print(f"done: {step} steps; grids in {results_dir}/, checkpoints in {models_dir}/")
-    return {"step": step, "epoch": epoch, "losses": losses, "results_dir": results_dir, "models_dir": models_dir}
+    def draw_grid(module, path):
+        sample_grid(cfg, diffusion, module, latents, text, prompts, path)
+
+    return Task(dataset, build_unet(cfg, latents, text), diffusion, make_batch, draw_grid)
+
+
+# ----------------------------------------------------------------------------- tiny offline models
+
+def _tiny_vocab(words):
+    """A CLIP BPE vocabulary of letters and digits, with merges until each word is one token."""
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [c for c in letters] + [c + "</w>" for c in letters]:
+        vocab[token] = len(vocab)
+    merges = []
+    for _ in range(10 * len(words)):
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+        split = [tokenizer.tokenize(w) for w in words]
+        unmerged = [tokens for tokens in split if len(tokens) > 1]
+        if not unmerged:
+            return tokenizer
+        pair = tuple(unmerged[0][:2])
+        merges.append(pair)
+        vocab.setdefault(pair[0] + pair[1], len(vocab))
+    raise RuntimeError("the tiny vocabulary did not converge")
+
+
+def make_tiny_models(directory, vae_channels=(8, 16), hidden_size=32, max_length=16):
+    """Write a tiny random AutoencoderKL to DIR/vae and a tiny CLIP text encoder with its tokenizer (words of
+    the shapes captions) to DIR/text_encoder. For tests and offline demos: the VAE is untrained, so it does
+    not reconstruct; the text encoder is random but gives distinct embeddings to distinct captions."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    words = sorted({w for color, _, shape in SHAPE_CLASSES for w in ("a", color, shape, "photo", "of")})
+    tokenizer = _tiny_vocab(words)
+    tokenizer.model_max_length = max_length
+    config = CLIPTextConfig(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=2 * hidden_size, vocab_size=len(tokenizer),
+                            max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_dir = os.path.join(directory, "text_encoder")
+    CLIPTextModel(config).save_pretrained(text_dir)
+    tokenizer.save_pretrained(text_dir)
+    blocks = len(vae_channels)
+    vae = AutoencoderKL(block_out_channels=tuple(vae_channels), down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, layers_per_block=1,
+                        norm_num_groups=min(4, vae_channels[0]), sample_size=16)
+    vae.save_pretrained(os.path.join(directory, "vae"))
+    return os.path.join(directory, "vae"), text_dir
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -310,6 +317,7 @@ def sample(cfg, flags):
         raise UsageError("--sample needs --ckpt models/<run_name>/ema_ckpt.pt")
     weights, saved = saved_run(flags.ckpt)
     run_cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in SAMPLING_FIELDS})
+    validate(run_cfg)
     check(run_cfg)
     device = torch.device(pick_device(run_cfg.device))
     latents, text = load_frozen(dataclasses.replace(run_cfg, mixed_precision="no"), device)
@@ -327,7 +335,10 @@ def main(argv=None):
     if flags.make_tiny_models:
         print("wrote", *make_tiny_models(flags.make_tiny_models))
         return None
-    return sample(cfg, flags) if flags.sample else train(cfg, flags)
+    if flags.sample:
+        return sample(cfg, flags)
+    check(cfg)
+    return train(cfg, flags, text_task, resumable=SD_RESUMABLE)
 
 
 if __name__ == "__main__":

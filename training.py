@@ -1,23 +1,28 @@
-"""The training loop shared by ddpm.py (unconditional) and ddpm_conditional.py (class-conditional).
+"""The one training loop, shared by ddpm.py, ddpm_conditional.py and train_sd.py.
 
-One function, `train`, reads top to bottom: data, noise, loss, step, EMA, log, save. Accelerate handles the
-device, mixed precision and multi-GPU, so the same script runs under `python`, `accelerate launch` and
+`train` reads top to bottom: data, noise, loss, step, EMA, log, save. What differs between the scripts (the
+data set, the network, what a batch conditions on, how a grid is drawn) comes in as a `Task`, built by
+`image_task` for the pixel-space scripts and by `train_sd.text_task` for text-to-image. Accelerate handles
+the device, mixed precision and multi-GPU, so the same script runs under `python`, `accelerate launch` and
 `torchrun`.
 """
 import copy
+import functools
 import os
 import random
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from data import get_dataset, make_dataloader
 from ddpm import SAMPLERS, Diffusion
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
-from utils import (UsageError, atomic_save, config_to_dict, diff_configs, get_dataset, load_checkpoint,
-                   load_state_dict_strict, make_dataloader, parse_config, pick_device, plot_loss, save_config,
-                   save_images, seed_everything)
+from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
+                   parse_config, pick_device, plot_loss, save_config, save_images, seed_everything)
 
 STATE_FILE = "training_state.pt"  # model, EMA, optimizer, step, epoch, RNG states, config, losses
 # Fields that may change between a run and its resumption; any other difference is refused.
@@ -94,30 +99,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_model(cfg, num_classes):
-    if num_classes is None:
-        return UNet(base_channels=cfg.base_channels)
-    return UNet_conditional(num_classes=num_classes, base_channels=cfg.base_channels)
-
-
-def grid_labels(cfg, num_classes, device):
-    """Fixed labels of the grids: one row per class, or None for the unconditional model."""
-    if num_classes is None:
-        return None
-    return torch.arange(num_classes, device=device).repeat_interleave(cfg.n_per_class)
-
-
-def log_samples(cfg, diffusion, models, labels, epoch, results_dir, losses):
-    """Grids of the model and its EMA from fixed noise and labels, and the loss curve."""
-    nrow = cfg.n_per_class if labels is not None else None
-    n = labels.shape[0] if labels is not None else cfg.n_samples
-    for suffix, net in models.items():
-        images = diffusion.sample(net, n, labels, getattr(cfg, "cfg_scale", 0.0), sampler=cfg.sampler,
-                                  steps=cfg.sample_steps, seed=cfg.seed)
-        save_images(images, os.path.join(results_dir, f"{epoch}{suffix}.jpg"), nrow=nrow)
-    plot_loss(losses, os.path.join(results_dir, "loss.png"))
-
-
 def save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, batches_per_epoch, losses, models_dir):
     """Plain state_dicts as the reference names them, and the full state for --resume; all atomic.
 
@@ -157,51 +138,104 @@ def epoch_batches(accelerator, dataloader, epoch, skip):
     return tqdm(batches, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
 
 
-def train(config_cls, argv=None, conditional=True, description=None):
-    cfg, flags = parse_config(config_cls, argv, description, extra=RUN_FLAGS)
-    validate(cfg)
-    results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
-    accelerator = make_accelerator(cfg)
+# ----------------------------------------------------------------------------- what each script trains
+@dataclass
+class Task:
+    """What one script trains; the loop in `train` does the rest.
+
+    make_batch maps a batch of the data set to (x_0, conditioning): the conditioning is dropped with
+    probability p_uncond for guidance, or None for an unconditional model. draw_grid(module, path) saves a
+    grid of `module`'s samples from fixed noise and conditioning.
+    """
+    dataset: torch.utils.data.Dataset
+    net: torch.nn.Module
+    diffusion: Diffusion
+    make_batch: Callable
+    draw_grid: Callable
+
+
+def build_model(cfg, num_classes):
+    if num_classes is None:
+        return UNet(base_channels=cfg.base_channels)
+    return UNet_conditional(num_classes=num_classes, base_channels=cfg.base_channels)
+
+
+def grid_labels(cfg, num_classes, device):
+    """Fixed labels of the grids: one row per class, or None for the unconditional model."""
+    if num_classes is None:
+        return None
+    return torch.arange(num_classes, device=device).repeat_interleave(cfg.n_per_class)
+
+
+def drop_labels(batch, p_uncond):
+    """(images, labels) with each row's label replaced by NULL_LABEL with probability p_uncond (CFG training)."""
+    images, labels = batch
+    drop = torch.rand(labels.shape, device=labels.device) < p_uncond
+    return images, labels.masked_fill(drop, NULL_LABEL)
+
+
+def image_task(cfg, accelerator, conditional):
+    """ddpm.py and ddpm_conditional.py: a class data set in pixel space, with or without its labels."""
     device = accelerator.device
     if device.type == "cpu" and cfg.max_steps is None and cfg.base_channels >= 64 and cfg.image_size >= 32:
         warnings.warn("this full-size config takes days on the CPU: try --config configs/quick_cpu.json "
                       "(shapes at 16 px, a few minutes)", stacklevel=2)
-    seed_everything(cfg.seed)
-
     dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size)
     num_classes = len(dataset.classes) if conditional else None
-    dataloader = make_dataloader(dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
+    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device)
+    labels = grid_labels(cfg, num_classes, device)
+    n = cfg.n_samples if labels is None else labels.shape[0]
+
+    def draw_grid(module, path):
+        images = diffusion.sample(module, n, labels, getattr(cfg, "cfg_scale", 0.0), sampler=cfg.sampler,
+                                  steps=cfg.sample_steps, seed=cfg.seed)
+        save_images(images, path, nrow=cfg.n_per_class if labels is not None else None)
+
+    if conditional:
+        make_batch = functools.partial(drop_labels, p_uncond=cfg.p_uncond)
+    else:
+        def make_batch(batch):
+            return batch[0], None
+    return Task(dataset, build_model(cfg, num_classes), diffusion, make_batch, draw_grid)
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
+    """Train `make_task(cfg, accelerator)`'s network; returns the step, epoch, losses and the run's folders."""
+    validate(cfg)
+    results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    seed_everything(cfg.seed)
+
+    task = make_task(cfg, accelerator)
+    dataloader = make_dataloader(task.dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
                                  pin_memory=device.type == "cuda")
-    net = build_model(cfg, num_classes)
-    if cfg.channels_last:
+    net = task.net
+    if getattr(cfg, "channels_last", False):
         net = net.to(memory_format=torch.channels_last)
     ema_net = copy.deepcopy(net).requires_grad_(False).to(device)
     ema = EMA(cfg.ema_beta, cfg.ema_start)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device)
 
     step, start_epoch, skip_batches, losses = 0, 0, 0, []
     if flags.resume:
-        step, start_epoch, skip_batches, losses = restore_run(cfg, models_dir, net, ema_net, ema, optimizer)
-    model = torch.compile(net) if cfg.compile else net
+        step, start_epoch, skip_batches, losses = restore_run(cfg, models_dir, net, ema_net, ema, optimizer,
+                                                              resumable)
+    model = torch.compile(net) if getattr(cfg, "compile", False) else net
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
 
     os.makedirs(results_dir, exist_ok=True)
     if accelerator.is_main_process:
         save_config(cfg, os.path.join(results_dir, "config.json"))
         accelerator.print(f"config: {config_to_dict(cfg)}")
-    labels_grid = grid_labels(cfg, num_classes, device)
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.epochs):
         batches_done = skip_batches if epoch == start_epoch else 0
         pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
-        for images, labels in pbar:
-            if conditional:  # drop each row's label with probability p_uncond (CFG training)
-                drop = torch.rand(labels.shape, device=labels.device) < cfg.p_uncond
-                labels = labels.masked_fill(drop, NULL_LABEL)
-            else:
-                labels = None
-            loss = diffusion.loss(model, images, labels)
+        for batch in pbar:
+            x_0, conditioning = task.make_batch(batch)
+            loss = task.diffusion.loss(model, x_0, conditioning)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -214,9 +248,17 @@ def train(config_cls, argv=None, conditional=True, description=None):
                 break
         last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
         if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
-            log_samples(cfg, diffusion, {"": net, "_ema": ema_net}, labels_grid, epoch, results_dir, losses)
+            for suffix, module in (("", net), ("_ema", ema_net)):
+                task.draw_grid(module, os.path.join(results_dir, f"{epoch}{suffix}.jpg"))
+            plot_loss(losses, os.path.join(results_dir, "loss.png"))
             save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, len(dataloader), losses, models_dir)
         if last:
             break
     accelerator.print(f"done: {step} steps; grids in {results_dir}/, checkpoints in {models_dir}/")
     return {"step": step, "epoch": epoch, "losses": losses, "results_dir": results_dir, "models_dir": models_dir}
+
+
+def train_images(config_cls, argv=None, conditional=True, description=None):
+    """The command line of ddpm.py (conditional=False) and ddpm_conditional.py."""
+    cfg, flags = parse_config(config_cls, argv, description, extra=RUN_FLAGS)
+    return train(cfg, flags, functools.partial(image_task, conditional=conditional))

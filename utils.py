@@ -1,4 +1,7 @@
-"""Shared helpers: errors and CLI, config parsing, seeding, data sets, image grids, checkpoints."""
+"""Shared helpers: errors and CLI, config parsing, seeding and device, image files and grids, checkpoints.
+
+The data sets are in data.py.
+"""
 
 import argparse
 import dataclasses
@@ -11,15 +14,12 @@ import sys
 import textwrap
 import types
 import typing
-import warnings
 
 import numpy as np
 import torch
 import torchvision
 from matplotlib.figure import Figure
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
 
 # ----------------------------------------------------------------------------- errors and CLI
@@ -257,154 +257,7 @@ def pick_device(name="auto"):
     return name
 
 
-# ----------------------------------------------------------------------------- shapes data set
-
-SHAPE_CLASSES = (  # (colour name, RGB, shape)
-    ("red", (230, 30, 30), "circle"),
-    ("green", (30, 200, 30), "square"),
-    ("blue", (40, 70, 255), "triangle"),
-    ("yellow", (240, 230, 30), "diamond"),
-    ("magenta", (230, 40, 230), "plus"),
-    ("cyan", (30, 230, 230), "ring"),
-    ("white", (245, 245, 245), "cross"),
-    ("orange", (255, 140, 0), "bar"),
-    ("brown", (140, 70, 40), "frame"),
-    ("gray", (128, 128, 128), "stripe"),
-)
-SHAPE_COLORS = tuple(rgb for _, rgb, _ in SHAPE_CLASSES)
-
-
-def _box(dx, dy):
-    """Chebyshev distance from the centre: squares are its level sets."""
-    return np.maximum(np.abs(dx), np.abs(dy))
-
-
-def _bar(along, across, half_width):
-    """A bar of length 2 along `along` and width 2 * half_width along `across`."""
-    return (np.abs(along) <= 1) & (np.abs(across) <= half_width)
-
-
-def _cross(dx, dy):
-    """An X: the plus sign rotated by 45 degrees."""
-    u, v = (dx + dy) / math.sqrt(2), (dx - dy) / math.sqrt(2)
-    return _bar(u, v, 0.3) | _bar(v, u, 0.3)
-
-
-# Each mask takes offsets from the centre in units of the radius; every shape fits in |dx|, |dy| <= 1.
-_SHAPE_MASKS = {
-    "circle": lambda dx, dy: np.hypot(dx, dy) <= 1,
-    "square": lambda dx, dy: _box(dx, dy) <= 0.8,
-    "triangle": lambda dx, dy: (dy <= 0.8) & (np.abs(dx) <= 0.95 * (dy + 0.8) / 1.6),  # apex up
-    "diamond": lambda dx, dy: np.abs(dx) + np.abs(dy) <= 1,
-    "plus": lambda dx, dy: _bar(dx, dy, 0.3) | _bar(dy, dx, 0.3),
-    "ring": lambda dx, dy: (np.hypot(dx, dy) <= 1) & (np.hypot(dx, dy) >= 0.5),
-    "cross": _cross,
-    "bar": lambda dx, dy: _bar(dx, dy, 0.5),
-    "frame": lambda dx, dy: (_box(dx, dy) <= 0.9) & (_box(dx, dy) >= 0.5),
-    "stripe": lambda dx, dy: _bar(dy, dx, 0.5),
-}
-
-
-class ShapesDataset(Dataset):
-    """Built-in data set: one coloured shape on black; class k has a unique colour and shape.
-
-    Item i is drawn from a NumPy generator seeded with (seed, i), so it is deterministic and nothing
-    is stored; labels are i % 10. Images are float (3, S, S) tensors in [-1, 1].
-    """
-
-    def __init__(self, image_size=32, size=5000, seed=0):
-        self.image_size = image_size
-        self.size = size
-        self.seed = seed
-        self.classes = [f"{color} {shape}" for color, _, shape in SHAPE_CLASSES]
-        self.colors = list(SHAPE_COLORS)
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, index):
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} items")
-        label = index % len(SHAPE_CLASSES)
-        rng = np.random.default_rng([self.seed, index])
-        return self.render(label, rng), label
-
-    def caption(self, index):
-        """A sentence naming the shape, e.g. 'a red circle'."""
-        return "a " + self.classes[index % len(SHAPE_CLASSES)]
-
-    def render(self, label, rng):
-        """Draw one image of class `label` at 2x resolution, then average-pool 2x2 (anti-aliasing)."""
-        size = self.image_size
-        _, rgb, shape = SHAPE_CLASSES[label]
-        radius = rng.uniform(0.25, 0.4) * size
-        cx, cy = rng.uniform(radius, size - radius, size=2)
-        gain = rng.uniform(0.9, 1.1)
-        coords = (np.arange(2 * size) + 0.5) / 2  # sub-pixel centres, in output pixels
-        dx = (coords[None, :] - cx) / radius  # (1, 2S)
-        dy = (coords[:, None] - cy) / radius  # (2S, 1)
-        mask = _SHAPE_MASKS[shape](dx, dy).astype(np.float32)  # (2S, 2S)
-        coverage = mask.reshape(size, 2, size, 2).mean(axis=(1, 3))  # (2S, 2S) -> (S, S)
-        color = np.clip(np.array(rgb, dtype=np.float32) * gain, 0, 255) / 255
-        image = coverage[None, :, :] * color[:, None, None]  # (3, S, S) in [0, 1]
-        return torch.from_numpy(image * 2 - 1).float()
-
-
-def classify_shapes(images, colors=SHAPE_COLORS):
-    """Judge shapes images by colour: nearest class colour to the mean foreground colour.
-
-    `images` is uint8 (N, 3, H, W) in 0..255 or float in [-1, 1]. Foreground pixels have a channel
-    above 25% of full scale. An image without foreground gets -1.
-    """
-    if images.dtype == torch.uint8:
-        pixels = images.float()
-    else:
-        pixels = (images.float().clamp(-1, 1) + 1) / 2 * 255
-    foreground = (pixels.amax(dim=1) > 0.25 * 255).float()  # (N, H, W)
-    count = foreground.sum(dim=(1, 2))  # (N,)
-    mean = (pixels * foreground[:, None]).sum(dim=(2, 3)) / count.clamp(min=1)[:, None]  # (N, 3)
-    palette = torch.tensor(colors, dtype=torch.float32)  # (K, 3)
-    labels = torch.cdist(mean, palette).argmin(dim=1)
-    return torch.where(count > 0, labels, torch.full_like(labels, -1))
-
-
-# ----------------------------------------------------------------------------- file data sets
-
-class ClassDataset(Dataset):
-    """Wraps a torchvision class data set (CIFAR10, ImageFolder) to add `caption(index)`.
-
-    With `size`, only a random subset of `size` items (drawn with `seed`) is kept.
-    """
-
-    def __init__(self, base, size=None, seed=0):
-        self.base = base
-        self.classes = list(base.classes)
-        self.indices = list(range(len(base)))
-        if size is not None and size < len(base):
-            self.indices = np.random.default_rng(seed).permutation(len(base))[:size].tolist()
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, index):
-        image, label = self.base[self.indices[index]]
-        return image, int(label)
-
-    def caption(self, index):
-        """'a photo of a <class>', with underscores as spaces."""
-        label = self.base.targets[self.indices[index]]
-        return f"a photo of a {self.classes[label].replace('_', ' ')}"
-
-
-def augmentation(image_size):
-    """The reference repository's 64 px augmentation, scaled to `image_size`."""
-    return transforms.Compose([
-        transforms.Resize(round(image_size * 80 / 64)),
-        transforms.RandomResizedCrop(image_size, scale=(0.8, 1.0)),
-        transforms.ToTensor(),
-        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    ])
-
+# ----------------------------------------------------------------------------- images and plots
 
 def load_rgb(path):
     """Open any image as 8-bit RGB (16-bit and 32-bit grey are scaled, transparency is dropped)."""
@@ -418,7 +271,7 @@ def load_rgb(path):
         return image.convert("RGB")
 
 
-def _is_readable_image(path):
+def is_readable_image(path):
     """True when `path` has an image extension and PIL can parse it."""
     if not path.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
         return False
@@ -429,84 +282,6 @@ def _is_readable_image(path):
     except Exception:
         return False
 
-
-def _image_folder(path, transform):
-    """An ImageFolder over one subfolder per class, skipping unreadable files with one warning."""
-    if not path:
-        raise UsageError("--dataset imagefolder needs --dataset_path DIR: a folder with one subfolder "
-                         "per class")
-    if not os.path.isdir(path):
-        raise UsageError(f"dataset folder '{path}' does not exist: pass --dataset_path to a folder with "
-                         "one subfolder per class, or use --dataset shapes")
-    entries = [e for e in os.listdir(path) if not e.startswith(".")]
-    if not entries:
-        raise UsageError(f"dataset folder '{path}' is empty: put images in one subfolder per class")
-    if not any(os.path.isdir(os.path.join(path, e)) for e in entries):
-        raise UsageError(f"dataset folder '{path}' has no class subfolders: put images in one subfolder "
-                         "per class")
-    skipped = []
-
-    def is_valid(file_path):
-        ok = _is_readable_image(file_path)
-        if not ok:
-            skipped.append(file_path)
-        return ok
-
-    folder = torchvision.datasets.ImageFolder(
-        path, transform=transform, loader=load_rgb, is_valid_file=is_valid, allow_empty=True)
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} files in '{path}' that are not readable images "
-                      f"(e.g. '{skipped[0]}')", stacklevel=3)
-    if len(folder) == 0:
-        raise UsageError(f"dataset folder '{path}' has no readable images: put .png/.jpg files in "
-                         "one subfolder per class")
-    return folder
-
-
-def _cifar10(path, train, transform):
-    """CIFAR-10 from torchvision, downloading it once; a failed download is a UsageError."""
-    root = path or "./data"
-    try:
-        base = torchvision.datasets.CIFAR10(root=root, train=train, download=True, transform=transform)
-    except Exception as exc:
-        raise UsageError(f"could not download CIFAR-10 to {root} ({short_reason(exc, 80)}): run once with "
-                         "internet access, or use --dataset shapes (built in) or --dataset imagefolder "
-                         "--dataset_path DIR") from exc
-    return base
-
-
-def get_dataset(name, path, image_size, seed=0, train=True, size=None):
-    """A data set of ((3, S, S) image in [-1, 1], int label) with `classes` and `caption(i)`.
-
-    `name` is cifar10, imagefolder or shapes. `size` sets the number of shapes items (default 5000)
-    and keeps a seeded random subset of the file data sets. `shapes` has no split: `train` is ignored.
-    """
-    if image_size <= 0 or image_size % 8 != 0:
-        raise UsageError(f"image_size {image_size} is not divisible by 8: the U-Net halves it 3 times; "
-                         "use 16, 32 or 64")
-    if name == "shapes":
-        return ShapesDataset(image_size=image_size, size=5000 if size is None else size, seed=seed)
-    if name == "cifar10":
-        return ClassDataset(_cifar10(path, train, augmentation(image_size)), size, seed)
-    if name == "imagefolder":
-        return ClassDataset(_image_folder(path, augmentation(image_size)), size, seed)
-    raise UsageError(f"unknown dataset '{name}': choose cifar10, imagefolder or shapes")
-
-
-def make_dataloader(dataset, batch_size, num_workers=0, shuffle=True, seed=0, pin_memory=False,
-                    drop_last=True):
-    """A DataLoader whose shuffling is seeded; refuses a data set smaller than one full batch."""
-    if drop_last and len(dataset) < batch_size:
-        raise UsageError(f"the data set has {len(dataset)} images, fewer than batch_size {batch_size}, so "
-                         "no full batch exists: lower --batch_size or add images")
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=drop_last, generator=generator,
-                      persistent_workers=num_workers > 0)
-
-
-# ----------------------------------------------------------------------------- images and plots
 
 def to_uint8(x):
     """Float tensor in [-1, 1] -> uint8 in 0..255."""

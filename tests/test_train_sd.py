@@ -1,6 +1,5 @@
-"""Tests for train_sd.py and text_data.py: the real code on a tiny random VAE and CLIP, built offline."""
+"""Tests for train_sd.py: the real code on a tiny random VAE and CLIP, built offline."""
 
-import json
 import os
 import subprocess
 import sys
@@ -13,10 +12,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import text_data  # noqa: E402
+import data  # noqa: E402
 import train_sd  # noqa: E402
 from modules import UNet  # noqa: E402
-from utils import UsageError, classify_shapes, parse_config, run_cli  # noqa: E402
+from data import classify_shapes  # noqa: E402
+from utils import UsageError, parse_config, run_cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_sd.py")
@@ -34,7 +34,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Paths of a tiny random AutoencoderKL (factor 2, 4 latent channels) and CLIP text encoder (D = 32, L = 16)."""
-    vae_dir, text_dir = text_data.make_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
+    vae_dir, text_dir = train_sd.make_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
     return {"vae": vae_dir, "text_encoder": text_dir}
 
 
@@ -173,7 +173,7 @@ def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monke
     assert sum(calls) == 32 and len(os.listdir("cache")) == 2  # new image_size -> new key -> re-encoded
 
     cfg = tiny_cfg(tiny, cache_latents=True)
-    dataset = text_data.get_caption_dataset("shapes", "", 16, size=32)
+    dataset = data.get_caption_dataset("shapes", "", 16, size=32)
     keys = {train_sd.cache_path(c, dataset) for c in
             (cfg, tiny_cfg(tiny, vae=tiny["vae"] + "_copy"), tiny_cfg(tiny, conditioning="add"),
              tiny_cfg(tiny, seed=1), tiny_cfg(tiny, cache_latents=True))}
@@ -261,36 +261,6 @@ def test_unloadable_models_are_one_line_errors(tiny, monkeypatch):
         assert "\n" not in str(info.value) and time.time() - start < 10
 
 
-def write_image(path):
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(path)
-
-
-def test_caption_folder_reads_metadata_and_txt_and_names_errors(tmp_path):
-    folder = tmp_path / "meta"
-    folder.mkdir()
-    write_image(folder / "a.png")
-    write_image(folder / "b.png")
-    lines = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "b.png", "text": "a red dot"}]
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    dataset = text_data.get_caption_dataset("captions", str(folder), 16)
-    image, caption = dataset[1]
-    assert image.shape == (3, 16, 16) and caption == "a red dot" and dataset.caption(0) == "a red square"
-    (folder / "metadata.jsonl").write_text(json.dumps(lines[0]) + "\n{not json\n")
-    with pytest.raises(UsageError, match="line 2"):
-        text_data.get_caption_dataset("captions", str(folder), 16)
-
-    folder = tmp_path / "txt"
-    folder.mkdir()
-    with pytest.raises(UsageError, match="holds no images"):
-        text_data.get_caption_dataset("captions", str(folder), 16)
-    write_image(folder / "cat.jpg")
-    (folder / "cat.txt").write_text("a  photo of\na cat\n")
-    assert text_data.get_caption_dataset("captions", str(folder), 16).caption(0) == "a photo of a cat"
-    write_image(folder / "dog.png")
-    with pytest.raises(UsageError, match="'dog.png' .* no caption file dog.txt"):
-        text_data.get_caption_dataset("captions", str(folder), 16)
-
-
 # ----------------------------------------------------------------------------- learning
 
 def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
@@ -310,7 +280,7 @@ def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
     latents, text = train_sd.load_frozen(cfg, "cpu")
     net = train_sd.build_unet(cfg, latents, text)
     net.load_state_dict(torch.load("models/learn/ema_ckpt.pt", weights_only=True))
-    prompts = text_data.default_prompts(text_data.get_caption_dataset("shapes", "", 8))
+    prompts = data.default_prompts(data.get_caption_dataset("shapes", "", 8))
     diffusion = train_sd.make_diffusion(cfg, latents, "cpu")
     images = train_sd.sample_grid(cfg, diffusion, net, latents, text, prompts, "learned.png")
     expected = torch.arange(10).repeat_interleave(10)

@@ -12,7 +12,8 @@ import ddpm
 import ddpm_conditional
 from ddpm import Diffusion
 from modules import UNet_conditional
-from utils import UsageError, classify_shapes, load_checkpoint
+from data import classify_shapes
+from utils import UsageError, load_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "shapes", "--dataset_size", "32", "--image_size", "16", "--base_channels", "8",

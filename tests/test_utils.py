@@ -1,15 +1,13 @@
-"""Tests for utils.py: config parsing, data sets, the shapes judge, images and checkpoints."""
+"""Tests for utils.py: config parsing, seeding, image files and grids, checkpoints."""
 
 import dataclasses
 import json
 import os
 import sys
-import warnings
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -167,96 +165,7 @@ def test_run_cli_passes_argv():
     assert seen == [["--x"]]
 
 
-# ----------------------------------------------------------------------------- shapes
-
-def test_shapes_deterministic_and_seeded():
-    a, b = utils.ShapesDataset(32, size=20, seed=0), utils.ShapesDataset(32, size=20, seed=0)
-    other = utils.ShapesDataset(32, size=20, seed=1)
-    assert torch.equal(a[7][0], b[7][0])
-    assert not torch.equal(a[7][0], other[7][0])
-    assert not torch.equal(a[7][0], a[17][0])
-
-
-@pytest.mark.parametrize("size", [16, 32, 64])
-def test_shapes_shape_range_and_background(size):
-    dataset = utils.ShapesDataset(size, size=10)
-    for i in range(10):
-        image, label = dataset[i]
-        assert image.shape == (3, size, size) and image.dtype == torch.float32
-        assert image.min() >= -1 and image.max() <= 1
-        assert image[:, 0, 0].tolist() == [-1.0, -1.0, -1.0]
-        assert label == i
-        assert (image > -0.5).any()
-
-
-def test_shapes_balance_and_captions():
-    dataset = utils.ShapesDataset(16, size=50)
-    labels = [dataset[i][1] for i in range(len(dataset))]
-    assert np.bincount(labels).tolist() == [5] * 10
-    assert len(set(dataset.classes)) == 10 and len(set(dataset.colors)) == 10
-    assert dataset.classes[0] == "red circle" and dataset.caption(0) == "a red circle"
-    assert dataset.caption(17) == "a " + dataset.classes[7]
-    assert dataset.classes[8] == "brown frame" and dataset.classes[9] == "gray stripe"
-    with pytest.raises(IndexError):
-        dataset[50]
-
-
-@pytest.mark.parametrize("size", [16, 32])
-def test_classify_shapes_scores_real_images(size):
-    dataset = utils.ShapesDataset(size, size=500, seed=5)
-    images = torch.stack([dataset[i][0] for i in range(500)])
-    labels = torch.tensor([dataset[i][1] for i in range(500)])
-    assert (utils.classify_shapes(images) == labels).float().mean() >= 0.98
-    assert (utils.classify_shapes(utils.to_uint8(images)) == labels).float().mean() >= 0.98
-
-
-def test_classify_shapes_black_image_is_minus_one():
-    black = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
-    predicted = utils.classify_shapes(black)
-    assert predicted.dtype == torch.long and predicted.tolist() == [-1, -1]
-    assert utils.classify_shapes(-torch.ones(1, 3, 8, 8)).tolist() == [-1]
-
-
-# ----------------------------------------------------------------------------- file data sets
-
-def _write_image_folder(root):
-    """Two classes with RGB, L, P and RGBA PNGs, a text file and a corrupt PNG."""
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    for name in ("zebra_fish", "apple"):
-        folder = root / name
-        folder.mkdir(parents=True)
-        Image.fromarray(rgb).save(folder / "rgb.png")
-        Image.fromarray(rgb).convert("L").save(folder / "grey.png")
-        Image.fromarray(rgb).convert("P").save(folder / "palette.png")
-        Image.fromarray(rgb).convert("RGBA").save(folder / "alpha.png")
-    (root / "apple" / "notes.txt").write_text("not an image")
-    (root / "zebra_fish" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-
-
-def test_imagefolder_reads_all_modes_and_warns_once(tmp_path):
-    _write_image_folder(tmp_path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dataset = utils.get_dataset("imagefolder", str(tmp_path), 16)
-    messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
-    assert len(messages) == 1 and "skipped 2 " in messages[0]
-    assert dataset.classes == ["apple", "zebra_fish"]
-    assert len(dataset) == 8
-    labels = []
-    for i in range(len(dataset)):
-        image, label = dataset[i]
-        assert image.shape == (3, 16, 16) and image.dtype == torch.float32
-        assert image.min() >= -1 and image.max() <= 1
-        labels.append(label)
-    assert sorted(labels) == [0] * 4 + [1] * 4
-    assert dataset.caption(len(dataset) - 1) == "a photo of a zebra fish"
-    with pytest.warns(UserWarning, match="skipped 2"):
-        subset = utils.get_dataset("imagefolder", str(tmp_path), 16, size=3, seed=1)
-    assert len(subset) == 3
-    for i in range(3):
-        assert subset.caption(i) == "a photo of a " + subset.classes[subset[i][1]].replace("_", " ")
-
+# ----------------------------------------------------------------------------- images and plots
 
 def test_load_rgb_scales_16_bit_grey(tmp_path):
     path = tmp_path / "deep.png"
@@ -264,57 +173,6 @@ def test_load_rgb_scales_16_bit_grey(tmp_path):
     image = utils.load_rgb(path)
     assert image.mode == "RGB" and np.asarray(image).min() == 255
 
-
-def test_imagefolder_errors(tmp_path):
-    with pytest.raises(UsageError, match="does not exist"):
-        utils.get_dataset("imagefolder", str(tmp_path / "nowhere"), 16)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(UsageError, match="empty"):
-        utils.get_dataset("imagefolder", str(empty), 16)
-    loose = tmp_path / "loose"
-    loose.mkdir()
-    Image.new("RGB", (8, 8)).save(loose / "a.png")
-    with pytest.raises(UsageError, match="one subfolder per class"):
-        utils.get_dataset("imagefolder", str(loose), 16)
-    junk = tmp_path / "junk" / "cat"
-    junk.mkdir(parents=True)
-    (junk / "readme.txt").write_text("x")
-    with pytest.warns(UserWarning, match="skipped 1"), pytest.raises(UsageError, match="no readable images"):
-        utils.get_dataset("imagefolder", str(tmp_path / "junk"), 16)
-
-
-def test_get_dataset_rejects_bad_name_and_size():
-    with pytest.raises(UsageError, match="image_size 30 is not divisible by 8"):
-        utils.get_dataset("shapes", "", 30)
-    with pytest.raises(UsageError, match="cifar10, imagefolder or shapes"):
-        utils.get_dataset("mnist", "", 32)
-    dataset = utils.get_dataset("shapes", "", 16, size=30, seed=2)
-    assert len(dataset) == 30 and dataset[0][0].shape == (3, 16, 16)
-
-
-def test_cifar10_offline_is_a_usage_error(monkeypatch, tmp_path):
-    def offline(*args, **kwargs):
-        raise OSError("Name or service not known")
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(UsageError) as info:
-        utils.get_dataset("cifar10", str(tmp_path), 32)
-    message = str(info.value)
-    assert "--dataset shapes" in message and "Name or service not known" in message
-    assert "\n" not in message
-
-
-def test_make_dataloader_seeded_and_too_small():
-    dataset = utils.ShapesDataset(16, size=20)
-    first = [y.tolist() for _, y in utils.make_dataloader(dataset, 4, seed=1)]
-    again = [y.tolist() for _, y in utils.make_dataloader(dataset, 4, seed=1)]
-    assert first == again and len(first) == 5
-    with pytest.raises(UsageError, match="batch_size 32"):
-        utils.make_dataloader(dataset, 32)
-
-
-# ----------------------------------------------------------------------------- images and plots
 
 def test_to_uint8():
     x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0])

@@ -1,0 +1,185 @@
+"""Tests for data.py: the shapes data set and its colour judge, image folders, CIFAR-10, caption folders,
+the data loader."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+from utils import UsageError, to_uint8
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def test_shapes_deterministic_and_seeded():
+    a, b = data.ShapesDataset(32, size=20, seed=0), data.ShapesDataset(32, size=20, seed=0)
+    other = data.ShapesDataset(32, size=20, seed=1)
+    assert torch.equal(a[7][0], b[7][0])
+    assert not torch.equal(a[7][0], other[7][0])
+    assert not torch.equal(a[7][0], a[17][0])
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_shapes_shape_range_and_background(size):
+    dataset = data.ShapesDataset(size, size=10)
+    for i in range(10):
+        image, label = dataset[i]
+        assert image.shape == (3, size, size) and image.dtype == torch.float32
+        assert image.min() >= -1 and image.max() <= 1
+        assert image[:, 0, 0].tolist() == [-1.0, -1.0, -1.0]
+        assert label == i
+        assert (image > -0.5).any()
+
+
+def test_shapes_balance_and_captions():
+    dataset = data.ShapesDataset(16, size=50)
+    labels = [dataset[i][1] for i in range(len(dataset))]
+    assert np.bincount(labels).tolist() == [5] * 10
+    assert len(set(dataset.classes)) == 10 and len(set(dataset.colors)) == 10
+    assert dataset.classes[0] == "red circle" and dataset.caption(0) == "a red circle"
+    assert dataset.caption(17) == "a " + dataset.classes[7]
+    assert dataset.classes[8] == "brown frame" and dataset.classes[9] == "gray stripe"
+    with pytest.raises(IndexError):
+        dataset[50]
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_classify_shapes_scores_real_images(size):
+    dataset = data.ShapesDataset(size, size=500, seed=5)
+    images = torch.stack([dataset[i][0] for i in range(500)])
+    labels = torch.tensor([dataset[i][1] for i in range(500)])
+    assert (data.classify_shapes(images) == labels).float().mean() >= 0.98
+    assert (data.classify_shapes(to_uint8(images)) == labels).float().mean() >= 0.98
+
+
+def test_classify_shapes_black_image_is_minus_one():
+    black = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    predicted = data.classify_shapes(black)
+    assert predicted.dtype == torch.long and predicted.tolist() == [-1, -1]
+    assert data.classify_shapes(-torch.ones(1, 3, 8, 8)).tolist() == [-1]
+
+
+# ----------------------------------------------------------------------------- file data sets
+
+def _write_image_folder(root):
+    """Two classes with RGB, L, P and RGBA PNGs, a text file and a corrupt PNG."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    for name in ("zebra_fish", "apple"):
+        folder = root / name
+        folder.mkdir(parents=True)
+        Image.fromarray(rgb).save(folder / "rgb.png")
+        Image.fromarray(rgb).convert("L").save(folder / "grey.png")
+        Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+        Image.fromarray(rgb).convert("RGBA").save(folder / "alpha.png")
+    (root / "apple" / "notes.txt").write_text("not an image")
+    (root / "zebra_fish" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+
+def test_imagefolder_reads_all_modes_and_warns_once(tmp_path):
+    _write_image_folder(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = data.get_dataset("imagefolder", str(tmp_path), 16)
+    messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(messages) == 1 and "skipped 2 " in messages[0]
+    assert dataset.classes == ["apple", "zebra_fish"]
+    assert len(dataset) == 8
+    labels = []
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+        assert image.min() >= -1 and image.max() <= 1
+        labels.append(label)
+    assert sorted(labels) == [0] * 4 + [1] * 4
+    assert dataset.caption(len(dataset) - 1) == "a photo of a zebra fish"
+    with pytest.warns(UserWarning, match="skipped 2"):
+        subset = data.get_dataset("imagefolder", str(tmp_path), 16, size=3, seed=1)
+    assert len(subset) == 3
+    for i in range(3):
+        assert subset.caption(i) == "a photo of a " + subset.classes[subset[i][1]].replace("_", " ")
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        data.get_dataset("imagefolder", str(tmp_path / "nowhere"), 16)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="empty"):
+        data.get_dataset("imagefolder", str(empty), 16)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (8, 8)).save(loose / "a.png")
+    with pytest.raises(UsageError, match="one subfolder per class"):
+        data.get_dataset("imagefolder", str(loose), 16)
+    junk = tmp_path / "junk" / "cat"
+    junk.mkdir(parents=True)
+    (junk / "readme.txt").write_text("x")
+    with pytest.warns(UserWarning, match="skipped 1"), pytest.raises(UsageError, match="no readable images"):
+        data.get_dataset("imagefolder", str(tmp_path / "junk"), 16)
+
+
+def test_get_dataset_rejects_bad_name_and_size():
+    with pytest.raises(UsageError, match="image_size 30 is not divisible by 8"):
+        data.get_dataset("shapes", "", 30)
+    with pytest.raises(UsageError, match="cifar10, imagefolder or shapes"):
+        data.get_dataset("mnist", "", 32)
+    dataset = data.get_dataset("shapes", "", 16, size=30, seed=2)
+    assert len(dataset) == 30 and dataset[0][0].shape == (3, 16, 16)
+
+
+def test_cifar10_offline_is_a_usage_error(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(UsageError) as info:
+        data.get_dataset("cifar10", str(tmp_path), 32)
+    message = str(info.value)
+    assert "--dataset shapes" in message and "Name or service not known" in message
+    assert "\n" not in message
+
+
+def test_make_dataloader_seeded_and_too_small():
+    dataset = data.ShapesDataset(16, size=20)
+    first = [y.tolist() for _, y in data.make_dataloader(dataset, 4, seed=1)]
+    again = [y.tolist() for _, y in data.make_dataloader(dataset, 4, seed=1)]
+    assert first == again and len(first) == 5
+    with pytest.raises(UsageError, match="batch_size 32"):
+        data.make_dataloader(dataset, 32)
+
+
+# ----------------------------------------------------------------------------- caption folders
+
+def write_image(path):
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(path)
+
+
+def test_caption_folder_reads_metadata_and_txt_and_names_errors(tmp_path):
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    write_image(folder / "a.png")
+    write_image(folder / "b.png")
+    lines = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "b.png", "text": "a red dot"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    dataset = data.get_caption_dataset("captions", str(folder), 16)
+    image, caption = dataset[1]
+    assert image.shape == (3, 16, 16) and caption == "a red dot" and dataset.caption(0) == "a red square"
+    (folder / "metadata.jsonl").write_text(json.dumps(lines[0]) + "\n{not json\n")
+    with pytest.raises(UsageError, match="line 2"):
+        data.get_caption_dataset("captions", str(folder), 16)
+
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    with pytest.raises(UsageError, match="holds no images"):
+        data.get_caption_dataset("captions", str(folder), 16)
+    write_image(folder / "cat.jpg")
+    (folder / "cat.txt").write_text("a  photo of\na cat\n")
+    assert data.get_caption_dataset("captions", str(folder), 16).caption(0) == "a photo of a cat"
+    write_image(folder / "dog.png")
+    with pytest.raises(UsageError, match="'dog.png' .* no caption file dog.txt"):
+        data.get_caption_dataset("captions", str(folder), 16)
