@@ -115,6 +115,16 @@ class Diffusion:
         eps_cond, eps_uncond = eps_both.chunk(2)
         return torch.lerp(eps_uncond, eps_cond, cfg_scale)  # CFG, Ho & Salimans 2022, eq. 6
 
+    def predict_x0(self, x_t, t, eps):
+        """The x_0 that x_t and eps imply: (x_t - sqrt(1 - alpha_hat_t) eps) / sqrt(alpha_hat_t).
+
+        t is an integer timestep, or (B,) timesteps, one per row of x_t.
+        """
+        alpha_hat = self.alpha_hat[t]
+        if alpha_hat.dim() > 0:
+            alpha_hat = broadcast(alpha_hat, x_t)
+        return (x_t - (1.0 - alpha_hat).sqrt() * eps) / alpha_hat.sqrt()
+
     def p_sample_step(self, x_t, t, eps, z):
         """One step of DDPM Alg. 2 at the integer timestep t, with sigma_t^2 = beta_t and noise z."""
         alpha, alpha_hat, beta = self.alpha[t], self.alpha_hat[t], self.beta[t]
@@ -140,15 +150,15 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, n, labels=None, cfg_scale=3, *, null_labels=None, sampler="ddpm", steps=None,
-               eta=0.0, generator=None, seed=None, progress=True):
+               eta=0.0, generator=None, seed=None, progress=True, callback=None):
         """Generate n images. Returns uint8 (n, c_in, H, W); see `sample_x0` for the arguments."""
         x_0 = self.sample_x0(model, n, labels, cfg_scale, null_labels=null_labels, sampler=sampler, steps=steps,
-                             eta=eta, generator=generator, seed=seed, progress=progress)
+                             eta=eta, generator=generator, seed=seed, progress=progress, callback=callback)
         return to_uint8(x_0)
 
     @torch.no_grad()
     def sample_x0(self, model, n, labels=None, cfg_scale=3, *, null_labels=None, sampler="ddpm", steps=None,
-                  eta=0.0, generator=None, seed=None, progress=True):
+                  eta=0.0, generator=None, seed=None, progress=True, callback=None):
         """Generate n samples x_0 as float (n, c_in, H, W), in the model's space (pixels in [-1, 1], or latents).
 
         labels: None (unconditional), class ids (n,), or any conditioning with n rows, such as text token
@@ -156,6 +166,12 @@ class Diffusion:
             NULL_LABEL. sampler: "ddpm" with the default steps is the hand-written Alg. 2 over t = T-1..1;
             the others (and ddpm with fewer steps) use diffusers' schedulers built from these betas.
         generator or seed: make the noise reproducible.
+        callback: None, or callback(step_index, t, x_t, x0_pred), called once per network step, in order, with
+            step_index 0..steps-1, the integer timestep t, the network's input x_t at t and the x_0 the sampler
+            predicts from it. x_t is in the DDPM convention x_t = sqrt(alpha_hat_t) x_0 + sqrt(1 - alpha_hat_t) eps
+            for every sampler: ddpm, ddim and dpm++ keep their state in it; euler_a keeps x_t / sqrt(alpha_hat_t)
+            (x_0 + sigma_t eps), which its scale_model_input turns into x_t. x0_pred is the scheduler's
+            pred_original_sample where it has one, else `predict_x0(x_t, t, eps)`.
         """
         self._check_sample_args(model, n, labels, cfg_scale, sampler)
         if labels is not None and null_labels is None:
@@ -167,19 +183,22 @@ class Diffusion:
         was_training = model.training
         model.eval()
         if sampler == "ddpm" and steps in (None, self.noise_steps - 1):
-            x = self._ddpm_loop(model, x, labels, null_labels, cfg_scale, generator, progress)
+            x = self._ddpm_loop(model, x, labels, null_labels, cfg_scale, generator, progress, callback)
         else:
             x = self._scheduler_loop(model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator,
-                                     progress)
+                                     progress, callback)
         model.train(was_training)
         return x
 
-    def _ddpm_loop(self, model, x, labels, null_labels, cfg_scale, generator, progress):
+    def _ddpm_loop(self, model, x, labels, null_labels, cfg_scale, generator, progress, callback=None):
         """DDPM Alg. 2, exactly as the reference runs it."""
         n = x.shape[0]
-        for i in tqdm(range(self.noise_steps - 1, 0, -1), desc="ddpm", leave=False, disable=not progress):
+        timesteps = range(self.noise_steps - 1, 0, -1)
+        for step_index, i in enumerate(tqdm(timesteps, desc="ddpm", leave=False, disable=not progress)):
             t = torch.full((n,), i, dtype=torch.long, device=self.device)
             eps = self.predict_eps(model, x, t, labels, null_labels, cfg_scale)
+            if callback is not None:
+                callback(step_index, i, x, self.predict_x0(x, i, eps))
             if i > 1:
                 z = torch.randn(x.shape, generator=generator, device=self.device)
             else:
@@ -218,15 +237,20 @@ class Diffusion:
                              f"neighbouring count, at most {2 * self.noise_steps // 3 - 1}")
         return scheduler
 
-    def _scheduler_loop(self, model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator, progress):
+    def _scheduler_loop(self, model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator, progress,
+                        callback=None):
         scheduler = self.make_scheduler(sampler, steps)
         step_kwargs = {"eta": eta} if sampler == "ddim" else {}
         x = x * scheduler.init_noise_sigma
         n = x.shape[0]
-        for t in tqdm(scheduler.timesteps, desc=sampler, leave=False, disable=not progress):
-            x_in = scheduler.scale_model_input(x, t)
+        for step_index, t in enumerate(tqdm(scheduler.timesteps, desc=sampler, leave=False, disable=not progress)):
+            x_in = scheduler.scale_model_input(x, t)  # the DDPM x_t (euler_a's state is x_t / sqrt(alpha_hat_t))
             eps = self.predict_eps(model, x_in, t.expand(n), labels, null_labels, cfg_scale)
-            x = scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+            out = scheduler.step(eps, t, x, generator=generator, **step_kwargs)
+            if callback is not None:
+                x0_pred = getattr(out, "pred_original_sample", None)
+                callback(step_index, int(t), x_in, x0_pred if x0_pred is not None else self.predict_x0(x_in, t, eps))
+            x = out.prev_sample
         return x
 
 

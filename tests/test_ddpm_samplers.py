@@ -20,18 +20,19 @@ class PointMassEps(nn.Module):
     """The exact eps-prediction for data x_0 = c: eps* = (x_t - sqrt(alpha_hat_t) c) / sqrt(1 - alpha_hat_t).
 
     label_shift > 0 adds label_shift * (y + 1) to rows with a label (NULL_LABEL rows get 0), so conditional and
-    unconditional predictions differ. Every call's rows and timesteps are recorded.
+    unconditional predictions differ. Every call's rows, timesteps and inputs are recorded.
     """
 
     def __init__(self, alpha_hat, c=POINT, label_shift=0.0, num_classes=NUM_CLASSES):
         super().__init__()
         self.alpha_hat, self.c, self.label_shift = alpha_hat, c, label_shift
         self.num_classes = num_classes
-        self.rows, self.timesteps = [], []
+        self.rows, self.timesteps, self.inputs = [], [], []
 
     def forward(self, x, t, y=None):
         self.rows.append(x.shape[0])
         self.timesteps.append(t.detach().clone())
+        self.inputs.append(x.detach().clone())
         alpha_hat = self.alpha_hat[t.long()].view(-1, 1, 1, 1)
         eps = (x - alpha_hat.sqrt() * self.c) / (1.0 - alpha_hat).sqrt()
         if y is not None:
@@ -197,3 +198,45 @@ def test_strided_ddpm_adds_no_noise_at_its_last_step(diffusion, steps):
 def test_step_counts_that_would_ask_for_t_below_1_are_refused(diffusion, steps, message):
     with pytest.raises(ValueError, match=message):
         diffusion.sample(PointMassEps(diffusion.alpha_hat), 1, sampler="ddim", steps=steps, progress=False)
+
+
+# ----------------------------------------------------------------------------- the per-step callback
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_callback_sees_every_step_in_order_with_its_timestep_and_the_point(diffusion, sampler):
+    """One call per network step, in order; x_t is the network's input (the DDPM x_t: the point-mass eps of it
+    implies x_0 = c exactly, also for euler_a, whose own state is x_t / sqrt(alpha_hat_t)); x0_pred is c."""
+    model = PointMassEps(diffusion.alpha_hat)
+    calls = []
+    diffusion.sample_x0(model, 2, sampler=sampler, seed=0, progress=False,
+                        callback=lambda i, t, x_t, x0_pred: calls.append((i, t, x_t.clone(), x0_pred.clone())))
+    steps = default_steps(sampler, diffusion)
+    assert [i for i, *_ in calls] == list(range(steps))
+    assert [t for _, t, *_ in calls] == [int(t[0]) for t in model.timesteps]
+    assert all(isinstance(t, int) for _, t, *_ in calls)
+    assert calls[0][1] == diffusion.noise_steps - 1 and calls[-1][1] >= 1
+    for (_, t, x_t, x0_pred), x_in in zip(calls, model.inputs, strict=True):
+        assert torch.equal(x_t, x_in)
+        assert (x0_pred - POINT).abs().max() < 1e-3, f"{sampler} at t={t}"
+    assert abs(calls[0][2].std().item() - 1.0) < 0.2  # x_T ~ N(0, I), not euler_a's sigma-scaled state
+
+
+def test_callback_with_guidance_and_strided_ddpm(diffusion):
+    """The scheduler's DDPM with 10 steps: 10 calls, timesteps strictly decreasing, x_t of the n images only."""
+    model = PointMassEps(diffusion.alpha_hat, label_shift=0.0)
+    calls = []
+    diffusion.sample_x0(model, 3, labels_for(3), 3.0, sampler="ddpm", steps=10, seed=0, progress=False,
+                        callback=lambda i, t, x_t, x0_pred: calls.append((t, x_t.shape, x0_pred.shape)))
+    timesteps = [t for t, *_ in calls]
+    assert len(calls) == 10 and timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 10
+    assert all(shape == (3, 3, 8, 8) == pred_shape for _, shape, pred_shape in calls)
+
+
+@pytest.mark.parametrize("t", [1, 500, 999])
+def test_predict_x0_inverts_noise_images(diffusion, t):
+    torch.manual_seed(t)
+    x_0, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    x_t, _ = diffusion.noise_images(x_0, torch.full((4,), t), eps)
+    assert torch.allclose(diffusion.predict_x0(x_t, t, eps), x_0, atol=1e-3 * (1 + t / 100))
+    per_row = torch.tensor([t, 1, 250, 999])
+    x_t, _ = diffusion.noise_images(x_0, per_row, eps)
+    assert torch.allclose(diffusion.predict_x0(x_t, per_row, eps), x_0, atol=2e-2)
