@@ -333,6 +333,11 @@ def save_images(images, path, nrow=None, captions=None):
     _atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=100))
 
 
+def save_figure(fig, path, dpi=100):
+    """Save a matplotlib Figure as a PNG, atomically."""
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
 def save_individual(images, labels, out_dir):
     """Write each image to `out_dir/<label>_<i>.png`, i counting within each label; return the paths."""
     images = _as_uint8(images)

@@ -1,0 +1,301 @@
+"""Pictures of the diffusion process: forward noising, one reverse trajectory, a guidance sweep.
+
+    python visualize.py noising --dataset shapes --image_size 64                 (no checkpoint needed)
+    python visualize.py trajectory --ckpt models/R/ema_ckpt.pt --label 3 --sampler ddim --steps 50
+    python visualize.py guidance --ckpt models/R/ema_ckpt.pt --label 3 --scales 1,3,5,7.5 --compare_raw true
+
+The mode is the first argument (or --mode MODE). Each mode writes one labelled PNG, by default
+results/<run_name>/<mode>.png (run_name from the checkpoint's config):
+  noising     x_0 and x_t ~ q(x_t | x_0) at a few t, one row per data set image, the same eps along a row;
+  trajectory  one reverse run: the network's input x_t (top row) and the x_0 it predicts (bottom row) at a
+              few of the sampler's steps, then the result; every sampler works, and a train_sd.py checkpoint's
+              latents are decoded through its VAE (pass --prompt);
+  guidance    the same seeds and label under each guidance scale, one column per scale, after an
+              unconditional column; --compare_raw adds the raw weights (ckpt.pt) below the EMA.
+"""
+import dataclasses
+import math
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import torch
+from matplotlib.figure import Figure
+
+import sample
+import train_sd
+from data import get_dataset
+from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
+from modules import NULL_LABEL
+from utils import UsageError, arg, load_state_dict_strict, parse_config, pick_device, run_cli, save_figure, to_uint8
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class Config:
+    mode: str = arg("trajectory", "noising | trajectory | guidance (or give the mode first, without --mode)")
+    ckpt: str | None = arg(None, "checkpoint of ddpm.py, ddpm_conditional.py or train_sd.py (not needed by noising)")
+    label: int | None = arg(None, "class id of a conditional checkpoint (None: class 0)")
+    prompt: str | None = arg(None, "prompt of a train_sd.py checkpoint (None: its first grid prompt)")
+    cfg_scale: float = arg(3.0, "guidance scale of the trajectory: 0 = conditional only, >1 = stronger")
+    scales: str = arg("1,3,5,7.5", "guidance mode: comma-separated scales, one column each (0 samples as 1)")
+    compare_raw: bool = arg(False, "guidance mode: also sample ckpt.pt (the raw weights) beside the EMA")
+    n: int = arg(4, "rows: data set images (noising) or seeds (guidance)")
+    frames: int = arg(8, "columns of the noising strip and of the trajectory")
+    timesteps: str | None = arg(None, "noising: comma-separated t (None: `frames - 1` evenly spaced up to T-1)")
+    sampler: str = arg("dpm++", "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a")
+    steps: int | None = arg(None, "network steps of the sampler (None: its default, 20 for dpm++)")
+    seed: int = arg(0, "seed of the noise (and the first data set image of noising)")
+    dataset: str | None = arg(None, "noising: shapes | imagefolder | cifar10 (None: the checkpoint's, or shapes)")
+    dataset_path: str | None = arg(None, "folder of the data set (None: the checkpoint's, or ./data)")
+    image_size: int | None = arg(None, "pixels, divisible by 8 (None: the checkpoint's, or 64)")
+    run_name: str | None = arg(None, "results/<run_name>/ gets the picture (None: the checkpoint's, or visualize)")
+    out: str | None = arg(None, "the PNG (None: results/<run_name>/<mode>.png); replaced atomically if it exists")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+
+
+MODES = ("noising", "trajectory", "guidance")
+CELL_INCHES, HEADER_INCHES, DPI = 1.1, 0.6, 100  # a 1.1 x 1.1 inch cell per image, below a title strip
+
+
+def parse_scales(text):
+    """'1, 3,7.5' -> [1.0, 3.0, 7.5]; anything else (or a negative scale) is a UsageError."""
+    try:
+        scales = [float(item) for item in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--scales '{text}' is not a comma-separated list of numbers: e.g. --scales 1,3,5,7.5") from None
+    if any(scale < 0 or not math.isfinite(scale) for scale in scales):
+        raise UsageError(f"--scales '{text}' has a negative or infinite scale: use values >= 0")
+    return scales
+
+
+def validate(cfg):
+    """One readable error for each option the run cannot use, before any file is read."""
+    if cfg.mode not in MODES:
+        raise UsageError(f"mode '{cfg.mode}' is unknown: use one of {', '.join(MODES)}")
+    if cfg.mode != "noising" and cfg.ckpt is None:
+        raise UsageError(f"{cfg.mode} needs a checkpoint: pass --ckpt models/<run>/ema_ckpt.pt")
+    if cfg.sampler not in SAMPLERS:
+        raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
+    if cfg.cfg_scale < 0:
+        raise UsageError(f"cfg_scale {cfg.cfg_scale} is negative: use 0 (no guidance) or a value > 0, e.g. 3")
+    for name in ("n", "steps"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"{name} {value} must be positive")
+    if cfg.frames < 2:
+        raise UsageError(f"frames {cfg.frames} is too few: use at least 2 (the first and the last)")
+    if cfg.image_size is not None and (cfg.image_size <= 0 or cfg.image_size % 8):
+        raise UsageError(f"image_size {cfg.image_size} is not divisible by 8: use e.g. 16, 32 or 64")
+    if cfg.out is not None and not cfg.out.lower().endswith(".png"):
+        raise UsageError(f"cannot save the picture as '{cfg.out}': use a .png file name")
+    parse_scales(cfg.scales)
+
+
+# ----------------------------------------------------------------------------- checkpoint -> sampler
+@dataclass
+class Loaded:
+    """A checkpoint ready to sample: `net(x_t, t[, cond])`, its Diffusion, and `decode` (model space -> pixels)."""
+    net: torch.nn.Module
+    diffusion: Diffusion
+    decode: object
+    cond: torch.Tensor | None  # the conditioning of one image: a class id (1,), token states (1, ...), or None
+    null_cond: torch.Tensor | None
+    caption: str  # what the conditioning is, for the title
+    saved: dict
+
+
+def is_text_run(saved):
+    return "text_encoder" in saved and "prompt" in saved
+
+
+def load_text_run(cfg, path, device):
+    """A train_sd.py checkpoint: U-Net on latents, the frozen VAE to decode them, CLIP for the prompt."""
+    if cfg.label is not None:
+        raise UsageError("this is a train_sd.py (text) checkpoint: drop --label and pass --prompt \"...\"")
+    weights, run_cfg = train_sd.saved_run(path)
+    run_cfg = dataclasses.replace(run_cfg, mixed_precision="no")
+    latents, text = train_sd.load_frozen(run_cfg, device)
+    net = train_sd.build_unet(run_cfg, latents, text)
+    load_state_dict_strict(net, weights, what=f"checkpoint '{path}'")
+    prompt = cfg.prompt or (run_cfg.prompt[0] if run_cfg.prompt else None)
+    if prompt is None:
+        raise UsageError("this train_sd.py checkpoint needs a prompt: pass --prompt \"a photo of a red circle\"")
+    cond = text([prompt])  # (1, L, D) or (1, D)
+    return Loaded(net.to(device).eval(), train_sd.make_diffusion(run_cfg, latents, device), latents.decode, cond,
+                  text([""]), f'"{prompt}"', dataclasses.asdict(run_cfg))
+
+
+def load(cfg, path, device):
+    """Any checkpoint of this repository as a Loaded, with the conditioning that --label / --prompt ask for."""
+    _, saved = sample.read_checkpoint(path)
+    if is_text_run(saved):
+        return load_text_run(cfg, path, device)
+    if cfg.prompt is not None:
+        raise UsageError("--prompt is for train_sd.py checkpoints: this is a U-Net checkpoint; use --label")
+    net, arch, saved = sample.load_model(path)
+    diffusion = sample.make_diffusion(cfg, saved, arch["c_in"], device)
+    num_classes = arch["num_classes"]
+    if num_classes is None:
+        if cfg.label is not None:
+            raise UsageError("this checkpoint is unconditional: drop --label")
+        return Loaded(net.to(device), diffusion, lambda x: x, None, None, "unconditional", saved)
+    label = 0 if cfg.label is None else cfg.label
+    if not 0 <= label < num_classes:
+        raise UsageError(f"label {label} is outside the model's {num_classes} classes: use 0..{num_classes - 1}")
+    cond = torch.tensor([label], device=device)  # (1,)
+    return Loaded(net.to(device), diffusion, lambda x: x, cond, torch.full_like(cond, NULL_LABEL), f"class {label}",
+                  saved)
+
+
+def generate(loaded, n, cfg_scale, cfg, callback=None, cond=None):
+    """n images from seed cfg.seed (pixels in [-1, 1]); `cond` overrides the loaded conditioning."""
+    cond = loaded.cond if cond is None else cond
+    labels = None if cond is None else cond.expand(n, *cond.shape[1:])
+    null = None if cond is None else loaded.null_cond.expand(n, *cond.shape[1:])
+    x_0 = loaded.diffusion.sample_x0(loaded.net, n, labels, cfg_scale if cond is not None else 0.0, null_labels=null,
+                                     sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, progress=False,
+                                     callback=callback)
+    return loaded.decode(x_0)
+
+
+# ----------------------------------------------------------------------------- the figure
+def draw(cells, titles, row_names, title, path):
+    """Save a grid of images as a PNG: cells[r][c] is a (C, H, W) tensor in [-1, 1], or None (an empty cell).
+
+    Each column has a caption above its first row, each row a name at its left. The PNG is
+    cols * CELL_INCHES * DPI pixels wide and (rows * CELL_INCHES + HEADER_INCHES) * DPI high.
+    """
+    rows, cols = len(cells), len(cells[0])
+    fig = Figure(figsize=(cols * CELL_INCHES, rows * CELL_INCHES + HEADER_INCHES), dpi=DPI)
+    fig.suptitle(textwrap.fill(title, width=max(40, round(cols * CELL_INCHES * 14))), fontsize=8)
+    for r, row in enumerate(cells):
+        for c, image in enumerate(row):
+            ax = fig.add_subplot(rows, cols, r * cols + c + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if image is None:
+                ax.axis("off")
+                continue
+            pixels = to_uint8(image.detach().float().cpu()).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+            ax.imshow(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, cmap="gray", interpolation="nearest")
+            if titles[r][c]:
+                ax.set_title(titles[r][c], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(row_names[r], fontsize=7)
+    fig.subplots_adjust(left=0.1 / cols * 3, right=0.99, bottom=0.02, top=1 - (HEADER_INCHES + 0.25) / (rows * CELL_INCHES + HEADER_INCHES),
+                        wspace=0.08, hspace=0.35)
+    save_figure(fig, path, dpi=DPI)
+    return fig
+
+
+# ----------------------------------------------------------------------------- the three modes
+def noising_timesteps(cfg, noise_steps):
+    """The t of the strip: --timesteps, or frames - 1 of them evenly spaced up to T-1."""
+    if cfg.timesteps is None:
+        return [round(k * (noise_steps - 1) / (cfg.frames - 1)) for k in range(1, cfg.frames)]
+    try:
+        timesteps = [int(item) for item in cfg.timesteps.split(",")]
+    except ValueError:
+        raise UsageError(f"--timesteps '{cfg.timesteps}' is not a comma-separated list of integers: e.g. 50,200,999") from None
+    if any(not 0 <= t < noise_steps for t in timesteps):
+        raise UsageError(f"--timesteps '{cfg.timesteps}' leaves 0..{noise_steps - 1}, the schedule's range")
+    return timesteps
+
+
+def noising(cfg, saved, device):
+    """x_0, then x_t = sqrt(alpha_hat_t) x_0 + sqrt(1 - alpha_hat_t) eps at each t, one eps per row."""
+    dataset_name = cfg.dataset or saved.get("dataset", "shapes")
+    image_size = cfg.image_size or saved.get("image_size", 64)
+    dataset = get_dataset(dataset_name, cfg.dataset_path or saved.get("dataset_path", "./data"), image_size,
+                          seed=cfg.seed, train=True, size=None)
+    schedule = {key: saved.get(key, default) for key, default in sample.REFERENCE_SCHEDULE.items()}
+    diffusion = Diffusion(schedule["noise_steps"], schedule["beta_start"], schedule["beta_end"], image_size,
+                          device=device)
+    timesteps = noising_timesteps(cfg, diffusion.noise_steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    cells = []
+    for index in range(min(cfg.n, len(dataset))):
+        x_0 = dataset[index][0].to(device)  # (C, H, W)
+        eps = torch.randn(x_0.shape, generator=generator).to(device)
+        t = torch.tensor(timesteps, device=device)
+        x_t, _ = diffusion.noise_images(x_0.expand(len(t), *x_0.shape), t, eps.expand(len(t), *x_0.shape))
+        cells.append([x_0, *x_t])
+    signal = diffusion.alpha_hat[timesteps].sqrt().tolist()
+    titles = [["x_0", *[f"t={t}\nsqrt(a_hat)={s:.2f}" for t, s in zip(timesteps, signal)]]] + [[""] * len(cells[0])] * (len(cells) - 1)
+    title = (f"forward noising q(x_t | x_0), T={diffusion.noise_steps}, linear betas "
+             f"{schedule['beta_start']:g}..{schedule['beta_end']:g}; the same eps along each row")
+    return cells, titles, [f"{dataset_name} {i}" for i in range(len(cells))], title
+
+
+def trajectory(cfg, loaded):
+    """x_t and the predicted x_0 at `frames` of the sampler's steps (the first and last included), then x_0."""
+    states = []
+    x_0 = generate(loaded, 1, cfg.cfg_scale, cfg,
+                   callback=lambda i, t, x_t, x0_pred: states.append((i, t, x_t[:1].clone(), x0_pred[:1].clone())))
+    shown = sorted({round(k * (len(states) - 1) / (cfg.frames - 1)) for k in range(cfg.frames)})
+    x_t_row = [loaded.decode(states[i][2])[0] for i in shown] + [x_0[0]]
+    x0_row = [loaded.decode(states[i][3])[0] for i in shown] + [None]
+    step_titles = [f"step {states[i][0] + 1}/{len(states)}\nt={states[i][1]}" for i in shown]
+    titles = [step_titles + ["result x_0"], [""] * (len(shown) + 1)]
+    scale = f", cfg_scale {cfg.cfg_scale:g}" if loaded.cond is not None else ""
+    title = f"{cfg.sampler}, {len(states)} steps, {loaded.caption}{scale}, seed {cfg.seed}"
+    return [x_t_row, x0_row], titles, ["x_t (net input)", "predicted x_0"], title
+
+
+def guidance(cfg, loaded, raw=None):
+    """The same seeds and conditioning under each scale, after the unconditional samples; raw below the EMA."""
+    if loaded.cond is None:
+        raise UsageError("guidance needs a conditional checkpoint (ddpm_conditional.py or train_sd.py)")
+    scales = parse_scales(cfg.scales)
+    cells, names = [], []
+    for weights_name, model in (("EMA", loaded), ("raw", raw)):
+        if model is None:
+            continue
+        columns = [generate(model, cfg.n, 0.0, cfg, cond=model.null_cond)]
+        columns += [generate(model, cfg.n, scale, cfg) for scale in scales]
+        cells += [[column[i] for column in columns] for i in range(cfg.n)]
+        names += [f"{weights_name}, image {i}" for i in range(cfg.n)]
+    titles = [["unconditional", *[f"scale {scale:g}" for scale in scales]]] + [[""] * (len(scales) + 1)] * (len(cells) - 1)
+    title = (f"guidance: lerp(eps_uncond, eps_cond, scale), {loaded.caption}, {cfg.sampler}, seed {cfg.seed} "
+             "(0 and 1: the conditional eps alone)")
+    return cells, titles, names, title
+
+
+def raw_weights_path(path):
+    """ckpt.pt, the raw weights saved beside an ema_ckpt.pt."""
+    raw = os.path.join(os.path.dirname(path), "ckpt.pt")
+    if os.path.basename(path) != "ema_ckpt.pt" or not os.path.isfile(raw):
+        raise UsageError(f"--compare_raw needs models/<run>/ema_ckpt.pt with ckpt.pt beside it: got '{path}'")
+    return raw
+
+
+def main(argv=None):
+    """Parse the options (the mode may come first), draw the mode's picture, and return the PNG's path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--mode", *argv]
+    cfg = parse_config(Config, argv, description=__doc__)
+    validate(cfg)
+    device = pick_device(cfg.device)
+    if cfg.mode == "noising":
+        saved = sample.read_checkpoint(cfg.ckpt)[1] if cfg.ckpt else {}
+        figure = noising(cfg, saved, device)
+    else:
+        loaded = load(cfg, cfg.ckpt, device)
+        saved = loaded.saved
+        if cfg.mode == "trajectory":
+            figure = trajectory(cfg, loaded)
+        else:
+            raw = load(cfg, raw_weights_path(cfg.ckpt), device) if cfg.compare_raw else None
+            figure = guidance(cfg, loaded, raw)
+    run_name = cfg.run_name or saved.get("run_name", "visualize")
+    path = cfg.out or os.path.join("results", run_name, f"{cfg.mode}.png")
+    draw(*figure, path)
+    print(f"saved {path}")
+    return path
+
+
+if __name__ == "__main__":
+    run_cli(main)
