@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 import sample
 import train_sd
 from data import get_dataset
-from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
+from ddpm import SAMPLERS, Diffusion
 from modules import NULL_LABEL
 from utils import UsageError, arg, load_state_dict_strict, parse_config, pick_device, run_cli, save_figure, to_uint8
 
@@ -56,7 +56,7 @@ class Config:
 
 
 MODES = ("noising", "trajectory", "guidance")
-CELL_INCHES, HEADER_INCHES, DPI = 1.1, 0.6, 100  # a 1.1 x 1.1 inch cell per image, below a title strip
+CELL_INCHES, HEADER_INCHES, DPI = 1.1, 0.8, 100  # a 1.1 x 1.1 inch cell per image, below a title strip
 
 
 def parse_scales(text):
@@ -64,7 +64,8 @@ def parse_scales(text):
     try:
         scales = [float(item) for item in text.split(",")]
     except ValueError:
-        raise UsageError(f"--scales '{text}' is not a comma-separated list of numbers: e.g. --scales 1,3,5,7.5") from None
+        raise UsageError(f"--scales '{text}' is not a comma-separated list of numbers: "
+                         "e.g. --scales 1,3,5,7.5") from None
     if any(scale < 0 or not math.isfinite(scale) for scale in scales):
         raise UsageError(f"--scales '{text}' has a negative or infinite scale: use values >= 0")
     return scales
@@ -145,8 +146,8 @@ def load(cfg, path, device):
     if not 0 <= label < num_classes:
         raise UsageError(f"label {label} is outside the model's {num_classes} classes: use 0..{num_classes - 1}")
     cond = torch.tensor([label], device=device)  # (1,)
-    return Loaded(net.to(device), diffusion, lambda x: x, cond, torch.full_like(cond, NULL_LABEL), f"class {label}",
-                  saved)
+    null_cond = torch.full_like(cond, NULL_LABEL)
+    return Loaded(net.to(device), diffusion, lambda x: x, cond, null_cond, f"class {label}", saved)
 
 
 def generate(loaded, n, cfg_scale, cfg, callback=None, cond=None):
@@ -161,10 +162,10 @@ def generate(loaded, n, cfg_scale, cfg, callback=None, cond=None):
 
 
 # ----------------------------------------------------------------------------- the figure
-def draw(cells, titles, row_names, title, path):
+def draw(cells, column_titles, row_names, title, path):
     """Save a grid of images as a PNG: cells[r][c] is a (C, H, W) tensor in [-1, 1], or None (an empty cell).
 
-    Each column has a caption above its first row, each row a name at its left. The PNG is
+    Each column has its caption above the first row, each row its name at the left. The PNG is
     cols * CELL_INCHES * DPI pixels wide and (rows * CELL_INCHES + HEADER_INCHES) * DPI high.
     """
     rows, cols = len(cells), len(cells[0])
@@ -180,12 +181,13 @@ def draw(cells, titles, row_names, title, path):
                 continue
             pixels = to_uint8(image.detach().float().cpu()).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
             ax.imshow(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, cmap="gray", interpolation="nearest")
-            if titles[r][c]:
-                ax.set_title(titles[r][c], fontsize=7)
+            if r == 0:
+                ax.set_title(column_titles[c], fontsize=7)
             if c == 0:
                 ax.set_ylabel(row_names[r], fontsize=7)
-    fig.subplots_adjust(left=0.1 / cols * 3, right=0.99, bottom=0.02, top=1 - (HEADER_INCHES + 0.25) / (rows * CELL_INCHES + HEADER_INCHES),
-                        wspace=0.08, hspace=0.35)
+    height = rows * CELL_INCHES + HEADER_INCHES
+    fig.subplots_adjust(left=0.25 / cols, right=0.99, bottom=0.02, top=1 - HEADER_INCHES / height, wspace=0.08,
+                        hspace=0.35)
     save_figure(fig, path, dpi=DPI)
     return fig
 
@@ -198,7 +200,8 @@ def noising_timesteps(cfg, noise_steps):
     try:
         timesteps = [int(item) for item in cfg.timesteps.split(",")]
     except ValueError:
-        raise UsageError(f"--timesteps '{cfg.timesteps}' is not a comma-separated list of integers: e.g. 50,200,999") from None
+        raise UsageError(f"--timesteps '{cfg.timesteps}' is not a comma-separated list of integers: "
+                         "e.g. --timesteps 50,200,999") from None
     if any(not 0 <= t < noise_steps for t in timesteps):
         raise UsageError(f"--timesteps '{cfg.timesteps}' leaves 0..{noise_steps - 1}, the schedule's range")
     return timesteps
@@ -223,7 +226,7 @@ def noising(cfg, saved, device):
         x_t, _ = diffusion.noise_images(x_0.expand(len(t), *x_0.shape), t, eps.expand(len(t), *x_0.shape))
         cells.append([x_0, *x_t])
     signal = diffusion.alpha_hat[timesteps].sqrt().tolist()
-    titles = [["x_0", *[f"t={t}\nsqrt(a_hat)={s:.2f}" for t, s in zip(timesteps, signal)]]] + [[""] * len(cells[0])] * (len(cells) - 1)
+    titles = ["x_0", *[f"t={t}\nsqrt(a_hat)={s:.2f}" for t, s in zip(timesteps, signal, strict=True)]]
     title = (f"forward noising q(x_t | x_0), T={diffusion.noise_steps}, linear betas "
              f"{schedule['beta_start']:g}..{schedule['beta_end']:g}; the same eps along each row")
     return cells, titles, [f"{dataset_name} {i}" for i in range(len(cells))], title
@@ -231,14 +234,16 @@ def noising(cfg, saved, device):
 
 def trajectory(cfg, loaded):
     """x_t and the predicted x_0 at `frames` of the sampler's steps (the first and last included), then x_0."""
-    states = []
-    x_0 = generate(loaded, 1, cfg.cfg_scale, cfg,
-                   callback=lambda i, t, x_t, x0_pred: states.append((i, t, x_t[:1].clone(), x0_pred[:1].clone())))
+    states = []  # (t, x_t, x0_pred) of each step, in order
+
+    def record(step_index, t, x_t, x0_pred):
+        states.append((t, x_t.clone(), x0_pred.clone()))
+
+    x_0 = generate(loaded, 1, cfg.cfg_scale, cfg, callback=record)
     shown = sorted({round(k * (len(states) - 1) / (cfg.frames - 1)) for k in range(cfg.frames)})
-    x_t_row = [loaded.decode(states[i][2])[0] for i in shown] + [x_0[0]]
-    x0_row = [loaded.decode(states[i][3])[0] for i in shown] + [None]
-    step_titles = [f"step {states[i][0] + 1}/{len(states)}\nt={states[i][1]}" for i in shown]
-    titles = [step_titles + ["result x_0"], [""] * (len(shown) + 1)]
+    x_t_row = [loaded.decode(states[i][1])[0] for i in shown] + [x_0[0]]
+    x0_row = [loaded.decode(states[i][2])[0] for i in shown] + [None]
+    titles = [f"step {i + 1}/{len(states)}\nt={states[i][0]}" for i in shown] + ["result x_0"]
     scale = f", cfg_scale {cfg.cfg_scale:g}" if loaded.cond is not None else ""
     title = f"{cfg.sampler}, {len(states)} steps, {loaded.caption}{scale}, seed {cfg.seed}"
     return [x_t_row, x0_row], titles, ["x_t (net input)", "predicted x_0"], title
@@ -257,7 +262,7 @@ def guidance(cfg, loaded, raw=None):
         columns += [generate(model, cfg.n, scale, cfg) for scale in scales]
         cells += [[column[i] for column in columns] for i in range(cfg.n)]
         names += [f"{weights_name}, image {i}" for i in range(cfg.n)]
-    titles = [["unconditional", *[f"scale {scale:g}" for scale in scales]]] + [[""] * (len(scales) + 1)] * (len(cells) - 1)
+    titles = ["unconditional", *[f"scale {scale:g}" for scale in scales]]
     title = (f"guidance: lerp(eps_uncond, eps_cond, scale), {loaded.caption}, {cfg.sampler}, seed {cfg.seed} "
              "(0 and 1: the conditional eps alone)")
     return cells, titles, names, title

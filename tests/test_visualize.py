@@ -1,0 +1,209 @@
+"""Tests for visualize.py: each mode's picture from tiny checkpoints, what its cells show, and its errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import ddpm_conditional  # noqa: E402
+import train_sd  # noqa: E402
+import visualize  # noqa: E402
+from ddpm import SAMPLERS  # noqa: E402
+from modules import UNet, UNet_conditional  # noqa: E402
+from utils import parse_config, run_cli, save_config  # noqa: E402
+
+FAST = ["--sampler", "ddim", "--steps", "3"]
+CELL = round(visualize.CELL_INCHES * visualize.DPI)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny networks gain nothing from threads; on busy shared cores each op's thread hand-off costs more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_run(directory, make_net, **config):
+    """models/R/{ema_ckpt.pt, ckpt.pt, config.json} of a tiny U-Net at 16 px with T = 200; returns ema_ckpt.pt."""
+    directory.mkdir(parents=True)
+    for seed, name in ((1, "ema_ckpt.pt"), (2, "ckpt.pt")):
+        torch.manual_seed(seed)
+        torch.save(make_net().state_dict(), directory / name)
+    cfg = ddpm_conditional.Config(run_name="R", dataset="shapes", image_size=16, base_channels=8, noise_steps=200,
+                                  **config)
+    save_config(cfg, str(directory / "config.json"))
+    return str(directory / "ema_ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def cond_ckpt(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("cond") / "models" / "R",
+                     lambda: UNet_conditional(num_classes=3, base_channels=8))
+
+
+@pytest.fixture(scope="module")
+def uncond_ckpt(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("uncond") / "models" / "R", lambda: UNet(base_channels=8))
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    """A train_sd.py run on the tiny random VAE (factor 2, 4 latent channels) and CLIP: 16 px images, 8 px latents."""
+    root = tmp_path_factory.mktemp("text")
+    vae, text_encoder = train_sd.make_tiny_models(str(root / "tiny"))
+    cfg = parse_config(train_sd.Config, ["--vae", vae, "--text_encoder", text_encoder, "--dataset", "shapes",
+                                         "--image_size", "16", "--base_channels", "8", "--noise_steps", "200",
+                                         "--prompt", "a photo of a red circle", "--run_name", "S"])
+    latents, text = train_sd.load_frozen(cfg, "cpu")
+    torch.manual_seed(0)
+    net = train_sd.build_unet(cfg, latents, text)
+    run_dir = root / "models" / "S"
+    run_dir.mkdir(parents=True)
+    torch.save(net.state_dict(), run_dir / "ema_ckpt.pt")
+    save_config(cfg, str(run_dir / "config.json"))
+    return str(run_dir / "ema_ckpt.pt")
+
+
+def options(argv):
+    return parse_config(visualize.Config, argv)
+
+
+def png(path):
+    """(width, height), pixels (H, W, 3) of a PNG."""
+    with Image.open(path) as image:
+        return image.size, np.asarray(image.convert("RGB"))
+
+
+def expected_size(rows, cols):
+    return cols * CELL, rows * CELL + round(visualize.HEADER_INCHES * visualize.DPI)
+
+
+# ----------------------------------------------------------------------------- each mode writes its picture
+@pytest.mark.parametrize("mode, argv, rows, cols", [
+    ("noising", ["--n", "2", "--frames", "4"], 2, 4),  # x_0 and 3 timesteps
+    ("trajectory", FAST + ["--frames", "3", "--label", "2"], 2, 4),  # x_t / x0_pred at 3 steps, then the result
+    ("guidance", FAST + ["--scales", "1,3", "--n", "2", "--compare_raw", "true"], 4, 3),  # EMA and raw rows
+])
+def test_each_mode_writes_a_png_of_its_grid_size_with_content(cond_ckpt, tmp_path, mode, argv, rows, cols):
+    out = str(tmp_path / f"{mode}.png")
+    assert visualize.main([mode, "--ckpt", cond_ckpt, "--out", out, "--device", "cpu", *argv]) == out
+    size, pixels = png(out)
+    assert size == expected_size(rows, cols)
+    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+
+
+def test_default_path_is_results_run_name_mode_and_noising_needs_no_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = visualize.main(["noising", "--n", "1", "--frames", "2", "--image_size", "16"])
+    assert path == os.path.join("results", "visualize", "noising.png") and os.path.isfile(path)
+    assert png(path)[0] == expected_size(1, 2)
+
+
+# ----------------------------------------------------------------------------- what the cells show
+def test_noising_rows_lose_the_image_as_t_grows_with_one_eps_per_row(cond_ckpt):
+    cells, titles, names, title = visualize.noising(options(["--n", "3", "--frames", "6"]), {"noise_steps": 200,
+                                                    "image_size": 16, "dataset": "shapes"}, "cpu")
+    assert titles[0] == "x_0" and titles[1].startswith("t=40\n") and titles[-1].startswith("t=199\n")
+    assert len(cells) == 3 and "T=200" in title
+    for row in cells:
+        errors = [(x_t - row[0]).pow(2).mean().item() for x_t in row[1:]]
+        assert errors == sorted(errors) and errors[0] > 0
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_trajectory_of_every_sampler_shows_its_steps_and_timesteps(cond_ckpt, sampler):
+    steps = [] if sampler == "ddpm" else ["--steps", "4"]  # ddpm: the hand-written Alg. 2, T-1 = 199 steps
+    cfg = options(["--ckpt", cond_ckpt, "--sampler", sampler, "--frames", "3", "--device", "cpu", *steps])
+    loaded = visualize.load(cfg, cfg.ckpt, "cpu")
+    cells, titles, names, title = visualize.trajectory(cfg, loaded)
+    n_steps = 199 if sampler == "ddpm" else 4
+    assert titles[0] == f"step 1/{n_steps}\nt=199" and titles[-2].startswith(f"step {n_steps}/{n_steps}\nt=")
+    assert titles[-1] == "result x_0" and len(titles) == 4 and names == ["x_t (net input)", "predicted x_0"]
+    assert f"{n_steps} steps" in title and "class 0" in title
+    assert cells[1][-1] is None and all(cell.shape == (3, 16, 16) for cell in cells[0])
+    assert abs(cells[0][0].std().item() - 1.0) < 0.3  # x_T ~ N(0, I) in the DDPM convention, also for euler_a
+
+
+def test_guidance_columns_same_seed_scale_0_equals_1_and_3_differs(cond_ckpt):
+    cfg = options(["--ckpt", cond_ckpt, "--scales", "0,1,3", "--n", "2", "--label", "1", *FAST])
+    cells, titles, names, _ = visualize.guidance(cfg, visualize.load(cfg, cfg.ckpt, "cpu"))
+    assert titles == ["unconditional", "scale 0", "scale 1", "scale 3"] and names == ["EMA, image 0", "EMA, image 1"]
+    for uncond, scale_0, scale_1, scale_3 in cells:
+        assert torch.allclose(scale_0, scale_1, atol=1e-5)
+        assert not torch.allclose(scale_1, scale_3, atol=1e-3) and not torch.allclose(uncond, scale_1, atol=1e-3)
+    assert not torch.allclose(cells[0][1], cells[1][1])  # two images, two noises
+
+
+def test_text_checkpoint_trajectory_and_guidance_decode_latents_through_the_vae(text_ckpt, tmp_path):
+    cfg = options(["--ckpt", text_ckpt, "--frames", "2", *FAST])
+    loaded = visualize.load(cfg, cfg.ckpt, "cpu")
+    assert loaded.diffusion.c_in == 4 and loaded.diffusion.img_size == 8  # the U-Net runs on latents
+    cells, titles, _, title = visualize.trajectory(cfg, loaded)
+    assert '"a photo of a red circle"' in title
+    assert all(cell.shape == (3, 16, 16) for cell in cells[0] + cells[1][:-1])  # decoded pixels, not latents
+    out = str(tmp_path / "guidance.png")
+    visualize.main(["guidance", "--ckpt", text_ckpt, "--prompt", "a blue triangle", "--scales", "2", "--n", "1",
+                    "--out", out, *FAST])
+    assert png(out)[0] == expected_size(1, 2)
+
+
+# ----------------------------------------------------------------------------- errors
+def run_main(argv):
+    """visualize.main through run_cli, as the command line runs it; returns the exit code (0 on success)."""
+    try:
+        run_cli(visualize.main, argv)
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["zoom"], "mode 'zoom' is unknown"),
+    (["trajectory"], "trajectory needs a checkpoint"),
+    (["guidance", "--ckpt", "{cond}", "--scales", "1,x"], "--scales '1,x' is not a comma-separated list"),
+    (["guidance", "--ckpt", "{cond}", "--scales", "-2"], "negative"),
+    (["trajectory", "--ckpt", "{uncond}", "--label", "3"], "unconditional: drop --label"),
+    (["trajectory", "--ckpt", "{cond}", "--label", "7"], "label 7 is outside the model's 3 classes"),
+    (["trajectory", "--ckpt", "{cond}", "--prompt", "a cat"], "--prompt is for train_sd.py checkpoints"),
+    (["guidance", "--ckpt", "{uncond}"], "guidance needs a conditional checkpoint"),
+    (["noising", "--timesteps", "5,200", "--image_size", "16", "--ckpt", "{cond}"], "leaves 0..199"),
+    (["trajectory", "--ckpt", "{cond}", "--sampler", "plms"], "sampler 'plms' is unknown"),
+    (["trajectory", "--ckpt", "{cond}", "--out", "x.gif"], "use a .png file name"),
+])
+def test_bad_input_is_one_line_and_exit_2(cond_ckpt, uncond_ckpt, tmp_path, capsys, argv, message):
+    argv = [item.format(cond=cond_ckpt, uncond=uncond_ckpt) for item in argv] + ["--out", str(tmp_path / "x.png")]
+    argv = argv[:-2] if "--out" in argv[:-2] else argv
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_compare_raw_needs_ckpt_pt_beside(cond_ckpt, tmp_path, capsys):
+    lone = tmp_path / "alone" / "ema_ckpt.pt"
+    lone.parent.mkdir()
+    lone.write_bytes(open(cond_ckpt, "rb").read())
+    assert run_main(["guidance", "--ckpt", str(lone), "--compare_raw", "true", *FAST]) == 2
+    assert "--compare_raw needs models/<run>/ema_ckpt.pt with ckpt.pt beside it" in capsys.readouterr().err
+
+
+def test_cli_subprocess_mode_first_then_exit_codes(tmp_path):
+    script = os.path.join(REPO, "visualize.py")
+    out = tmp_path / "strip.png"
+    ok = subprocess.run([sys.executable, script, "noising", "--n", "1", "--frames", "3", "--image_size", "16",
+                         "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert f"saved {out}" in ok.stdout and png(out)[0] == expected_size(1, 3)
+    bad = subprocess.run([sys.executable, script, "--mode", "noise"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("error: mode 'noise' is unknown: use one of noising, "
+                                                          "trajectory, guidance")
