@@ -338,6 +338,14 @@ def save_figure(fig, path, dpi=100):
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
+def save_gif(frames, path, seconds_per_frame=0.1):
+    """Save (N, C, H, W) images as an animated GIF that loops, atomically; the last frame is held for a second."""
+    pictures = [_to_pil(frame) for frame in _as_uint8(frames)]
+    durations = [round(1000 * seconds_per_frame)] * (len(pictures) - 1) + [1000]  # milliseconds
+    _atomic_write(path, lambda f: pictures[0].save(f, format="GIF", save_all=True, append_images=pictures[1:],
+                                                   duration=durations, loop=0))
+
+
 def save_individual(images, labels, out_dir):
     """Write each image to `out_dir/<label>_<i>.png`, i counting within each label; return the paths."""
     images = _as_uint8(images)

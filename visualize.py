@@ -28,7 +28,8 @@ import train_sd
 from data import get_dataset
 from ddpm import SAMPLERS, Diffusion
 from modules import NULL_LABEL
-from utils import UsageError, arg, load_state_dict_strict, parse_config, pick_device, run_cli, save_figure, to_uint8
+from utils import (UsageError, arg, load_state_dict_strict, parse_config, pick_device, run_cli, save_figure, save_gif,
+                   to_uint8)
 
 
 # ----------------------------------------------------------------------------- options
@@ -43,6 +44,7 @@ class Config:
     compare_raw: bool = arg(False, "guidance mode: also sample ckpt.pt (the raw weights) beside the EMA")
     n: int = arg(4, "rows: data set images (noising) or seeds (guidance)")
     frames: int = arg(8, "columns of the noising strip and of the trajectory")
+    gif: bool = arg(False, "trajectory: also write the PNG's name with .gif, x_t beside the predicted x_0 per step")
     timesteps: str | None = arg(None, "noising: comma-separated t (None: `frames - 1` evenly spaced up to T-1)")
     sampler: str = arg("dpm++", "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a")
     steps: int | None = arg(None, "network steps of the sampler (None: its default, 20 for dpm++)")
@@ -232,7 +234,15 @@ def noising(cfg, saved, device):
     return cells, titles, [f"{dataset_name} {i}" for i in range(len(cells))], title
 
 
-def trajectory(cfg, loaded):
+def trajectory_gif(states, decode, path, frames=60, size=128):
+    """x_t beside the predicted x_0, at up to `frames` evenly spaced steps, each image scaled to size x size."""
+    shown = sorted({round(k * (len(states) - 1) / (frames - 1)) for k in range(frames)})
+    pairs = [torch.cat([decode(states[i][1]), decode(states[i][2])], dim=3) for i in shown]  # (1, C, H, 2W) each
+    pairs = torch.nn.functional.interpolate(torch.cat(pairs).float().cpu(), size=(size, 2 * size), mode="nearest")
+    save_gif(pairs, path)
+
+
+def trajectory(cfg, loaded, gif_path=None):
     """x_t and the predicted x_0 at `frames` of the sampler's steps (the first and last included), then x_0."""
     states = []  # (t, x_t, x0_pred) of each step, in order
 
@@ -240,6 +250,8 @@ def trajectory(cfg, loaded):
         states.append((t, x_t.clone(), x0_pred.clone()))
 
     x_0 = generate(loaded, 1, cfg.cfg_scale, cfg, callback=record)
+    if gif_path is not None:
+        trajectory_gif(states, loaded.decode, gif_path)
     shown = sorted({round(k * (len(states) - 1) / (cfg.frames - 1)) for k in range(cfg.frames)})
     x_t_row = [loaded.decode(states[i][1])[0] for i in shown] + [x_0[0]]
     x0_row = [loaded.decode(states[i][2])[0] for i in shown] + [None]
@@ -285,18 +297,22 @@ def main(argv=None):
     validate(cfg)
     device = pick_device(cfg.device)
     if cfg.mode == "noising":
-        saved = sample.read_checkpoint(cfg.ckpt)[1] if cfg.ckpt else {}
-        figure = noising(cfg, saved, device)
+        loaded, saved = None, sample.read_checkpoint(cfg.ckpt)[1] if cfg.ckpt else {}
     else:
         loaded = load(cfg, cfg.ckpt, device)
         saved = loaded.saved
-        if cfg.mode == "trajectory":
-            figure = trajectory(cfg, loaded)
-        else:
-            raw = load(cfg, raw_weights_path(cfg.ckpt), device) if cfg.compare_raw else None
-            figure = guidance(cfg, loaded, raw)
     run_name = cfg.run_name or saved.get("run_name", "visualize")
     path = cfg.out or os.path.join("results", run_name, f"{cfg.mode}.png")
+    if cfg.mode == "noising":
+        figure = noising(cfg, saved, device)
+    elif cfg.mode == "trajectory":
+        gif_path = os.path.splitext(path)[0] + ".gif" if cfg.gif else None
+        figure = trajectory(cfg, loaded, gif_path)
+        if gif_path:
+            print(f"saved {gif_path}")
+    else:
+        raw = load(cfg, raw_weights_path(cfg.ckpt), device) if cfg.compare_raw else None
+        figure = guidance(cfg, loaded, raw)
     draw(*figure, path)
     print(f"saved {path}")
     return path

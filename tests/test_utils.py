@@ -207,6 +207,30 @@ def test_save_images_with_captions(tmp_path):
         utils.save_images(images, path, nrow=3, captions=["only one"])
 
 
+def test_save_figure_is_figsize_times_dpi_and_leaves_no_temp_file(tmp_path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3, 2))
+    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    utils.save_figure(fig, tmp_path / "plot.png", dpi=50)
+    with Image.open(tmp_path / "plot.png") as image:
+        assert image.format == "PNG" and image.size == (150, 100)
+    assert os.listdir(tmp_path) == ["plot.png"]
+
+
+def test_save_gif_keeps_every_frame_and_holds_the_last(tmp_path):
+    frames = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    frames[1, 0], frames[2, 1] = 255, 255  # black, red, green
+    utils.save_gif(frames, tmp_path / "a.gif", seconds_per_frame=0.2)
+    with Image.open(tmp_path / "a.gif") as gif:
+        colours, durations = [], []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            colours.append(tuple(gif.convert("RGB").getpixel((4, 4))))
+            durations.append(gif.info["duration"])
+    assert colours == [(0, 0, 0), (255, 0, 0), (0, 255, 0)] and durations == [200, 200, 1000]
+
+
 def test_save_individual_names(tmp_path):
     images = torch.rand(5, 3, 8, 8) * 2 - 1
     paths = utils.save_individual(images, torch.tensor([3, 1, 3, 3, 1]), tmp_path / "out")

@@ -90,7 +90,7 @@ def expected_size(rows, cols):
 # ----------------------------------------------------------------------------- each mode writes its picture
 @pytest.mark.parametrize("mode, argv, rows, cols", [
     ("noising", ["--n", "2", "--frames", "4"], 2, 4),  # x_0 and 3 timesteps
-    ("trajectory", FAST + ["--frames", "3", "--label", "2"], 2, 4),  # x_t / x0_pred at 3 steps, then the result
+    ("trajectory", FAST + ["--frames", "3", "--label", "2", "--gif", "true"], 2, 4),  # 3 steps, then the result
     ("guidance", FAST + ["--scales", "1,3", "--n", "2", "--compare_raw", "true"], 4, 3),  # EMA and raw rows
 ])
 def test_each_mode_writes_a_png_of_its_grid_size_with_content(cond_ckpt, tmp_path, mode, argv, rows, cols):
@@ -99,6 +99,16 @@ def test_each_mode_writes_a_png_of_its_grid_size_with_content(cond_ckpt, tmp_pat
     size, pixels = png(out)
     assert size == expected_size(rows, cols)
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    if mode == "trajectory":  # --gif: one frame per step, x_t beside x0_pred, the last held for a second
+        frames, durations = [], []
+        with Image.open(tmp_path / "trajectory.gif") as gif:
+            assert gif.size == (256, 128) and gif.n_frames == 3
+            for index in range(gif.n_frames):
+                gif.seek(index)
+                frames.append(np.asarray(gif.convert("RGB")))
+                durations.append(gif.info["duration"])
+        assert durations == [100, 100, 1000]
+        assert not np.array_equal(frames[0], frames[2]) and frames[0].std() > 10
 
 
 def test_default_path_is_results_run_name_mode_and_noising_needs_no_checkpoint(tmp_path, monkeypatch):
@@ -109,7 +119,7 @@ def test_default_path_is_results_run_name_mode_and_noising_needs_no_checkpoint(t
 
 
 # ----------------------------------------------------------------------------- what the cells show
-def test_noising_rows_lose_the_image_as_t_grows_with_one_eps_per_row(cond_ckpt):
+def test_noising_rows_lose_the_image_as_t_grows_with_one_eps_per_row():
     cells, titles, names, title = visualize.noising(options(["--n", "3", "--frames", "6"]), {"noise_steps": 200,
                                                     "image_size": 16, "dataset": "shapes"}, "cpu")
     assert titles[0] == "x_0" and titles[1].startswith("t=40\n") and titles[-1].startswith("t=199\n")
@@ -168,6 +178,7 @@ def run_main(argv):
 
 @pytest.mark.parametrize("argv, message", [
     (["zoom"], "mode 'zoom' is unknown"),
+    (["--mode", "noise"], "mode 'noise' is unknown: use one of noising, trajectory, guidance"),
     (["trajectory"], "trajectory needs a checkpoint"),
     (["guidance", "--ckpt", "{cond}", "--scales", "1,x"], "--scales '1,x' is not a comma-separated list"),
     (["guidance", "--ckpt", "{cond}", "--scales", "-2"], "negative"),
@@ -180,8 +191,9 @@ def run_main(argv):
     (["trajectory", "--ckpt", "{cond}", "--out", "x.gif"], "use a .png file name"),
 ])
 def test_bad_input_is_one_line_and_exit_2(cond_ckpt, uncond_ckpt, tmp_path, capsys, argv, message):
-    argv = [item.format(cond=cond_ckpt, uncond=uncond_ckpt) for item in argv] + ["--out", str(tmp_path / "x.png")]
-    argv = argv[:-2] if "--out" in argv[:-2] else argv
+    argv = [item.format(cond=cond_ckpt, uncond=uncond_ckpt) for item in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "x.png")]
     assert run_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -196,14 +208,10 @@ def test_compare_raw_needs_ckpt_pt_beside(cond_ckpt, tmp_path, capsys):
     assert "--compare_raw needs models/<run>/ema_ckpt.pt with ckpt.pt beside it" in capsys.readouterr().err
 
 
-def test_cli_subprocess_mode_first_then_exit_codes(tmp_path):
+def test_cli_subprocess_writes_the_strip(tmp_path):
     script = os.path.join(REPO, "visualize.py")
     out = tmp_path / "strip.png"
     ok = subprocess.run([sys.executable, script, "noising", "--n", "1", "--frames", "3", "--image_size", "16",
                          "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert f"saved {out}" in ok.stdout and png(out)[0] == expected_size(1, 3)
-    bad = subprocess.run([sys.executable, script, "--mode", "noise"], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip() == ("error: mode 'noise' is unknown: use one of noising, "
-                                                          "trajectory, guidance")
