@@ -1,0 +1,460 @@
+"""Quality figures of any checkpoint: class accuracy from a learned judge, FID and KID, and an offline distance.
+
+    python evaluate.py --ckpt models/R/ema_ckpt.pt --num_samples 1000
+    python evaluate.py --ckpt models/R/ema_ckpt.pt --cfg_scale 0,1,3,5 --steps 10,20,50     (one row each)
+    python evaluate.py --ckpt models/R/ema_ckpt.pt --inception_weights weights-inception-2015-12-05-6726825d.pth
+
+Figures, one row per (cfg_scale, steps) combination:
+  class_acc  fraction of the samples that the judge assigns to the class they were generated for
+  judge_fd   Frechet distance between samples and real images in the judge's feature space; it runs offline on
+             any data set and is NOT comparable with published FID
+  fid, kid   Frechet and kernel Inception distances through torch-fidelity (needs the Inception weights)
+The judge is a small CNN trained once on the real training images and cached in data/judges/; its accuracy on
+held-out real images is printed beside the figures, so a weak judge is visible.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from data import get_dataset
+from ddpm import DEFAULT_STEPS, SAMPLERS
+from sample import load_model, make_diffusion
+from utils import (UsageError, _atomic_write, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli,
+                   to_uint8)
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class Config:
+    ckpt: str | None = arg(None, "checkpoint: models/<run>/ema_ckpt.pt, ckpt.pt or training_state.pt")
+    num_samples: int = arg(1000, "N, images generated for each row, balanced over the classes (50000 for paper FID)")
+    sampler: str = arg("dpm++", "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a")
+    steps: str = arg("default", "network steps of the sampler, or a list to sweep, e.g. 10,20,50 (default: "
+                                "the sampler's own)")
+    cfg_scale: str = arg("3", "guidance, or a list to sweep, e.g. 0,1,3,5 (ignored by an unconditional model)")
+    seed: int = arg(0, "seed of the noise: the same seed gives the same samples")
+    batch_size: int = arg(250, "images per sampler batch")
+    dataset: str | None = arg(None, "real images: cifar10 | imagefolder | shapes (None: the training config's)")
+    dataset_path: str | None = arg(None, "folder of the data set (None: the training config's)")
+    image_size: int | None = arg(None, "pixels, divisible by 8 (None: the training size)")
+    num_real: int = arg(5000, "real training images for the judge (80% to train, 20% held out) and the statistics")
+    judge_epochs: int = arg(5, "epochs of the judge's training, done once per data set and resolution")
+    inception: bool = arg(True, "compute FID and KID through torch-fidelity (false: offline figures only)")
+    inception_weights: str | None = arg(None, "local Inception weights file for torch-fidelity, for machines "
+                                              "without internet")
+    out: str | None = arg(None, "metrics file, replaced atomically (None: results/<run_name>/metrics.json); "
+                                "metrics.png is written beside it")
+    weights: str = arg("ema", "weights of a training_state.pt: ema | model")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+
+
+JUDGE_VERSION = 1  # bump when the judge's network or training changes, so old cached judges are never read
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads to the torch hub
+
+
+def parse_list(text, parse, name):
+    """'0,1, 3' -> [0.0, 1.0, 3.0] with `parse`; 'default' -> [None]."""
+    try:
+        return [None if item.strip().lower() in ("default", "none") else parse(item) for item in str(text).split(",")]
+    except ValueError:
+        raise UsageError(f"--{name} '{text}' is not a comma-separated list of numbers: e.g. --{name} 1,3,5") from None
+
+
+def validate(cfg):
+    """One readable error for each option the run cannot use, before any file is read."""
+    if cfg.ckpt is None:
+        raise UsageError("no checkpoint given: pass --ckpt models/<run>/ema_ckpt.pt")
+    if cfg.sampler not in SAMPLERS:
+        raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
+    if any(s is not None and s <= 0 for s in parse_list(cfg.steps, int, "steps")):
+        raise UsageError(f"--steps {cfg.steps} must be positive")
+    if any(c is None or c < 0 for c in parse_list(cfg.cfg_scale, float, "cfg_scale")):
+        raise UsageError(f"--cfg_scale {cfg.cfg_scale}: use numbers >= 0, e.g. 0,1,3")
+    if cfg.num_samples < 2:
+        raise UsageError(f"num_samples {cfg.num_samples} is too small: KID and the Frechet distances need at "
+                         "least 2 samples (use 1000 or more for figures worth comparing)")
+    for name in ("batch_size", "num_real", "judge_epochs"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
+    if cfg.weights not in ("ema", "model"):
+        raise UsageError(f"weights '{cfg.weights}' is unknown: use ema or model")
+    if cfg.inception_weights is not None and not os.path.isfile(cfg.inception_weights):
+        raise UsageError(f"--inception_weights '{cfg.inception_weights}' not found: pass the path of {INCEPTION_FILE}")
+
+
+# ----------------------------------------------------------------------------- the judge
+class JudgeNet(nn.Module):
+    """A small CNN classifier: images (B, 3, S, S) in [-1, 1] -> logits (B, K); `features` is its last hidden layer."""
+
+    def __init__(self, num_classes, width=32):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.body = nn.Sequential(*block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
+                                  *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())  # (B, 3, S, S) -> (B, 4 * width)
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@dataclass
+class Judge:
+    """A trained JudgeNet, its accuracy on held-out real images, and the real images' feature statistics."""
+    net: JudgeNet
+    heldout_accuracy: float
+    real_mu: np.ndarray  # (D,)
+    real_sigma: np.ndarray  # (D, D)
+    path: str
+
+    @torch.no_grad()
+    def features(self, images, batch_size=500):
+        """uint8 images (N, 3, S, S) -> float64 features (N, D), in batches."""
+        device = next(self.net.parameters()).device
+        out = [self.net.features(to_float(images[i:i + batch_size]).to(device)).double().cpu()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out).numpy()
+
+    def predict(self, images, batch_size=500):
+        """uint8 images (N, 3, S, S) -> class ids (N,)."""
+        features = torch.from_numpy(self.features(images, batch_size)).float()
+        return self.net.head(features.to(next(self.net.parameters()).device)).argmax(dim=1).cpu()
+
+
+def to_float(images):
+    """uint8 (N, C, H, W) in 0..255 -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def real_images(dataset, dataset_path, image_size, num_real, seed=0):
+    """(uint8 images (n, 3, S, S), labels (n,), class names) of up to num_real training images, drawn with `seed`."""
+    data = get_dataset(dataset, dataset_path, image_size, seed=seed, train=True, size=num_real)
+    torch.manual_seed(seed)  # the random crops of the file data sets
+    loader = torch.utils.data.DataLoader(data, batch_size=500, shuffle=False, num_workers=0)
+    images, labels = [], []
+    for x, y in tqdm(loader, desc="real images", leave=False):
+        images.append(to_uint8(x))
+        labels.append(torch.as_tensor(y))
+    return torch.cat(images), torch.cat(labels), list(data.classes)
+
+
+def judge_path(dataset, dataset_path, image_size, num_real, epochs, seed, root):
+    """data/judges/<dataset>-<S>px-<num_real>-<hash of every setting>.pt"""
+    key = {"dataset": dataset, "path": None if dataset == "shapes" else os.path.abspath(dataset_path or ""),
+           "image_size": image_size, "num_real": num_real, "epochs": epochs, "seed": seed, "version": JUDGE_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(root, f"{dataset}-{image_size}px-{num_real}-{digest}.pt")
+
+
+def train_judge(images, labels, num_classes, epochs, seed=0, device="cpu", batch_size=64):
+    """A JudgeNet trained on 80% of (images, labels), and its accuracy on the held-out 20%."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=generator)
+    n_train = max(1, int(0.8 * len(images)))
+    train_idx, held_idx = order[:n_train], order[n_train:]
+    torch.manual_seed(seed)
+    net = JudgeNet(num_classes).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    net.train()
+    for _ in tqdm(range(epochs), desc="training the judge", leave=False):
+        for batch in torch.randperm(n_train, generator=generator).split(batch_size):
+            idx = train_idx[batch]
+            loss = F.cross_entropy(net(to_float(images[idx]).to(device)), labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    net.eval().requires_grad_(False)
+    judge = Judge(net, float("nan"), None, None, "")
+    if len(held_idx):
+        judge.heldout_accuracy = class_accuracy(judge.predict(images[held_idx]), labels[held_idx])
+    return judge
+
+
+def get_judge(dataset, dataset_path, image_size, num_real=5000, epochs=5, seed=0, device="cpu", root="data/judges"):
+    """The judge of a data set at a resolution: loaded from `root`, or trained on its real images and saved there."""
+    path = judge_path(dataset, dataset_path, image_size, num_real, epochs, seed, root)
+    if os.path.isfile(path):
+        state = load_checkpoint(path)
+        net = JudgeNet(state["num_classes"])
+        net.load_state_dict(state["net"])
+        net.eval().requires_grad_(False).to(device)
+        return Judge(net, state["heldout_accuracy"], state["real_mu"].numpy(), state["real_sigma"].numpy(), path)
+    images, labels, classes = real_images(dataset, dataset_path, image_size, num_real, seed)
+    print(f"training the judge on {len(images)} real {dataset} images at {image_size} px (once; cached in {root}/)")
+    judge = train_judge(images, labels, len(classes), epochs, seed, device)
+    judge.real_mu, judge.real_sigma = feature_statistics(judge.features(images))
+    judge.path = path
+    atomic_save({"net": judge.net.state_dict(), "num_classes": len(classes), "heldout_accuracy": judge.heldout_accuracy,
+                 "real_mu": torch.from_numpy(judge.real_mu), "real_sigma": torch.from_numpy(judge.real_sigma)}, path)
+    return judge
+
+
+# ----------------------------------------------------------------------------- figures
+def class_accuracy(predicted, requested):
+    """Fraction of rows whose predicted class is the requested one."""
+    return float((predicted.cpu() == requested.cpu()).float().mean())
+
+
+def feature_statistics(features):
+    """Mean (D,) and covariance (D, D) of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)): the Frechet distance of two Gaussians.
+
+    This is FID's formula (Heusel et al. 2017); the figure depends on the feature space it is applied in.
+    """
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # fewer samples than dimensions make the product singular: expected
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(mu1)) * 1e-6
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+
+
+def generate(model, diffusion, num_classes, n, cfg_scale, sampler, steps, seed, batch_size=250, progress=True):
+    """n uint8 samples (n, C, S, S) and the labels they were asked for (n,) (None if unconditional).
+
+    Labels cycle through the classes (0, 1, .., K-1, 0, ..), so every class gets n // K or n // K + 1 samples.
+    The noise of every batch comes from one generator seeded with `seed`.
+    """
+    labels = None if num_classes is None else torch.arange(n) % num_classes
+    generator = torch.Generator(diffusion.device).manual_seed(seed)
+    out = []
+    with tqdm(total=n, desc=f"{sampler} cfg {cfg_scale} steps {steps or 'default'}", unit="img",
+              disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            y = None if labels is None else labels[start:start + b].to(diffusion.device)
+            x = diffusion.sample(model, b, y, cfg_scale, sampler=sampler, steps=steps, generator=generator,
+                                 progress=False)
+            out.append(x.cpu())
+            bar.update(b)
+    return torch.cat(out), labels
+
+
+def sample_figures(judge, samples, labels):
+    """The offline figures of uint8 samples: class accuracy (None without labels) and the judge-space distance."""
+    features = judge.features(samples)
+    accuracy = None
+    if labels is not None:
+        head = judge.net.head
+        logits = head(torch.from_numpy(features).float().to(next(head.parameters()).device))
+        accuracy = class_accuracy(logits.argmax(dim=1), labels)
+    mu, sigma = feature_statistics(features)
+    return {"class_accuracy": accuracy, "judge_fd": frechet_distance(mu, sigma, judge.real_mu, judge.real_sigma)}
+
+
+def offline_figures(model, diffusion, judge, num_classes, n, cfg_scale=3.0, sampler="dpm++", steps=None, seed=0,
+                    batch_size=250):
+    """Class accuracy and judge-space Frechet distance of n fresh samples; what training's --eval_every logs."""
+    samples, labels = generate(model, diffusion, num_classes, n, cfg_scale, sampler, steps, seed, batch_size,
+                               progress=False)
+    return sample_figures(judge, samples, labels)
+
+
+# ----------------------------------------------------------------------------- FID and KID (torch-fidelity)
+class Uint8Images(Dataset):
+    """uint8 images (N, 3, H, W) as the Dataset of tensors that torch-fidelity reads."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+def inception_unavailable(weights_path):
+    """None when FID and KID can run, else the one-line reason; never waits more than a few seconds."""
+    if weights_path is not None:
+        return None
+    hub_file = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+    if os.path.isfile(hub_file):
+        return None
+    try:
+        socket.create_connection(("github.com", 443), timeout=3).close()
+    except OSError:
+        return (f"FID and KID skipped: torch-fidelity needs {INCEPTION_FILE} (in {os.path.dirname(hub_file)}/ or "
+                f"given by --inception_weights PATH) and cannot download it here")
+    return None
+
+
+def file_digest(path):
+    """The first 12 hex digits of a file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def inception_figures(samples, real, real_name, weights_path, cuda, cache_root="data/fidelity_cache"):
+    """FID and KID of uint8 samples against uint8 real images; the real statistics are cached under `real_name`."""
+    import torch_fidelity
+
+    weights_tag = "default" if weights_path is None else file_digest(weights_path)
+    metrics = torch_fidelity.calculate_metrics(
+        input1=Uint8Images(samples), input2=Uint8Images(real), input2_cache_name=f"{real_name}-{weights_tag}",
+        cache_root=cache_root, fid=True, kid=True, kid_subset_size=min(1000, len(samples), len(real)),
+        feature_extractor_weights_path=weights_path, cuda=cuda, save_cpu_ram=True, verbose=False)
+    return {"fid": metrics["frechet_inception_distance"], "kid": metrics["kernel_inception_distance_mean"],
+            "kid_std": metrics["kernel_inception_distance_std"]}
+
+
+# ----------------------------------------------------------------------------- the run
+def resolve_data(cfg, saved):
+    """(dataset, dataset_path) from the flags, else from the training config saved with the checkpoint."""
+    dataset = cfg.dataset or saved.get("dataset")
+    if dataset is None:
+        raise UsageError(f"checkpoint '{cfg.ckpt}' has no saved training config (config.json beside it): pass "
+                         "--dataset shapes|cifar10|imagefolder (with --dataset_path and --image_size as trained)")
+    dataset_path = cfg.dataset_path if cfg.dataset_path is not None else saved.get("dataset_path", "./data")
+    return dataset, dataset_path
+
+
+def print_table(rows, judge):
+    """One line per row: the settings and every figure ('-' where a figure was skipped)."""
+    def shown(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    print(f"{'sampler':>8} {'steps':>7} {'cfg':>5} {'N':>6} {'class_acc':>9} {'judge_fd':>9} {'fid':>8} "
+          f"{'kid':>9} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['sampler']:>8} {str(r['steps'] or 'default'):>7} {shown(r['cfg_scale'], 'g'):>5} "
+              f"{r['num_samples']:>6} {shown(r['class_accuracy'], '.3f'):>9} {shown(r['judge_fd'], '.3f'):>9} "
+              f"{shown(r['fid'], '.2f'):>8} {shown(r['kid'], '.5f'):>9} {r['seconds']:>8.1f}")
+    print(f"judge: {judge.heldout_accuracy:.3f} accuracy on held-out real images ({judge.path}); judge_fd is a "
+          "Frechet distance in its feature space, not comparable with published FID")
+
+
+def plot_metrics(rows, path):
+    """Class accuracy and the distances against the swept setting: x = cfg_scale (one line per steps) or steps."""
+    cfg_values = sorted({r["cfg_scale"] for r in rows if r["cfg_scale"] is not None})
+    by_cfg = len(cfg_values) > 1
+    fig = Figure(figsize=(10, 4))
+    panels = [("class_accuracy", "class accuracy (judge)"), ("judge_fd", "judge-space Frechet distance")]
+    if any(r["fid"] is not None for r in rows):
+        panels.append(("fid", "FID"))
+    for i, (key, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        series = sorted({r["steps"] or 0 for r in rows}) if by_cfg else sorted({r["cfg_scale"] or 0 for r in rows})
+        for value in series:
+            if by_cfg:
+                points = [(r["cfg_scale"], r[key]) for r in rows if (r["steps"] or 0) == value]
+                label = f"{value or 'default'} steps"
+            else:
+                points = [(r["steps_run"], r[key]) for r in rows if (r["cfg_scale"] or 0) == value]
+                label = f"cfg {value:g}"
+            points = [(x, y) for x, y in points if y is not None]
+            if points:
+                ax.plot(*zip(*sorted(points)), marker="o", label=label)
+        ax.set_xlabel("cfg_scale" if by_cfg else "sampler steps")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def write_metrics(metrics, path):
+    text = json.dumps(metrics, indent=2) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def main(argv=None):
+    """Sample every (cfg_scale, steps) combination, measure it, print the table, write metrics.json and .png."""
+    cfg = parse_config(Config, argv, description=__doc__)
+    validate(cfg)
+    device = pick_device(cfg.device)
+    model, arch, saved = load_model(cfg.ckpt, cfg.weights)
+    dataset, dataset_path = resolve_data(cfg, saved)
+    diffusion = make_diffusion(cfg, saved, arch["c_in"], device)
+    num_classes = arch["num_classes"]
+    if num_classes is not None and cfg.num_samples < num_classes:
+        raise UsageError(f"num_samples {cfg.num_samples} is smaller than the model's {num_classes} classes: pass "
+                         f"--num_samples {num_classes} or more, so every class is sampled")
+    run_name = saved.get("run_name") or os.path.basename(os.path.dirname(os.path.abspath(cfg.ckpt)))
+    out = cfg.out or os.path.join("results", run_name, "metrics.json")
+    cfg_scales = parse_list(cfg.cfg_scale, float, "cfg_scale") if num_classes is not None else [None]
+    steps_list = parse_list(cfg.steps, int, "steps")
+
+    judge = get_judge(dataset, dataset_path, diffusion.img_size, cfg.num_real, cfg.judge_epochs, device=device)
+    if num_classes is not None and judge.net.head.out_features != num_classes:
+        raise UsageError(f"the checkpoint has {num_classes} classes but {dataset} has {judge.net.head.out_features}: "
+                         "pass the --dataset (and --dataset_path) it was trained on")
+    notes = []
+    if num_classes is None:
+        notes.append("unconditional checkpoint: class accuracy skipped (no requested classes); distances computed")
+    skip = "FID and KID off (--inception false)" if not cfg.inception else inception_unavailable(cfg.inception_weights)
+    real, real_name = None, os.path.splitext(os.path.basename(judge.path))[0]  # names data set, size, images
+    if skip is None:
+        real, _, _ = real_images(dataset, dataset_path, diffusion.img_size, cfg.num_real)
+    kind = "unconditional" if num_classes is None else f"conditional ({num_classes} classes)"
+    print(f"{kind} U-Net from {cfg.ckpt}; {dataset} at {diffusion.img_size} px; N = {cfg.num_samples} per row "
+          f"on {device}")
+
+    model.to(device)
+    rows = []
+    for cfg_scale in cfg_scales:
+        for steps in steps_list:
+            start = time.perf_counter()
+            samples, labels = generate(model, diffusion, num_classes, cfg.num_samples, cfg_scale or 0.0, cfg.sampler,
+                                       steps, cfg.seed, cfg.batch_size)
+            row = {"sampler": cfg.sampler, "steps": steps, "steps_run": steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1),
+                   "cfg_scale": cfg_scale, "num_samples": cfg.num_samples, "seed": cfg.seed,
+                   **sample_figures(judge, samples, labels), "fid": None, "kid": None, "kid_std": None}
+            if skip is None:
+                try:
+                    row.update(inception_figures(samples, real, real_name,
+                                                 cfg.inception_weights, device.startswith("cuda")))
+                except OSError as exc:  # a download that fails after all
+                    skip = (f"FID and KID skipped: torch-fidelity could not get {INCEPTION_FILE} ({exc}); pass "
+                            "--inception_weights PATH")
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            rows.append(row)
+    if skip is not None:
+        notes.append(skip)
+        print(skip)
+
+    print_table(rows, judge)
+    metrics = {"checkpoint": cfg.ckpt, "run_name": run_name, "dataset": dataset, "image_size": diffusion.img_size,
+               "judge": {"path": judge.path, "heldout_accuracy": judge.heldout_accuracy, "num_real": cfg.num_real},
+               "judge_fd_note": "Frechet distance in the judge's feature space; not comparable with published FID",
+               "config": dataclasses.asdict(cfg), "notes": notes, "rows": rows}
+    write_metrics(metrics, out)
+    plot_path = os.path.join(os.path.dirname(out) or ".", "metrics.png")
+    plot_metrics(rows, plot_path)
+    print(f"saved {out} and {plot_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)

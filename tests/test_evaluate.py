@@ -1,0 +1,163 @@
+"""Tests for evaluate.py: the judge, the Frechet distance, class accuracy, and the CLI on a tiny checkpoint."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+import ddpm_conditional
+import evaluate
+from modules import UNet, UNet_conditional
+from utils import UsageError, run_cli, save_config, to_uint8
+
+FAST = ["--sampler", "ddim", "--steps", "2", "--num_real", "500", "--judge_epochs", "3", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny networks gain nothing from threads; on busy shared cores each op's thread hand-off costs more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    """600 real shapes images at 8 px: uint8 (600, 3, 8, 8) and labels (600,)."""
+    images, labels, classes = evaluate.real_images("shapes", None, 8, 600)
+    assert images.dtype == torch.uint8 and images.shape == (600, 3, 8, 8) and len(classes) == 10
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def judge(shapes):
+    return evaluate.train_judge(*shapes, num_classes=10, epochs=3)
+
+
+def test_the_judge_learns_held_out_shapes(judge):
+    assert judge.heldout_accuracy >= 0.9
+
+
+def test_class_accuracy_is_high_for_true_labels_and_near_chance_for_shuffled(judge):
+    images, labels = evaluate.real_images("shapes", None, 8, 200, seed=7)[:2]  # images the judge never saw
+    predicted = judge.predict(images)
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    assert evaluate.class_accuracy(predicted, labels) >= 0.9
+    assert evaluate.class_accuracy(predicted, shuffled) <= 0.25  # chance is 0.1
+
+
+def test_frechet_distance_of_gaussians_in_closed_form():
+    mu, sigma = np.zeros(2), np.eye(2)
+    assert evaluate.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
+    # ||(1, 0)||^2 + tr(I + 4I - 2 * 2I) = 1 + 2
+    assert evaluate.frechet_distance(mu, sigma, np.array([1.0, 0.0]), 4 * np.eye(2)) == pytest.approx(3.0)
+
+
+def test_frechet_distance_of_two_real_halves_is_small_and_grows_with_blur_and_noise(judge):
+    images = evaluate.real_images("shapes", None, 8, 800, seed=3)[0]
+    first, second = images[:400], images[400:]
+
+    def distance(other):
+        mu1, sigma1 = evaluate.feature_statistics(judge.features(first))
+        mu2, sigma2 = evaluate.feature_statistics(judge.features(other))
+        return evaluate.frechet_distance(mu1, sigma1, mu2, sigma2)
+
+    blurred = TF.gaussian_blur(second, kernel_size=3, sigma=1.0)
+    noised = to_uint8(evaluate.to_float(second) + 0.5 * torch.randn(second.shape, generator=torch.Generator().manual_seed(0)))
+    same, blur, noise = distance(second), distance(blurred), distance(noised)
+    assert same < 0.25 * blur and same < 0.25 * noise, (same, blur, noise)
+
+
+# ----------------------------------------------------------------------------- the CLI on a tiny checkpoint
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder with models/R (conditional, config beside it) and models/U (unconditional); the judge cache is shared."""
+    root = tmp_path_factory.mktemp("eval")
+    for name, net in (("R", UNet_conditional(num_classes=10, base_channels=8)), ("U", UNet(base_channels=8))):
+        (root / "models" / name).mkdir(parents=True)
+        torch.save(net.state_dict(), root / "models" / name / "ema_ckpt.pt")
+        cfg = ddpm_conditional.Config(run_name=name, dataset="shapes", image_size=16, base_channels=8, noise_steps=100)
+        save_config(cfg, str(root / "models" / name / "config.json"))
+    (root / "bare").mkdir()
+    torch.save(UNet_conditional(num_classes=10, base_channels=8).state_dict(), root / "bare" / "ckpt.pt")
+    return root
+
+
+@pytest.fixture
+def offline(workdir, monkeypatch):
+    """Run inside workdir, with no internet and an empty torch hub, whatever the machine has."""
+    def no_network(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(workdir / "hub"))
+    return workdir
+
+
+ROW_FIELDS = {"sampler", "steps", "steps_run", "cfg_scale", "num_samples", "seed", "class_accuracy", "judge_fd",
+              "fid", "kid", "kid_std", "seconds"}
+
+
+def test_metrics_json_holds_every_field_and_the_offline_figures(offline, capsys):
+    metrics = evaluate.main(["--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "10", "--cfg_scale", "3"] + FAST)
+    written = json.loads((offline / "results" / "R" / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    assert written["dataset"] == "shapes" and written["image_size"] == 16 and written["judge"]["heldout_accuracy"] >= 0.9
+    (row,) = written["rows"]
+    assert set(row) == ROW_FIELDS
+    assert row["sampler"] == "ddim" and row["steps"] == 2 and row["cfg_scale"] == 3 and row["num_samples"] == 10
+    assert 0 <= row["class_accuracy"] <= 1 and row["judge_fd"] > 0 and row["seconds"] > 0
+    out = capsys.readouterr().out
+    assert "class_acc" in out and "held-out" in out and "not comparable with published FID" in out
+
+
+def test_missing_inception_weights_is_one_line_and_offline_figures_still_run(offline, capsys):
+    metrics = evaluate.main(["--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "10"] + FAST)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "FID and KID skipped" in line]
+    assert len(lines) == 1 and evaluate.INCEPTION_FILE in lines[0] and "--inception_weights" in lines[0]
+    assert metrics["notes"] == [lines[0]]
+    assert metrics["rows"][0]["fid"] is None and metrics["rows"][0]["judge_fd"] is not None
+
+
+def test_sweep_writes_one_row_per_combination_and_the_plot(offline):
+    metrics = evaluate.main(["--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "10", "--out", "sweep/m.json",
+                             "--inception", "false"] + FAST + ["--cfg_scale", "0,3", "--steps", "1,2"])
+    rows = json.loads((offline / "sweep" / "m.json").read_text())["rows"]
+    assert [(r["cfg_scale"], r["steps"]) for r in rows] == [(0, 1), (0, 2), (3, 1), (3, 2)]
+    assert metrics["rows"] == rows
+    assert (offline / "sweep" / "metrics.png").stat().st_size > 0
+
+
+def test_unconditional_checkpoint_skips_accuracy_with_a_note(offline):
+    metrics = evaluate.main(["--ckpt", "models/U/ema_ckpt.pt", "--num_samples", "4", "--inception", "false"] + FAST)
+    (row,) = metrics["rows"]
+    assert row["class_accuracy"] is None and row["judge_fd"] > 0 and row["cfg_scale"] is None
+    assert any("class accuracy skipped" in note for note in metrics["notes"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "bare/ckpt.pt"], "--dataset"),
+    (["--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "5"], "--num_samples 10"),
+    (["--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "1"], "at least 2"),
+    (["--ckpt", "models/R/ema_ckpt.pt", "--cfg_scale", "1,x"], "--cfg_scale"),
+    (["--ckpt", "models/R/ema_ckpt.pt", "--inception_weights", "nowhere.pth"], "nowhere.pth"),
+])
+def test_bad_input_is_one_line_naming_the_fix(offline, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(evaluate.main, args + ["--num_real", "500", "--judge_epochs", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_judge_is_cached_and_reloaded(offline):
+    first = evaluate.get_judge("shapes", None, 16, 500, 3)
+    again = evaluate.get_judge("shapes", None, 16, 500, 3)
+    assert os.path.isfile(first.path) and again.path == first.path
+    assert again.heldout_accuracy == first.heldout_accuracy
+    np.testing.assert_allclose(again.real_mu, first.real_mu)
