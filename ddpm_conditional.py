@@ -34,6 +34,9 @@ class Config:
     ema_start: int = arg(2000, "steps during which the EMA model is a plain copy")
     sampler: str = arg("dpm++", "sampler of the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
     sample_steps: int | None = arg(None, "network steps of the grid sampler (None: its default)")
+    eval_every: int | None = arg(None, "every this many steps, measure eval_samples EMA samples with evaluate.py's judge "
+                                       "and plot the figures beside the loss (None: off)")
+    eval_samples: int = arg(100, "samples per --eval_every measurement, balanced over the classes")
     n_per_class: int = arg(8, "images in each class row of the grids")
     log_every: int = arg(10, "save grids, loss plot and checkpoints every this many epochs")
     seed: int = arg(0, "seed of the data order, the noise and the grids")

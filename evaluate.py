@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from data import get_dataset
 from ddpm import DEFAULT_STEPS, SAMPLERS
 from sample import load_model, make_diffusion
-from utils import (UsageError, _atomic_write, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli,
-                   to_uint8)
+from utils import (UsageError, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli, save_figure,
+                   to_uint8, write_json)
 
 
 # ----------------------------------------------------------------------------- options
@@ -199,9 +199,11 @@ def get_judge(dataset, dataset_path, image_size, num_real=5000, epochs=5, seed=0
         net.load_state_dict(state["net"])
         net.eval().requires_grad_(False).to(device)
         return Judge(net, state["heldout_accuracy"], state["real_mu"].numpy(), state["real_sigma"].numpy(), path)
-    images, labels, classes = real_images(dataset, dataset_path, image_size, num_real, seed)
-    print(f"training the judge on {len(images)} real {dataset} images at {image_size} px (once; cached in {root}/)")
-    judge = train_judge(images, labels, len(classes), epochs, seed, device)
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream (e.g. a training run's) as it was
+        images, labels, classes = real_images(dataset, dataset_path, image_size, num_real, seed)
+        print(f"training the judge on {len(images)} real {dataset} images at {image_size} px (once; cached in "
+              f"{root}/)")
+        judge = train_judge(images, labels, len(classes), epochs, seed, device)
     judge.real_mu, judge.real_sigma = feature_statistics(judge.features(images))
     judge.path = path
     atomic_save({"net": judge.net.state_dict(), "num_classes": len(classes), "heldout_accuracy": judge.heldout_accuracy,
@@ -381,12 +383,7 @@ def plot_metrics(rows, path):
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-
-
-def write_metrics(metrics, path):
-    text = json.dumps(metrics, indent=2) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -449,7 +446,7 @@ def main(argv=None):
                "judge": {"path": judge.path, "heldout_accuracy": judge.heldout_accuracy, "num_real": cfg.num_real},
                "judge_fd_note": "Frechet distance in the judge's feature space; not comparable with published FID",
                "config": dataclasses.asdict(cfg), "notes": notes, "rows": rows}
-    write_metrics(metrics, out)
+    write_json(metrics, out)
     plot_path = os.path.join(os.path.dirname(out) or ".", "metrics.png")
     plot_metrics(rows, plot_path)
     print(f"saved {out} and {plot_path}")

@@ -8,6 +8,7 @@ the device, mixed precision and multi-GPU, so the same script runs under `python
 """
 import copy
 import functools
+import json
 import os
 import random
 import warnings
@@ -20,14 +21,15 @@ from tqdm.auto import tqdm
 
 from data import get_dataset, make_dataloader
 from ddpm import SAMPLERS, Diffusion
+from evaluate import get_judge, offline_figures
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
-                   parse_config, pick_device, plot_loss, save_config, save_images, seed_everything)
+                   parse_config, pick_device, plot_loss, save_config, save_images, seed_everything, write_json)
 
 STATE_FILE = "training_state.pt"  # model, EMA, optimizer, step, epoch, RNG states, config, losses
 # Fields that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
-                    "sampler", "sample_steps", "compile", "mixed_precision")
+                    "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples")
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
@@ -47,6 +49,9 @@ def validate(cfg):
         raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise UsageError(f"mixed_precision '{cfg.mixed_precision}' is unknown: use no, fp16 or bf16")
+    if getattr(cfg, "eval_every", None) is not None and (cfg.eval_every <= 0 or cfg.eval_samples < 2):
+        raise UsageError(f"eval_every {cfg.eval_every} / eval_samples {cfg.eval_samples}: use a positive --eval_every "
+                         "(or None: off) and --eval_samples 2 or more, e.g. 100")
     for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
@@ -138,6 +143,14 @@ def epoch_batches(accelerator, dataloader, epoch, skip):
     return tqdm(batches, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process)
 
 
+def read_quality(path, step):
+    """The --eval_every figures a resumed run logged up to its `step` (results/<run_name>/quality.json), or []."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [entry for entry in json.load(f) if entry["step"] <= step]
+
+
 # ----------------------------------------------------------------------------- what each script trains
 @dataclass
 class Task:
@@ -145,13 +158,15 @@ class Task:
 
     make_batch maps a batch of the data set to (x_0, conditioning): the conditioning is dropped with
     probability p_uncond for guidance, or None for an unconditional model. draw_grid(module, path) saves a
-    grid of `module`'s samples from fixed noise and conditioning.
+    grid of `module`'s samples from fixed noise and conditioning. measure(module), if given, returns the
+    offline quality figures of `module`'s samples (evaluate.offline_figures), for --eval_every.
     """
     dataset: torch.utils.data.Dataset
     net: torch.nn.Module
     diffusion: Diffusion
     make_batch: Callable
     draw_grid: Callable
+    measure: Callable | None = None
 
 
 def build_model(cfg, num_classes):
@@ -191,12 +206,25 @@ def image_task(cfg, accelerator, conditional):
                                   steps=cfg.sample_steps, seed=cfg.seed)
         save_images(images, path, nrow=cfg.n_per_class if labels is not None else None)
 
+    measure = None
+    if cfg.eval_every:
+        if num_classes is not None and cfg.eval_samples < num_classes:
+            raise UsageError(f"eval_samples {cfg.eval_samples} is smaller than the {num_classes} classes: pass "
+                             f"--eval_samples {num_classes} or more")
+        judge = get_judge(cfg.dataset, cfg.dataset_path, cfg.image_size, num_real=min(5000, len(dataset)),
+                          device=device)
+        print(f"--eval_every {cfg.eval_every}: judge accuracy on held-out real images {judge.heldout_accuracy:.3f}")
+
+        def measure(module):
+            return offline_figures(module, diffusion, judge, num_classes, cfg.eval_samples,
+                                   getattr(cfg, "cfg_scale", 0.0), cfg.sampler, cfg.sample_steps, cfg.seed)
+
     if conditional:
         make_batch = functools.partial(drop_labels, p_uncond=cfg.p_uncond)
     else:
         def make_batch(batch):
             return batch[0], None
-    return Task(dataset, build_model(cfg, num_classes), diffusion, make_batch, draw_grid)
+    return Task(dataset, build_model(cfg, num_classes), diffusion, make_batch, draw_grid, measure)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -222,6 +250,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     if flags.resume:
         step, start_epoch, skip_batches, losses = restore_run(cfg, models_dir, net, ema_net, ema, optimizer,
                                                               resumable)
+    quality_path = os.path.join(results_dir, "quality.json")  # --eval_every: [{"step", "class_accuracy", "judge_fd"}]
+    quality = read_quality(quality_path, step) if flags.resume else []
     model = torch.compile(net) if getattr(cfg, "compile", False) else net
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
 
@@ -244,13 +274,17 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
             batches_done += 1
             losses.append(loss.item())
             pbar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
+            eval_every = getattr(cfg, "eval_every", None)
+            if task.measure is not None and eval_every and step % eval_every == 0 and accelerator.is_main_process:
+                quality.append({"step": step, **task.measure(ema_net)})
+                write_json(quality, quality_path)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
         last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
         if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
             for suffix, module in (("", net), ("_ema", ema_net)):
                 task.draw_grid(module, os.path.join(results_dir, f"{epoch}{suffix}.jpg"))
-            plot_loss(losses, os.path.join(results_dir, "loss.png"))
+            plot_loss(losses, os.path.join(results_dir, "loss.png"), quality=quality)
             save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, len(dataloader), losses, models_dir)
         if last:
             break

@@ -216,7 +216,12 @@ def _atomic_write(path, write):
 
 def save_config(cfg, path):
     """Write the config as pretty JSON, atomically."""
-    text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
+    write_json(config_to_dict(cfg), path)
+
+
+def write_json(obj, path):
+    """Write any JSON-able object as pretty JSON, atomically."""
+    text = json.dumps(obj, indent=2) + "\n"
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
@@ -361,11 +366,16 @@ def save_individual(images, labels, out_dir):
     return paths
 
 
-def plot_loss(losses, path, smooth=100):
-    """Plot the raw loss (faint) and its moving average over `smooth` steps, log y axis, as a PNG."""
+def plot_loss(losses, path, smooth=100, quality=()):
+    """Plot the raw loss (faint) and its moving average over `smooth` steps, log y axis, as a PNG.
+
+    With `quality` (dicts of step, class_accuracy, judge_fd: training's --eval_every), a second panel shows them.
+    """
     losses = np.asarray(losses, dtype=np.float64)
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot(1, 1, 1)
+    fig = Figure(figsize=(12, 4) if quality else (6, 4))
+    if quality:
+        _plot_quality(fig.add_subplot(1, 2, 2), quality)
+    ax = fig.add_subplot(1, 2 if quality else 1, 1)
     ax.plot(np.arange(len(losses)), losses, alpha=0.3, linewidth=0.8, label="loss")
     window = min(smooth, len(losses))
     if window > 1:
@@ -377,6 +387,26 @@ def plot_loss(losses, path, smooth=100):
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _plot_quality(ax, quality):
+    """Class accuracy (left axis, if measured) and the judge-space Frechet distance (right axis) against the step."""
+    steps = [q["step"] for q in quality]
+    accuracy = [q["class_accuracy"] for q in quality]
+    if all(a is not None for a in accuracy):
+        ax.plot(steps, accuracy, marker="o", color="tab:green", label="class accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("class accuracy (judge)")
+    distance = ax.twinx()
+    distance.plot(steps, [q["judge_fd"] for q in quality], marker="s", color="tab:purple", label="judge FD")
+    distance.set_ylabel("judge-space Frechet distance (not FID)")
+    ax.set_xlabel("step")
+    ax.set_title("sample quality (EMA weights)", fontsize=10)
+
+
+def save_figure(fig, path):
+    """Save a matplotlib Figure as a PNG, atomically."""
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 

@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 import ddpm_conditional
 import evaluate
 from modules import UNet, UNet_conditional
-from utils import UsageError, run_cli, save_config, to_uint8
+from utils import load_checkpoint, run_cli, save_config, to_uint8
 
 FAST = ["--sampler", "ddim", "--steps", "2", "--num_real", "500", "--judge_epochs", "3", "--device", "cpu"]
 
@@ -161,3 +161,20 @@ def test_judge_is_cached_and_reloaded(offline):
     assert os.path.isfile(first.path) and again.path == first.path
     assert again.heldout_accuracy == first.heldout_accuracy
     np.testing.assert_allclose(again.real_mu, first.real_mu)
+
+
+def test_training_eval_every_logs_the_offline_figures_beside_the_loss(tmp_path, monkeypatch):
+    """And measuring leaves training's random stream alone: the losses equal those of a run without it."""
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--dataset", "shapes", "--dataset_size", "200", "--image_size", "16", "--base_channels", "8",
+            "--batch_size", "8", "--max_steps", "2", "--sampler", "ddim", "--sample_steps", "2", "--n_per_class", "1",
+            "--num_workers", "0", "--device", "cpu"]
+    ddpm_conditional.main(tiny + ["--run_name", "Q", "--eval_every", "1", "--eval_samples", "10"])
+    ddpm_conditional.main(tiny + ["--run_name", "plain"])
+    losses = [load_checkpoint(tmp_path / "models" / name / "training_state.pt")["losses"] for name in ("Q", "plain")]
+    assert losses[0] == losses[1]
+    quality = json.loads((tmp_path / "results" / "Q" / "quality.json").read_text())
+    assert [q["step"] for q in quality] == [1, 2]
+    assert all(0 <= q["class_accuracy"] <= 1 and q["judge_fd"] > 0 for q in quality)
+    assert (tmp_path / "results" / "Q" / "loss.png").is_file()
+    assert any((tmp_path / "data" / "judges").iterdir())
