@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import Dataset
+from torchvision import transforms
 from tqdm.auto import tqdm
 
 from data import get_dataset
@@ -149,7 +150,10 @@ def to_float(images):
 def real_images(dataset, dataset_path, image_size, num_real, seed=0):
     """(uint8 images (n, 3, S, S), labels (n,), class names) of up to num_real training images, drawn with `seed`."""
     data = get_dataset(dataset, dataset_path, image_size, seed=seed, train=True, size=num_real)
-    torch.manual_seed(seed)  # the random crops of the file data sets
+    if hasattr(data, "base"):  # a file data set: real images as they are, without the training's random crops
+        data.base.transform = transforms.Compose([
+            transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     loader = torch.utils.data.DataLoader(data, batch_size=500, shuffle=False, num_workers=0)
     images, labels = [], []
     for x, y in tqdm(loader, desc="real images", leave=False):

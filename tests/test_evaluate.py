@@ -178,3 +178,31 @@ def test_training_eval_every_logs_the_offline_figures_beside_the_loss(tmp_path, 
     assert all(0 <= q["class_accuracy"] <= 1 and q["judge_fd"] > 0 for q in quality)
     assert (tmp_path / "results" / "Q" / "loss.png").is_file()
     assert any((tmp_path / "data" / "judges").iterdir())
+
+
+@pytest.fixture(scope="module")
+def stand_in_inception(tmp_path_factory):
+    """Random InceptionV3 weights in torch-fidelity's layout: the network is built without loading any weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save({}, folder / "empty.pth")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        torch.manual_seed(0)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                          feature_extractor_weights_path=str(folder / "empty.pth"))
+    torch.save(net.state_dict(), folder / evaluate.INCEPTION_FILE)
+    return str(folder / evaluate.INCEPTION_FILE)
+
+
+def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception):
+    args = ["--ckpt", "models/U/ema_ckpt.pt", "--num_samples", "4", "--num_real", "20", "--judge_epochs", "1",
+            "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--inception_weights", stand_in_inception]
+    metrics = evaluate.main(args)
+    (row,) = metrics["rows"]
+    assert np.isfinite(row["fid"]) and row["fid"] > 0 and np.isfinite(row["kid"]) and np.isfinite(row["kid_std"])
+    assert not any("FID and KID skipped" in note for note in metrics["notes"])
+    assert list((offline / "data" / "fidelity_cache").iterdir())  # the real statistics, cached for the next run
+    again = evaluate.main(args)
+    assert again["rows"][0]["fid"] == pytest.approx(row["fid"])
