@@ -88,9 +88,12 @@ def validate(cfg):
     if cfg.num_samples < 2:
         raise UsageError(f"num_samples {cfg.num_samples} is too small: KID and the Frechet distances need at "
                          "least 2 samples (use 1000 or more for figures worth comparing)")
-    for name in ("batch_size", "num_real", "judge_epochs"):
+    for name in ("batch_size", "judge_epochs"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
+    if cfg.num_real < 10:
+        raise UsageError(f"num_real {cfg.num_real} is too few real images to train and test the judge: use 1000 "
+                         "or more")
     if cfg.weights not in ("ema", "model"):
         raise UsageError(f"weights '{cfg.weights}' is unknown: use ema or model")
     if cfg.inception_weights is not None and not os.path.isfile(cfg.inception_weights):
@@ -429,8 +432,9 @@ def main(argv=None):
             start = time.perf_counter()
             samples, labels = generate(model, diffusion, num_classes, cfg.num_samples, cfg_scale or 0.0, cfg.sampler,
                                        steps, cfg.seed, cfg.batch_size)
-            row = {"sampler": cfg.sampler, "steps": steps, "steps_run": steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1),
-                   "cfg_scale": cfg_scale, "num_samples": cfg.num_samples, "seed": cfg.seed,
+            steps_run = steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
+            row = {"sampler": cfg.sampler, "steps": steps, "steps_run": steps_run, "cfg_scale": cfg_scale,
+                   "num_samples": cfg.num_samples, "seed": cfg.seed,
                    **sample_figures(judge, samples, labels), "fid": None, "kid": None, "kid_std": None}
             if skip is None:
                 try:

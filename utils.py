@@ -401,6 +401,8 @@ def _plot_quality(ax, quality):
     distance = ax.twinx()
     distance.plot(steps, [q["judge_fd"] for q in quality], marker="s", color="tab:purple", label="judge FD")
     distance.set_ylabel("judge-space Frechet distance (not FID)")
+    handles = ax.get_legend_handles_labels()[0] + distance.get_legend_handles_labels()[0]
+    distance.legend(handles=handles, fontsize=8)
     ax.set_xlabel("step")
     ax.set_title("sample quality (EMA weights)", fontsize=10)
 

@@ -67,7 +67,8 @@ def test_frechet_distance_of_two_real_halves_is_small_and_grows_with_blur_and_no
         return evaluate.frechet_distance(mu1, sigma1, mu2, sigma2)
 
     blurred = TF.gaussian_blur(second, kernel_size=3, sigma=1.0)
-    noised = to_uint8(evaluate.to_float(second) + 0.5 * torch.randn(second.shape, generator=torch.Generator().manual_seed(0)))
+    noise = torch.randn(second.shape, generator=torch.Generator().manual_seed(0))
+    noised = to_uint8(evaluate.to_float(second) + 0.5 * noise)
     same, blur, noise = distance(second), distance(blurred), distance(noised)
     assert same < 0.25 * blur and same < 0.25 * noise, (same, blur, noise)
 
@@ -75,7 +76,7 @@ def test_frechet_distance_of_two_real_halves_is_small_and_grows_with_blur_and_no
 # ----------------------------------------------------------------------------- the CLI on a tiny checkpoint
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A folder with models/R (conditional, config beside it) and models/U (unconditional); the judge cache is shared."""
+    """models/R (conditional) and models/U (unconditional) with configs, and bare/ckpt.pt without; one judge cache."""
     root = tmp_path_factory.mktemp("eval")
     for name, net in (("R", UNet_conditional(num_classes=10, base_channels=8)), ("U", UNet(base_channels=8))):
         (root / "models" / name).mkdir(parents=True)
@@ -107,7 +108,8 @@ def test_metrics_json_holds_every_field_and_the_offline_figures(offline, capsys)
     metrics = evaluate.main(["--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "10", "--cfg_scale", "3"] + FAST)
     written = json.loads((offline / "results" / "R" / "metrics.json").read_text())
     assert written == json.loads(json.dumps(metrics))
-    assert written["dataset"] == "shapes" and written["image_size"] == 16 and written["judge"]["heldout_accuracy"] >= 0.9
+    assert written["dataset"] == "shapes" and written["image_size"] == 16
+    assert written["judge"]["heldout_accuracy"] >= 0.9
     (row,) = written["rows"]
     assert set(row) == ROW_FIELDS
     assert row["sampler"] == "ddim" and row["steps"] == 2 and row["cfg_scale"] == 3 and row["num_samples"] == 10
@@ -146,10 +148,11 @@ def test_unconditional_checkpoint_skips_accuracy_with_a_note(offline):
     (["--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "1"], "at least 2"),
     (["--ckpt", "models/R/ema_ckpt.pt", "--cfg_scale", "1,x"], "--cfg_scale"),
     (["--ckpt", "models/R/ema_ckpt.pt", "--inception_weights", "nowhere.pth"], "nowhere.pth"),
+    (["--ckpt", "models/R/ema_ckpt.pt", "--num_real", "5"], "num_real 5"),
 ])
 def test_bad_input_is_one_line_naming_the_fix(offline, args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(evaluate.main, args + ["--num_real", "500", "--judge_epochs", "3"])
+        run_cli(evaluate.main, ["--num_real", "500", "--judge_epochs", "3"] + args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
