@@ -206,11 +206,11 @@ def image_task(cfg, accelerator, conditional):
                                   steps=cfg.sample_steps, seed=cfg.seed)
         save_images(images, path, nrow=cfg.n_per_class if labels is not None else None)
 
+    if cfg.eval_every and num_classes is not None and cfg.eval_samples < num_classes:
+        raise UsageError(f"eval_samples {cfg.eval_samples} is smaller than the {num_classes} classes: pass "
+                         f"--eval_samples {num_classes} or more")
     measure = None
-    if cfg.eval_every:
-        if num_classes is not None and cfg.eval_samples < num_classes:
-            raise UsageError(f"eval_samples {cfg.eval_samples} is smaller than the {num_classes} classes: pass "
-                             f"--eval_samples {num_classes} or more")
+    if cfg.eval_every and accelerator.is_main_process:  # one process trains and caches the judge
         judge = get_judge(cfg.dataset, cfg.dataset_path, cfg.image_size, num_real=min(5000, len(dataset)),
                           device=device)
         print(f"--eval_every {cfg.eval_every}: judge accuracy on held-out real images {judge.heldout_accuracy:.3f}")
@@ -274,8 +274,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
             batches_done += 1
             losses.append(loss.item())
             pbar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
-            eval_every = getattr(cfg, "eval_every", None)
-            if task.measure is not None and eval_every and step % eval_every == 0 and accelerator.is_main_process:
+            if task.measure is not None and step % cfg.eval_every == 0:  # set on the main process with eval_every
                 quality.append({"step": step, **task.measure(ema_net)})
                 write_json(quality, quality_path)
             if cfg.max_steps is not None and step >= cfg.max_steps:

@@ -209,3 +209,17 @@ def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception)
     assert list((offline / "data" / "fidelity_cache").iterdir())  # the real statistics, cached for the next run
     again = evaluate.main(args)
     assert again["rows"][0]["fid"] == pytest.approx(row["fid"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval_every", "0"], "--eval_every"),
+    (["--eval_every", "1", "--eval_samples", "5"], "--eval_samples 10"),
+])
+def test_training_eval_flags_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(ddpm_conditional.main, ["--dataset", "shapes", "--dataset_size", "32", "--image_size", "16",
+                                        "--device", "cpu", "--num_workers", "0"] + args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
