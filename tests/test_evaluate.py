@@ -2,6 +2,8 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -207,8 +209,6 @@ def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception)
     assert np.isfinite(row["fid"]) and row["fid"] > 0 and np.isfinite(row["kid"]) and np.isfinite(row["kid_std"])
     assert not any("FID and KID skipped" in note for note in metrics["notes"])
     assert list((offline / "data" / "fidelity_cache").iterdir())  # the real statistics, cached for the next run
-    again = evaluate.main(args)
-    assert again["rows"][0]["fid"] == pytest.approx(row["fid"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -223,3 +223,16 @@ def test_training_eval_flags_bad_input_is_one_line(tmp_path, monkeypatch, capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_cli_subprocess_writes_metrics_and_exits_2_on_bad_input(workdir):
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "evaluate.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run([sys.executable, script, "--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "10",
+                         "--inception", "false", "--out", "cli/metrics.json"] + FAST,
+                        cwd=workdir, capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((workdir / "cli" / "metrics.json").read_text())["rows"][0]["num_samples"] == 10
+    bad = subprocess.run([sys.executable, script, "--ckpt", "bare/ckpt.pt"], cwd=workdir, capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--dataset" in bad.stderr
