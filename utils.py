@@ -407,11 +407,6 @@ def _plot_quality(ax, quality):
     ax.set_title("sample quality (EMA weights)", fontsize=10)
 
 
-def save_figure(fig, path):
-    """Save a matplotlib Figure as a PNG, atomically."""
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def atomic_save(obj, path):
