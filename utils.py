@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import textwrap
 import types
@@ -220,6 +221,18 @@ def save_config(cfg, path):
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def with_defaults(saved, cls):
+    """A saved config dict with each field of `cls` it lacks set to the field's default.
+
+    Configs written before a field existed stay loadable (and resumable), as if run with the default.
+    """
+    filled = dict(saved)
+    for field in dataclasses.fields(cls):
+        if field.init and field.name not in filled and _field_default(field) is not dataclasses.MISSING:
+            filled[field.name] = _field_default(field)
+    return filled
+
+
 def diff_configs(saved, current, ignore=()):
     """Lines like `lr: 0.0003 (saved) != 0.001 (now)` for every key whose value differs."""
     keys = list(current) + [k for k in saved if k not in current]
@@ -372,6 +385,28 @@ def plot_loss(losses, path, smooth=100):
 def atomic_save(obj, path):
     """`torch.save` to `path + '.tmp'`, fsync, rename: a crash never leaves a half-written `path`."""
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_kept(obj, path, kept_dir, name, keep):
+    """atomic_save `obj` as kept_dir/name, make `path` the same file, then delete all but the newest `keep` files
+    of kept_dir (names sort by age). Any failure leaves the previous `path` whole."""
+    kept = os.path.join(kept_dir, name)
+    atomic_save(obj, kept)
+    tmp = os.fspath(path) + ".tmp"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        try:
+            os.link(kept, tmp)  # a second name for the same file: no second copy on disk
+        except OSError:  # file systems without hard links
+            shutil.copyfile(kept, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    for old in sorted(f for f in os.listdir(kept_dir) if f.endswith(".pt"))[:-keep]:
+        os.remove(os.path.join(kept_dir, old))
 
 
 def load_checkpoint(path, map_location="cpu"):
