@@ -37,7 +37,7 @@ class Config:
     sample_steps: int | None = arg(None, "network steps of the grid sampler (None: its default)")
     n_samples: int = arg(16, "images in each grid")
     log_every: int = arg(10, "save grids, loss plot and checkpoints every this many epochs")
-    gradient_accumulation_steps: int = arg(1, "batches per optimizer step; images per step = batch_size x processes x this")
+    gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
     checkpoint_every: int = arg(1000, "optimizer steps between checkpoints (training_state.pt for --resume)")
     keep_checkpoints: int = arg(2, "training states kept in models/<run_name>/checkpoints/, the newest included")
     max_nonfinite: int = arg(20, "stop after this many non-finite losses in a row (each update is skipped)")
