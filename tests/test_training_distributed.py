@@ -201,7 +201,7 @@ def test_a_killed_run_resumes_exactly(launcher, tmp_path, uninterrupted, signal_
     stopped, _ = launch(launcher, tmp_path, flags(**RESUME_RUN), action={"at_call": 5, "signal": signal_name})
     assert stopped.returncode == code, stopped.stderr[-3000:]
     if signal_name == "SIGTERM":
-        assert f"stopped by SIGTERM at step 5: saved models/R/training_state.pt; continue with --resume" in stopped.stdout
+        assert "stopped by SIGTERM at step 5: saved models/R/training_state.pt; continue with --resume" in stopped.stdout
     state = load_checkpoint(tmp_path / "models" / "R" / "training_state.pt")
     assert state["step"] == stop_step and len(state["losses"]) == stop_step
 
@@ -221,8 +221,12 @@ def test_a_killed_run_resumes_exactly(launcher, tmp_path, uninterrupted, signal_
 # ----------------------------------------------------------------------------- guards
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
+    """Run in a fresh folder, on one thread (tiny convolutions are faster so, above all on a busy machine)."""
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
 
 
 def nan_at(monkeypatch, calls):
