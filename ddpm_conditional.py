@@ -37,7 +37,7 @@ class Config:
     n_per_class: int = arg(8, "images in each class row of the grids")
     log_every: int = arg(10, "save grids, loss plot and checkpoints every this many epochs")
     gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
-    checkpoint_every: int = arg(1000, "optimizer steps between checkpoints (training_state.pt for --resume)")
+    checkpoint_every: int = arg(500, "optimizer steps between checkpoints (training_state.pt for --resume)")
     keep_checkpoints: int = arg(2, "training states kept in models/<run_name>/checkpoints/, the newest included")
     max_nonfinite: int = arg(20, "stop after this many non-finite losses in a row (each update is skipped)")
     print_every: int = arg(10, "optimizer steps between reads of the loss from the device (progress bar, losses)")
