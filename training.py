@@ -9,7 +9,6 @@ the device, mixed precision and multi-GPU, so the same script runs under `python
 import copy
 import functools
 import os
-import random
 import signal
 import threading
 import warnings
@@ -24,8 +23,8 @@ from data import get_dataset, make_dataloader
 from ddpm import SAMPLERS, Diffusion
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
-                   parse_config, pick_device, plot_loss, save_config, save_images, save_kept, seed_everything,
-                   with_defaults)
+                   parse_config, pick_device, plot_loss, rng_state, save_config, save_images, save_kept,
+                   seed_everything, set_rng_state, with_defaults)
 
 STATE_FILE = "training_state.pt"  # model, EMA, optimizer, step, epoch, RNG states, config, losses
 KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the last keep_checkpoints states
@@ -89,25 +88,6 @@ def run_dirs(cfg, resume, overwrite):
         raise UsageError(f"{models_dir}/ already holds a run: pass --resume to continue it, --overwrite to "
                          "replace it, or choose another --run_name")
     return results_dir, models_dir
-
-
-def rng_state():
-    """The RNG states as plain lists and tensors, which weights_only loading accepts."""
-    _, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [np_key.tolist(), np_pos, np_has_gauss, np_gauss],
-             "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np_key, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state(("MT19937", np.array(np_key, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_run(cfg, net, ema_net, ema, optimizer, progress, models_dir):

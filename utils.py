@@ -255,6 +255,25 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def rng_state():
+    """The RNG states as plain lists and tensors, which weights_only loading accepts."""
+    _, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [np_key.tolist(), np_pos, np_has_gauss, np_gauss],
+             "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np_key, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(np_key, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def pick_device(name="auto"):
     """'auto' -> cuda, else mps, else cpu; otherwise check that the requested device exists."""
     mps_ok = torch.backends.mps.is_available()
