@@ -22,7 +22,7 @@ from ddpm import Diffusion, broadcast
 from modules import UNet_text
 from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, train, validate
 from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device,
-                   read_json_object, run_cli, save_images, short_reason)
+                   read_json_object, run_cli, save_images, short_reason, with_defaults)
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -56,6 +56,11 @@ class Config:
     prompt: list[str] = arg([], "prompts of the grids and of --sample, one row each (repeat the flag)")
     n_per_prompt: int = arg(8, "images in each prompt's row")
     log_every: int = arg(5, "save grids, loss plot and checkpoints every this many epochs")
+    gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
+    checkpoint_every: int = arg(500, "optimizer steps between checkpoints (training_state.pt for --resume)")
+    keep_checkpoints: int = arg(2, "training states kept in models/<run_name>/checkpoints/, the newest included")
+    max_nonfinite: int = arg(20, "stop after this many non-finite losses in a row (each update is skipped)")
+    print_every: int = arg(10, "optimizer steps between reads of the loss from the device (progress bar, losses)")
     seed: int = arg(0, "seed of the data order, the noise and the grids")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     mixed_precision: str = arg("no", "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to it)")
@@ -303,6 +308,7 @@ def saved_run(ckpt):
             raise UsageError(f"no config.json beside '{ckpt}': pass a checkpoint from models/<run_name>/ of "
                              "train_sd.py")
         saved = read_json_object(config_file, "the config beside the checkpoint")
+    saved = with_defaults(saved, Config)  # a run saved before a field existed used its default
     names = {field.name for field in dataclasses.fields(Config)}
     if set(saved) != names:
         raise UsageError(f"the config of '{ckpt}' was not written by train_sd.py (keys differ: "

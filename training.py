@@ -10,7 +10,8 @@ import copy
 import functools
 import json
 import os
-import random
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -24,16 +25,23 @@ from ddpm import SAMPLERS, Diffusion
 from evaluate import get_judge, offline_figures
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
-                   parse_config, pick_device, plot_loss, save_config, save_images, seed_everything, write_json)
+                   parse_config, pick_device, plot_loss, rng_state, save_config, save_images, save_kept,
+                   seed_everything, set_rng_state, with_defaults, write_json)
 
 STATE_FILE = "training_state.pt"  # model, EMA, optimizer, step, epoch, RNG states, config, losses
+KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the last keep_checkpoints states
 # Fields that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
-                    "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples")
+                    "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
+                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every")
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
 ]
+
+
+class TrainingError(UsageError):
+    """The run had to stop (non-finite losses, a checkpoint it could not write): one line, as a UsageError."""
 
 
 def validate(cfg):
@@ -52,7 +60,8 @@ def validate(cfg):
     if getattr(cfg, "eval_every", None) is not None and (cfg.eval_every <= 0 or cfg.eval_samples < 2):
         raise UsageError(f"eval_every {cfg.eval_every} / eval_samples {cfg.eval_samples}: use a positive --eval_every "
                          "(or None: off) and --eval_samples 2 or more, e.g. 100")
-    for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps"):
+    for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps", "gradient_accumulation_steps",
+                 "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
 
@@ -68,6 +77,7 @@ def make_accelerator(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls and convolutions
         torch.backends.cudnn.allow_tf32 = True
     return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision,
+                       gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
 
 
@@ -85,55 +95,55 @@ def run_dirs(cfg, resume, overwrite):
     return results_dir, models_dir
 
 
-def rng_state():
-    """The RNG states as plain lists and tensors, which weights_only loading accepts."""
-    _, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [np_key.tolist(), np_pos, np_has_gauss, np_gauss],
-             "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np_key, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state(("MT19937", np.array(np_key, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, batches_per_epoch, losses, models_dir):
+def save_run(cfg, net, ema_net, ema, optimizer, progress, models_dir):
     """Plain state_dicts as the reference names them, and the full state for --resume; all atomic.
 
-    A resumed run starts at the next epoch if `epoch` finished, else after this epoch's `batches_done`.
+    `progress` holds step, epoch, batches_done (this process's batches of the epoch), batches_per_epoch,
+    num_processes, losses and skipped. A resumed run starts at the next epoch if `epoch` finished.
+    A failed write is a TrainingError; the files written before stay whole.
     """
-    if batches_done == batches_per_epoch:
+    epoch, batches_done = progress["epoch"], progress["batches_done"]
+    if batches_done == progress["batches_per_epoch"]:
         epoch, batches_done = epoch + 1, 0
-    atomic_save(net.state_dict(), os.path.join(models_dir, "ckpt.pt"))
-    atomic_save(ema_net.state_dict(), os.path.join(models_dir, "ema_ckpt.pt"))
-    save_config(cfg, os.path.join(models_dir, "config.json"))
     state = {"model": net.state_dict(), "ema": ema_net.state_dict(), "ema_state": ema.state_dict(),
-             "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batches_done": batches_done,
-             "losses": losses, "rng": rng_state(), "config": config_to_dict(cfg)}
-    atomic_save(state, os.path.join(models_dir, STATE_FILE))
+             "optimizer": optimizer.state_dict(), "step": progress["step"], "epoch": epoch,
+             "batches_done": batches_done, "num_processes": progress["num_processes"], "losses": progress["losses"],
+             "skipped": progress["skipped"], "rng": rng_state(), "config": config_to_dict(cfg)}
+    try:
+        save_kept(state, os.path.join(models_dir, STATE_FILE), os.path.join(models_dir, KEPT_DIR),
+                  f"step_{progress['step']:09d}.pt", cfg.keep_checkpoints)
+        atomic_save(net.state_dict(), os.path.join(models_dir, "ckpt.pt"))
+        atomic_save(ema_net.state_dict(), os.path.join(models_dir, "ema_ckpt.pt"))
+        save_config(cfg, os.path.join(models_dir, "config.json"))
+    except OSError as exc:
+        raise TrainingError(f"could not write a checkpoint in {models_dir}/ at step {progress['step']} ({exc}): "
+                            f"free disk space or fix the permissions, then --resume from the previous "
+                            f"{STATE_FILE}, which is intact") from exc
 
 
-def restore_run(cfg, models_dir, net, ema_net, ema, optimizer, resumable=RESUMABLE_FIELDS):
-    """Load models/<run_name>/training_state.pt into the run; returns (step, epoch, batches_done, losses)."""
+def restore_run(cfg, models_dir, net, ema_net, ema, optimizer, num_processes=1, resumable=RESUMABLE_FIELDS):
+    """Load models/<run_name>/training_state.pt into the run; returns the progress dict of `save_run`.
+
+    A run may resume on another number of processes when the batches done so far split evenly over them.
+    """
     state = load_checkpoint(os.path.join(models_dir, STATE_FILE))
-    changed = diff_configs(state["config"], config_to_dict(cfg), ignore=resumable)
+    saved = with_defaults(state["config"], type(cfg))  # a run saved before a field existed used its default
+    changed = diff_configs(saved, config_to_dict(cfg), ignore=resumable)
     if changed:
         raise UsageError(f"--resume with a different config: {'; '.join(changed)}; use the saved values "
                          f"({models_dir}/config.json) or start a new --run_name")
+    batches = state["batches_done"] * state.get("num_processes", 1)  # of all processes together
+    if batches % num_processes:
+        raise UsageError(f"--resume on {num_processes} processes: the run stopped after {batches} batches, which do "
+                         f"not split evenly; resume on {state.get('num_processes', 1)} processes")
     load_state_dict_strict(net, state["model"])
     load_state_dict_strict(ema_net, state["ema"])
     ema.load_state_dict(state["ema_state"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     print(f"resumed {cfg.run_name} at step {state['step']}, epoch {state['epoch']}")
-    return state["step"], state["epoch"], state["batches_done"], list(state["losses"])
+    return {"step": state["step"], "epoch": state["epoch"], "batches_done": batches // num_processes,
+            "losses": list(state["losses"]), "skipped": state.get("skipped", 0)}
 
 
 def epoch_batches(accelerator, dataloader, epoch, skip):
@@ -214,10 +224,9 @@ def image_task(cfg, accelerator, conditional):
         judge = get_judge(cfg.dataset, cfg.dataset_path, cfg.image_size, num_real=min(5000, len(dataset)),
                           device=device)
         print(f"--eval_every {cfg.eval_every}: judge accuracy on held-out real images {judge.heldout_accuracy:.3f}")
-
-        def measure(module):
-            return offline_figures(module, diffusion, judge, num_classes, cfg.eval_samples,
-                                   getattr(cfg, "cfg_scale", 0.0), cfg.sampler, cfg.sample_steps, cfg.seed)
+        measure = functools.partial(offline_figures, diffusion=diffusion, judge=judge, num_classes=num_classes,
+                                    n=cfg.eval_samples, cfg_scale=getattr(cfg, "cfg_scale", 0.0),
+                                    sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed)
 
     if conditional:
         make_batch = functools.partial(drop_labels, p_uncond=cfg.p_uncond)
@@ -227,14 +236,89 @@ def image_task(cfg, accelerator, conditional):
     return Task(dataset, build_model(cfg, num_classes), diffusion, make_batch, draw_grid, measure)
 
 
+# ----------------------------------------------------------------------------- the loop's bookkeeping
+def noise_seed(seed, epoch, batch, rank):
+    """The seed of one batch's noise (t, eps, dropped labels): a resumed run draws what the first run drew."""
+    return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1)[0])
+
+
+class StopRequest:
+    """SIGINT and SIGTERM (a cluster's pre-emption) set `signal`; the loop then saves and returns."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self.request)
+        return self
+
+    def request(self, number, frame):
+        if self.signal == "SIGINT" and number == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signal.Signals(number).name
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+class LossLog:
+    """Each optimizer step's loss and whether its update was skipped, kept on the device until `read`.
+
+    `add` and `end_step` never wait for the device; `read` moves what is pending to the host in one
+    transfer, averaged over the processes, and appends one loss per step to `losses`.
+    """
+
+    def __init__(self, accelerator, losses, skipped, max_nonfinite):
+        self.accelerator, self.losses, self.skipped, self.max_nonfinite = accelerator, losses, skipped, max_nonfinite
+        self.micro, self.pending, self.in_a_row = [], [], 0
+
+    def add(self, loss):
+        self.micro.append(loss.detach().float())
+
+    def end_step(self, skip):
+        self.pending.append(torch.stack([torch.stack(self.micro).mean(), skip.float()]))
+        self.micro = []
+
+    def read(self, stop_signal=None):
+        """Move the pending values to `losses`; True if any process got a stop signal. A TrainingError after
+        `max_nonfinite` skipped steps in a row."""
+        if self.pending:
+            values = self.accelerator.reduce(torch.stack(self.pending), "mean").tolist()  # (steps, 2): loss, skipped
+            self.pending = []
+            for loss, skip in values:
+                self.losses.append(loss)
+                self.skipped += skip > 0.5
+                self.in_a_row = self.in_a_row + 1 if skip > 0.5 else 0
+                if self.in_a_row >= self.max_nonfinite:
+                    raise TrainingError(f"the loss was not finite for {self.in_a_row} steps in a row (up to step "
+                                        f"{len(self.losses)}); their updates were skipped and the last checkpoint is "
+                                        "intact: --resume with a lower --lr, or --mixed_precision bf16 / no")
+        stop = torch.tensor(float(stop_signal is not None), device=self.accelerator.device)
+        return self.accelerator.reduce(stop, "sum").item() > 0
+
+
+def nonfinite_gradients(net):
+    """1.0 on the device when any gradient is inf or NaN (after averaging over processes, so all agree), else 0.0."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    return (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+
+
 # ----------------------------------------------------------------------------- the loop
 def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
-    """Train `make_task(cfg, accelerator)`'s network; returns the step, epoch, losses and the run's folders."""
+    """Train `make_task(cfg, accelerator)`'s network; returns the step, epoch, losses and the run's folders.
+
+    Under `accelerate launch` or `torchrun` each process trains on its own shard of every epoch and the
+    gradients are averaged; EMA, grids and checkpoints are the main process's, and the others wait for it.
+    """
     validate(cfg)
     results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same initial weights on every process
 
     task = make_task(cfg, accelerator)
     dataloader = make_dataloader(task.dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
@@ -244,51 +328,88 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
         net = net.to(memory_format=torch.channels_last)
     ema_net = copy.deepcopy(net).requires_grad_(False).to(device)
     ema = EMA(cfg.ema_beta, cfg.ema_start)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+    adamw = torch.optim.AdamW(net.parameters(), lr=cfg.lr, fused=True)  # fused: can skip a step on the device
 
-    step, start_epoch, skip_batches, losses = 0, 0, 0, []
+    run = {"step": 0, "epoch": 0, "batches_done": 0, "losses": [], "skipped": 0}
     if flags.resume:
-        step, start_epoch, skip_batches, losses = restore_run(cfg, models_dir, net, ema_net, ema, optimizer,
-                                                              resumable)
+        run = restore_run(cfg, models_dir, net, ema_net, ema, adamw, accelerator.num_processes, resumable)
     quality_path = os.path.join(results_dir, "quality.json")  # --eval_every: [{"step", "class_accuracy", "judge_fd"}]
-    quality = read_quality(quality_path, step) if flags.resume else []
+    quality = read_quality(quality_path, run["step"]) if flags.resume else []
     model = torch.compile(net) if getattr(cfg, "compile", False) else net
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    model, optimizer, dataloader = accelerator.prepare(model, adamw, dataloader)
 
     os.makedirs(results_dir, exist_ok=True)
     if accelerator.is_main_process:
         save_config(cfg, os.path.join(results_dir, "config.json"))
         accelerator.print(f"config: {config_to_dict(cfg)}")
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        batches_done = skip_batches if epoch == start_epoch else 0
-        pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
-        for batch in pbar:
-            x_0, conditioning = task.make_batch(batch)
-            loss = task.diffusion.loss(model, x_0, conditioning)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            ema.step_ema(ema_net, net)
-            step += 1
-            batches_done += 1
-            losses.append(loss.item())
-            pbar.set_postfix(loss=f"{losses[-1]:.4f}", step=step)
-            if task.measure is not None and step % cfg.eval_every == 0:  # set on the main process with eval_every
-                quality.append({"step": step, **task.measure(ema_net)})
-                write_json(quality, quality_path)
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+    n = accelerator.num_processes
+    accelerator.print(f"{n} process(es) on {device.type}: batch {cfg.batch_size} per device x {n} x "
+                      f"{cfg.gradient_accumulation_steps} accumulated = "
+                      f"{cfg.batch_size * n * cfg.gradient_accumulation_steps} images per optimizer step; lr {cfg.lr}")
+    step, start_epoch, losses = run["step"], run["epoch"], run["losses"]
+    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite)
+
+    def save(epoch, batches_done):
+        if accelerator.is_main_process:
+            save_run(cfg, net, ema_net, ema, adamw, {
+                "step": step, "epoch": epoch, "batches_done": batches_done, "batches_per_epoch": len(dataloader),
+                "num_processes": n, "losses": losses, "skipped": log.skipped}, models_dir)
+        accelerator.wait_for_everyone()
+
+    epoch, stopped = start_epoch, None
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            batches_done = run["batches_done"] if epoch == start_epoch else 0
+            pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
+            for batch in pbar:
+                with accelerator.accumulate(model):
+                    torch.manual_seed(noise_seed(cfg.seed, epoch, batches_done, accelerator.process_index))
+                    x_0, conditioning = task.make_batch(batch)
+                    loss = task.diffusion.loss(model, x_0, conditioning)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        skip = nonfinite_gradients(net)
+                        adamw.found_inf = skip  # fused AdamW leaves weights and moments as they are when 1
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                batches_done += 1
+                log.add(loss)
+                if not accelerator.sync_gradients:
+                    continue
+                log.end_step(skip)
+                if accelerator.is_main_process:
+                    ema.step_ema(ema_net, net)
+                step += 1
+                if step % cfg.print_every == 0 or step % cfg.checkpoint_every == 0:
+                    stopped = (stop.signal or "a signal to another process") if log.read(stop.signal) else None
+                    pbar.set_postfix(loss=f"{losses[-1]:.4f}", step=step, skipped=log.skipped)
+                if stopped or step % cfg.checkpoint_every == 0:
+                    save(epoch, batches_done)
+                if getattr(cfg, "eval_every", None) and step % cfg.eval_every == 0:
+                    if task.measure is not None:  # set on the main process only
+                        quality.append({"step": step, **task.measure(ema_net)})
+                        write_json(quality, quality_path)
+                    accelerator.wait_for_everyone()
+                if stopped or (cfg.max_steps is not None and step >= cfg.max_steps):
+                    break
+            if stopped:
+                accelerator.print(f"stopped by {stopped} at step {step}: saved {models_dir}/"
+                                  f"{STATE_FILE}; continue with --resume")
                 break
-        last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
-        if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
-            for suffix, module in (("", net), ("_ema", ema_net)):
-                task.draw_grid(module, os.path.join(results_dir, f"{epoch}{suffix}.jpg"))
-            plot_loss(losses, os.path.join(results_dir, "loss.png"), quality=quality)
-            save_run(cfg, net, ema_net, ema, optimizer, step, epoch, batches_done, len(dataloader), losses, models_dir)
-        if last:
-            break
-    accelerator.print(f"done: {step} steps; grids in {results_dir}/, checkpoints in {models_dir}/")
-    return {"step": step, "epoch": epoch, "losses": losses, "results_dir": results_dir, "models_dir": models_dir}
+            last = epoch == cfg.epochs - 1 or (cfg.max_steps is not None and step >= cfg.max_steps)
+            log.read()
+            if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
+                for suffix, module in (("", net), ("_ema", ema_net)):
+                    task.draw_grid(module, os.path.join(results_dir, f"{epoch}{suffix}.jpg"))
+                plot_loss(losses, os.path.join(results_dir, "loss.png"), quality=quality)
+            if last or (epoch + 1) % cfg.log_every == 0:
+                save(epoch, batches_done)
+            if last:
+                break
+    accelerator.print(f"done: {step} steps ({log.skipped} skipped: non-finite loss); grids in {results_dir}/, "
+                      f"checkpoints in {models_dir}/")
+    return {"step": step, "epoch": epoch, "losses": losses, "skipped": log.skipped, "stopped": stopped,
+            "results_dir": results_dir, "models_dir": models_dir}
 
 
 def train_images(config_cls, argv=None, conditional=True, description=None):

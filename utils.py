@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import textwrap
 import types
@@ -225,6 +226,18 @@ def write_json(obj, path):
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def with_defaults(saved, cls):
+    """A saved config dict with each field of `cls` it lacks set to the field's default.
+
+    Configs written before a field existed stay loadable (and resumable), as if run with the default.
+    """
+    filled = dict(saved)
+    for field in dataclasses.fields(cls):
+        if field.init and field.name not in filled and _field_default(field) is not dataclasses.MISSING:
+            filled[field.name] = _field_default(field)
+    return filled
+
+
 def diff_configs(saved, current, ignore=()):
     """Lines like `lr: 0.0003 (saved) != 0.001 (now)` for every key whose value differs."""
     keys = list(current) + [k for k in saved if k not in current]
@@ -245,6 +258,25 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state():
+    """The RNG states as plain lists and tensors, which weights_only loading accepts."""
+    _, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [np_key.tolist(), np_pos, np_has_gauss, np_gauss],
+             "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np_key, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(np_key, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def pick_device(name="auto"):
@@ -412,6 +444,28 @@ def _plot_quality(ax, quality):
 def atomic_save(obj, path):
     """`torch.save` to `path + '.tmp'`, fsync, rename: a crash never leaves a half-written `path`."""
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_kept(obj, path, kept_dir, name, keep):
+    """atomic_save `obj` as kept_dir/name, make `path` the same file, then delete all but the newest `keep` files
+    of kept_dir (names sort by age). Any failure leaves the previous `path` whole."""
+    kept = os.path.join(kept_dir, name)
+    atomic_save(obj, kept)
+    tmp = os.fspath(path) + ".tmp"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        try:
+            os.link(kept, tmp)  # a second name for the same file: no second copy on disk
+        except OSError:  # file systems without hard links
+            shutil.copyfile(kept, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    for old in sorted(f for f in os.listdir(kept_dir) if f.endswith(".pt"))[:-keep]:
+        os.remove(os.path.join(kept_dir, old))
 
 
 def load_checkpoint(path, map_location="cpu"):

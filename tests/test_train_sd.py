@@ -239,6 +239,23 @@ def test_sample_errors(tiny, tmp_path, monkeypatch, capsys):
         train_sd.main(["--sample", "--ckpt", "models/arch/ema_ckpt.pt", "--prompt", "a red circle"])
 
 
+def test_a_config_saved_before_the_new_fields_still_loads(tmp_path):
+    """config.json of a run saved before a Config field existed reads as if the run used its default."""
+    import dataclasses
+    import json
+
+    saved = dataclasses.asdict(train_sd.Config(run_name="old"))
+    for name in ("gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every"):
+        del saved[name]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "ema_ckpt.pt")
+    weights, cfg = train_sd.saved_run(str(tmp_path / "ema_ckpt.pt"))
+    assert cfg.run_name == "old" and cfg.checkpoint_every == train_sd.Config().checkpoint_every
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "n_per_class": 8}))
+    with pytest.raises(UsageError, match=r"keys differ: \['n_per_class'\]"):
+        train_sd.saved_run(str(tmp_path / "ema_ckpt.pt"))
+
+
 def test_too_long_prompt_is_truncated_with_a_warning(tiny):
     _, text = train_sd.load_frozen(tiny_cfg(tiny), "cpu")
     with pytest.warns(UserWarning, match="truncated"):
