@@ -27,7 +27,7 @@ from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_c
 STATE_FILE = "training_state.pt"  # model, EMA, optimizer, step, epoch, RNG states, config, losses
 # Fields that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
-                    "sampler", "sample_steps", "compile", "mixed_precision")
+                    "sampler", "sample_steps", "compile", "mixed_precision", "clip_x0")
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
@@ -47,6 +47,8 @@ def validate(cfg):
         raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise UsageError(f"mixed_precision '{cfg.mixed_precision}' is unknown: use no, fp16 or bf16")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        raise UsageError(f"grad_clip {cfg.grad_clip} must be positive: use e.g. 1.0, or None for no clipping")
     for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
@@ -182,7 +184,8 @@ def image_task(cfg, accelerator, conditional):
                       "(shapes at 16 px, a few minutes)", stacklevel=2)
     dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size)
     num_classes = len(dataset.classes) if conditional else None
-    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device)
+    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device,
+                          clip_x0=cfg.clip_x0)
     labels = grid_labels(cfg, num_classes, device)
     n = cfg.n_samples if labels is None else labels.shape[0]
 
@@ -215,7 +218,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     if getattr(cfg, "channels_last", False):
         net = net.to(memory_format=torch.channels_last)
     ema_net = copy.deepcopy(net).requires_grad_(False).to(device)
-    ema = EMA(cfg.ema_beta, cfg.ema_start)
+    ema = EMA(cfg.ema_beta, cfg.ema_start, cfg.ema_warmup)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
 
     step, start_epoch, skip_batches, losses = 0, 0, 0, []
@@ -238,6 +241,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
             loss = task.diffusion.loss(model, x_0, conditioning)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
+            if cfg.grad_clip is not None:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             ema.step_ema(ema_net, net)
             step += 1

@@ -64,6 +64,35 @@ def test_conditional_run_writes_grids_plots_checkpoints_and_config(workdir):
     assert json.loads((models / "config.json").read_text()) == config
 
 
+@pytest.mark.parametrize("grad_clip", [1e-3, None])
+def test_gradients_are_clipped_to_grad_clip_before_each_step(workdir, monkeypatch, grad_clip):
+    from accelerate import Accelerator
+
+    calls = []
+    clip = Accelerator.clip_grad_norm_
+
+    def spy(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm_before = clip(self, parameters, max_norm, *args, **kwargs)
+        norm_after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        calls.append((max_norm, norm_before.item(), norm_after.item()))
+        return norm_before
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", spy)
+    ddpm_conditional.main(TINY + ["--run_name", "C", "--n_per_class", "1", "--grad_clip", str(grad_clip)])
+    if grad_clip is None:
+        assert calls == []  # the reference: no clipping
+        return
+    assert len(calls) == 2  # once per optimizer step
+    for max_norm, norm_before, norm_after in calls:
+        assert max_norm == grad_clip and norm_before > grad_clip and norm_after <= grad_clip * 1.001
+
+
+def test_bad_grad_clip_is_a_usage_error(workdir):
+    with pytest.raises(UsageError, match="grad_clip -1.0 must be positive"):
+        ddpm_conditional.main(TINY + ["--grad_clip", "-1"])
+
+
 def test_unconditional_run_on_an_image_folder(workdir):
     write_image_folder(workdir / "pets")
     ddpm.main(TINY + ["--dataset", "imagefolder", "--dataset_path", "pets", "--dataset_size", "none",
