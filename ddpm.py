@@ -22,6 +22,8 @@ class Config:
     dataset: str = arg("imagefolder", "cifar10 | imagefolder (one subfolder per class) | shapes (built in)")
     dataset_path: str = arg("./data/landscapes", "folder of the dataset (cifar10 downloads here)")
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
+    augment: str | None = arg(None, "resize (+ centre crop) | flip (+ horizontal flips) | reference (its random crop); "
+                                    "None: flip for cifar10, else resize")
     image_size: int = arg(64, "training resolution in pixels, divisible by 8")
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
     batch_size: int = arg(12, "images per optimizer step")
