@@ -140,7 +140,8 @@ def make_diffusion(cfg, saved, c_in, device):
     image_size = cfg.image_size or settings["image_size"]
     if not isinstance(image_size, int) or image_size <= 0 or image_size % 8:
         raise UsageError(f"the saved image_size {image_size!r} is not divisible by 8: pass --image_size 64")
-    clip_x0 = cfg.clip_x0 if cfg.clip_x0 is not None else saved.get("clip_x0", True)
+    clip_x0 = getattr(cfg, "clip_x0", None)  # other CLIs (evaluate.py) call this with configs without the field
+    clip_x0 = saved.get("clip_x0", True) if clip_x0 is None else clip_x0
     return Diffusion(settings["noise_steps"], settings["beta_start"], settings["beta_end"], image_size, c_in, device,
                      clip_x0=clip_x0)
 
