@@ -172,12 +172,15 @@ def test_cli_subprocess_run_and_errors_exit_non_zero_with_one_line(tmp_path):
 
 
 def test_the_conditional_model_learns_the_shapes_classes(workdir):
-    """The quick CPU preset, a little shorter: guided samples of the EMA model mostly show their class.
+    """The quick CPU preset, shorter: guided samples of the EMA model mostly show their class.
 
-    Judged by the generator's own rule (utils.classify_shapes: the class colour nearest to the mean colour
-    of the shape), which scores >= 0.98 on real images; chance is 0.1. About 3 minutes on 2 CPU cores.
+    Judged by the generator's own rule (data.classify_shapes: the class colour nearest to the mean colour
+    of the shape), which scores >= 0.98 on real images; chance is 0.1. With the EMA warm-up, gradient clipping
+    and the clipped sampler, 500 steps gave 0.74 on 100 samples (training seed 0, noise seed 123; issue 9
+    measured 0.54 for the old preset).
+    About 3 CPU minutes on 2 cores.
     """
-    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "400",
+    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "500",
                            "--run_name", "learn", "--n_per_class", "1"])
     model = UNet_conditional(num_classes=10, base_channels=32)
     model.load_state_dict(load_checkpoint(workdir / "models" / "learn" / "ema_ckpt.pt"))
@@ -185,5 +188,5 @@ def test_the_conditional_model_learns_the_shapes_classes(workdir):
     diffusion = Diffusion(img_size=16, clip_x0=True)  # the scripts' sampler
     images = diffusion.sample(model, 100, labels, cfg_scale=5, sampler="dpm++", seed=1, progress=False)
     accuracy = (classify_shapes(images) == labels).float().mean().item()
-    print(f"class accuracy of 100 guided samples after 400 steps: {accuracy:.2f} (chance 0.10)")
-    assert accuracy >= 0.3
+    print(f"class accuracy of 100 guided samples after 500 steps: {accuracy:.2f} (chance 0.10)")
+    assert accuracy >= 0.5
