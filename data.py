@@ -161,14 +161,28 @@ class ClassDataset(Dataset):
         return f"a photo of a {self.classes[label].replace('_', ' ')}"
 
 
-def augmentation(image_size):
-    """The reference repository's 64 px augmentation, scaled to `image_size`."""
-    return transforms.Compose([
-        transforms.Resize(round(image_size * 80 / 64)),
-        transforms.RandomResizedCrop(image_size, scale=(0.8, 1.0)),
-        transforms.ToTensor(),
-        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    ])
+AUGMENTATIONS = ("resize", "flip", "reference")
+
+
+def augmentation(image_size, mode="resize"):
+    """PIL image -> (3, S, S) tensor in [-1, 1].
+
+    resize: short side to S, then the centre S x S crop: the data distribution as it is. flip: the same, plus a
+    random horizontal flip, for data whose classes keep their meaning in a mirror (CIFAR-10, as in the DDPM
+    paper; not digits or text). reference: the reference repository's 64 px crop scaled to S (resize to 5/4 S,
+    RandomResizedCrop of 80-100% of the area and aspect 3/4..4/3), which zooms and stretches what is learned.
+    """
+    if mode not in AUGMENTATIONS:
+        raise UsageError(f"augment '{mode}' is unknown: use one of {', '.join(AUGMENTATIONS)}")
+    if mode == "reference":
+        geometry = [transforms.Resize(round(image_size * 80 / 64)),
+                    transforms.RandomResizedCrop(image_size, scale=(0.8, 1.0))]
+    else:
+        geometry = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+        if mode == "flip":
+            geometry.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose([*geometry, transforms.ToTensor(),
+                               transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 
 
 def _image_folder(path, transform):
@@ -216,11 +230,13 @@ def _cifar10(path, train, transform):
     return base
 
 
-def get_dataset(name, path, image_size, seed=0, train=True, size=None):
+def get_dataset(name, path, image_size, seed=0, train=True, size=None, augment=None):
     """A data set of ((3, S, S) image in [-1, 1], int label) with `classes` and `caption(i)`.
 
-    `name` is cifar10, imagefolder or shapes. `size` sets the number of shapes items (default 5000)
-    and keeps a seeded random subset of the file data sets. `shapes` has no split: `train` is ignored.
+    `name` is cifar10, imagefolder or shapes. `augment` is a mode of `augmentation` for the file data sets
+    (None: flip for cifar10, resize for imagefolder, which may hold digits or text); shapes are never augmented.
+    `size` sets the number of shapes items (default 5000) and keeps a seeded random subset of the file data
+    sets. `shapes` has no split: `train` is ignored.
     """
     if image_size <= 0 or image_size % 8 != 0:
         raise UsageError(f"image_size {image_size} is not divisible by 8: the U-Net halves it 3 times; "
@@ -228,9 +244,9 @@ def get_dataset(name, path, image_size, seed=0, train=True, size=None):
     if name == "shapes":
         return ShapesDataset(image_size=image_size, size=5000 if size is None else size, seed=seed)
     if name == "cifar10":
-        return ClassDataset(_cifar10(path, train, augmentation(image_size)), size, seed)
+        return ClassDataset(_cifar10(path, train, augmentation(image_size, augment or "flip")), size, seed)
     if name == "imagefolder":
-        return ClassDataset(_image_folder(path, augmentation(image_size)), size, seed)
+        return ClassDataset(_image_folder(path, augmentation(image_size, augment or "resize")), size, seed)
     raise UsageError(f"unknown dataset '{name}': choose cifar10, imagefolder or shapes")
 
 

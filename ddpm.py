@@ -22,6 +22,8 @@ class Config:
     dataset: str = arg("imagefolder", "cifar10 | imagefolder (one subfolder per class) | shapes (built in)")
     dataset_path: str = arg("./data/landscapes", "folder of the dataset (cifar10 downloads here)")
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
+    augment: str | None = arg(None, "resize (+ centre crop) | flip (+ horizontal flips) | reference (its random crop); "
+                                    "None: flip for cifar10, else resize")
     image_size: int = arg(64, "training resolution in pixels, divisible by 8")
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
     batch_size: int = arg(12, "images per optimizer step")
@@ -32,7 +34,10 @@ class Config:
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
     ema_beta: float = arg(0.995, "EMA decay per step")
-    ema_start: int = arg(2000, "steps during which the EMA model is a plain copy")
+    ema_start: int = arg(0, "steps during which the EMA model is a plain copy (the reference: 2000)")
+    ema_warmup: bool = arg(True, "EMA decay min(ema_beta, (1 + n) / (10 + n)) at update n (false: the reference)")
+    grad_clip: float | None = arg(1.0, "clip the gradient norm to this, as the DDPM paper (None: the reference)")
+    clip_x0: bool = arg(True, "clip the predicted x_0 to [-1, 1] at each sampling step (false: the reference)")
     sampler: str = arg("ddpm", "sampler of the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
     sample_steps: int | None = arg(None, "network steps of the grid sampler (None: its default)")
     eval_every: int | None = arg(None, "every this many steps, measure eval_samples EMA samples with evaluate.py's judge "
@@ -74,15 +79,21 @@ class Diffusion:
     Guidance (CFG, Ho & Salimans 2022, eq. 6): eps = lerp(eps_uncond, eps_cond, cfg_scale). cfg_scale 0
     means the conditional prediction alone, in one pass; 1 gives the same result in a batched pass; above 1
     pushes away from the unconditional prediction.
+
+    clip_x0: every sampler clips its prediction of x_0 to the data range [-1, 1] at each step (the DDPM
+    authors' code and improved-diffusion's clip_denoised). False, the default here, is the reference's
+    unclipped Alg. 2; the pixel-space scripts turn it on, latent models (train_sd.py) leave it off.
     """
 
-    def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, c_in=3, device="cpu"):
+    def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, c_in=3, device="cpu",
+                 clip_x0=False):
         if img_size % 8:
             raise ValueError(f"img_size {img_size} is not divisible by 8: the U-Net halves it 3 times; "
                              "use 16, 32 or 64")
         self.noise_steps = noise_steps
         self.img_size = img_size
         self.c_in = c_in
+        self.clip_x0 = clip_x0
         self.device = torch.device(device)
         self.beta = torch.linspace(beta_start, beta_end, noise_steps).to(self.device)  # float32, as the reference
         self.alpha = 1.0 - self.beta
@@ -124,20 +135,35 @@ class Diffusion:
         return torch.lerp(eps_uncond, eps_cond, cfg_scale)  # CFG, Ho & Salimans 2022, eq. 6
 
     def predict_x0(self, x_t, t, eps):
-        """The x_0 that x_t and eps imply: (x_t - sqrt(1 - alpha_hat_t) eps) / sqrt(alpha_hat_t).
-
-        t is an integer timestep, or (B,) timesteps, one per row of x_t.
-        """
+        """x_0 implied by eps: (x_t - sqrt(1 - alpha_hat_t) eps) / sqrt(alpha_hat_t); t an int or a (B,) tensor."""
         alpha_hat = self.alpha_hat[t]
-        if alpha_hat.dim() > 0:
+        if alpha_hat.dim():
             alpha_hat = broadcast(alpha_hat, x_t)
         return (x_t - (1.0 - alpha_hat).sqrt() * eps) / alpha_hat.sqrt()
 
-    def p_sample_step(self, x_t, t, eps, z):
-        """One step of DDPM Alg. 2 at the integer timestep t, with sigma_t^2 = beta_t and noise z."""
+    def eps_from_x0(self, x_t, t, x_0):
+        """The inverse of `predict_x0`: eps = (x_t - sqrt(alpha_hat_t) x_0) / sqrt(1 - alpha_hat_t)."""
+        alpha_hat = self.alpha_hat[t]
+        if alpha_hat.dim():
+            alpha_hat = broadcast(alpha_hat, x_t)
+        return (x_t - alpha_hat.sqrt() * x_0) / (1.0 - alpha_hat).sqrt()
+
+    def p_sample_step(self, x_t, t, eps, z, clip_x0=False):
+        """One step of DDPM Alg. 2 at the integer timestep t >= 1, with sigma_t^2 = beta_t and noise z.
+
+        clip_x0=False is Alg. 2 as written. clip_x0=True goes through x_0: it clamps predict_x0 to [-1, 1] and
+        takes the mean of the posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 7), which is the same mean when no
+        pixel is clipped.
+        """
         alpha, alpha_hat, beta = self.alpha[t], self.alpha_hat[t], self.beta[t]
-        mean = (x_t - (1.0 - alpha) / (1.0 - alpha_hat).sqrt() * eps) / alpha.sqrt()
-        return mean + beta.sqrt() * z
+        if not clip_x0:
+            mean = (x_t - (1.0 - alpha) / (1.0 - alpha_hat).sqrt() * eps) / alpha.sqrt()
+            return mean + beta.sqrt() * z
+        alpha_hat_prev = self.alpha_hat[t - 1]
+        x_0 = self.predict_x0(x_t, t, eps).clamp(-1.0, 1.0)
+        coef_x0 = alpha_hat_prev.sqrt() * beta / (1.0 - alpha_hat)  # DDPM eq. 7, mu_tilde
+        coef_xt = alpha.sqrt() * (1.0 - alpha_hat_prev) / (1.0 - alpha_hat)
+        return coef_x0 * x_0 + coef_xt * x_t + beta.sqrt() * z
 
     def _check_sample_args(self, model, n, labels, cfg_scale, sampler):
         if cfg_scale < 0:
@@ -158,28 +184,31 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, n, labels=None, cfg_scale=3, *, null_labels=None, sampler="ddpm", steps=None,
-               eta=0.0, generator=None, seed=None, progress=True, callback=None):
+               eta=0.0, generator=None, seed=None, progress=True, clip_x0=None, callback=None):
         """Generate n images. Returns uint8 (n, c_in, H, W); see `sample_x0` for the arguments."""
         x_0 = self.sample_x0(model, n, labels, cfg_scale, null_labels=null_labels, sampler=sampler, steps=steps,
-                             eta=eta, generator=generator, seed=seed, progress=progress, callback=callback)
+                             eta=eta, generator=generator, seed=seed, progress=progress, clip_x0=clip_x0,
+                             callback=callback)
         return to_uint8(x_0)
 
     @torch.no_grad()
     def sample_x0(self, model, n, labels=None, cfg_scale=3, *, null_labels=None, sampler="ddpm", steps=None,
-                  eta=0.0, generator=None, seed=None, progress=True, callback=None):
+                  eta=0.0, generator=None, seed=None, progress=True, clip_x0=None, callback=None):
         """Generate n samples x_0 as float (n, c_in, H, W), in the model's space (pixels in [-1, 1], or latents).
 
         labels: None (unconditional), class ids (n,), or any conditioning with n rows, such as text token
             states (n, L, D). null_labels: the unconditional conditioning for guidance; by default every row is
             NULL_LABEL. sampler: "ddpm" with the default steps is the hand-written Alg. 2 over t = T-1..1;
             the others (and ddpm with fewer steps) use diffusers' schedulers built from these betas.
-        generator or seed: make the noise reproducible.
+        generator or seed: make the noise reproducible. clip_x0: clip the predicted x_0 to [-1, 1] at every
+            step (None: this Diffusion's clip_x0).
         callback: None, or callback(step_index, t, x_t, x0_pred), called once per network step, in order, with
             step_index 0..steps-1, the integer timestep t, the network's input x_t at t and the x_0 the sampler
-            predicts from it. x_t is in the DDPM convention x_t = sqrt(alpha_hat_t) x_0 + sqrt(1 - alpha_hat_t) eps
-            for every sampler: ddpm, ddim and dpm++ keep their state in it; euler_a keeps x_t / sqrt(alpha_hat_t)
-            (x_0 + sigma_t eps), which its scale_model_input turns into x_t. x0_pred is the scheduler's
-            pred_original_sample where it has one, else `predict_x0(x_t, t, eps)`.
+            predicts from it (clipped when clip_x0). x_t is in the DDPM convention
+            x_t = sqrt(alpha_hat_t) x_0 + sqrt(1 - alpha_hat_t) eps for every sampler: ddpm, ddim and dpm++ keep
+            their state in it; euler_a keeps x_t / sqrt(alpha_hat_t) (x_0 + sigma_t eps), which its
+            scale_model_input turns into x_t. x0_pred is the scheduler's pred_original_sample where it has one,
+            else `predict_x0(x_t, t, eps)`.
         """
         self._check_sample_args(model, n, labels, cfg_scale, sampler)
         if labels is not None and null_labels is None:
@@ -190,34 +219,39 @@ class Diffusion:
         x = torch.randn(shape, generator=generator, device=self.device)
         was_training = model.training
         model.eval()
+        clip_x0 = self.clip_x0 if clip_x0 is None else clip_x0
         if sampler == "ddpm" and steps in (None, self.noise_steps - 1):
-            x = self._ddpm_loop(model, x, labels, null_labels, cfg_scale, generator, progress, callback)
+            x = self._ddpm_loop(model, x, labels, null_labels, cfg_scale, generator, progress, clip_x0, callback)
         else:
             x = self._scheduler_loop(model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator,
-                                     progress, callback)
+                                     progress, clip_x0, callback)
         model.train(was_training)
         return x
 
-    def _ddpm_loop(self, model, x, labels, null_labels, cfg_scale, generator, progress, callback=None):
-        """DDPM Alg. 2, exactly as the reference runs it."""
+    def _ddpm_loop(self, model, x, labels, null_labels, cfg_scale, generator, progress, clip_x0, callback=None):
+        """DDPM Alg. 2, exactly as the reference runs it when clip_x0 is False."""
         n = x.shape[0]
         timesteps = range(self.noise_steps - 1, 0, -1)
         for step_index, i in enumerate(tqdm(timesteps, desc="ddpm", leave=False, disable=not progress)):
             t = torch.full((n,), i, dtype=torch.long, device=self.device)
             eps = self.predict_eps(model, x, t, labels, null_labels, cfg_scale)
             if callback is not None:
-                callback(step_index, i, x, self.predict_x0(x, i, eps))
+                x0_pred = self.predict_x0(x, i, eps)
+                callback(step_index, i, x, x0_pred.clamp(-1.0, 1.0) if clip_x0 else x0_pred)
             if i > 1:
                 z = torch.randn(x.shape, generator=generator, device=self.device)
             else:
                 z = torch.zeros_like(x)
-            x = self.p_sample_step(x, i, eps, z)
+            x = self.p_sample_step(x, i, eps, z, clip_x0)
         return x
 
-    def make_scheduler(self, sampler, steps=None):
+    def make_scheduler(self, sampler, steps=None, clip_x0=False):
         """A diffusers scheduler for `sampler`, built from these betas, with `steps` network steps.
 
-        "trailing" spacing starts at t = T-1 and never asks for t = 0, which training never drew.
+        "trailing" spacing starts at t = T-1 and never asks for t = 0, which training never drew. clip_x0 sets the
+        scheduler's own clipping of its predicted x_0: clip_sample (ddpm, ddim), or thresholding with
+        sample_max_value 1, which clamps the quantile s to 1 and so is the plain clip to [-1, 1] (dpm++).
+        EulerAncestralDiscreteScheduler has no such option: `_scheduler_loop` clips its eps instead.
         """
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
@@ -225,13 +259,14 @@ class Diffusion:
                       timestep_spacing="trailing", prediction_type="epsilon")
         if sampler == "ddpm":
             # "fixed_small" (the posterior variance) is 0 at the last strided step; "fixed_large" would add noise there.
-            scheduler = DDPMScheduler(variance_type="fixed_small", clip_sample=False, **common)
+            scheduler = DDPMScheduler(variance_type="fixed_small", clip_sample=clip_x0, clip_sample_range=1.0,
+                                      **common)
         elif sampler == "ddim":
-            scheduler = DDIMScheduler(clip_sample=False, **common)
-        elif sampler == "dpm++":
-            scheduler = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", **common)
-        elif sampler == "dpm++ode":
-            scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **common)
+            scheduler = DDIMScheduler(clip_sample=clip_x0, clip_sample_range=1.0, **common)
+        elif sampler in ("dpm++", "dpm++ode"):
+            algorithm_type = "sde-dpmsolver++" if sampler == "dpm++" else "dpmsolver++"
+            scheduler = DPMSolverMultistepScheduler(algorithm_type=algorithm_type, thresholding=clip_x0,
+                                                    sample_max_value=1.0, **common)
         else:
             scheduler = EulerAncestralDiscreteScheduler(**common)
         steps = steps if steps is not None else DEFAULT_STEPS.get(sampler, self.noise_steps - 1)
@@ -246,18 +281,25 @@ class Diffusion:
         return scheduler
 
     def _scheduler_loop(self, model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator, progress,
-                        callback=None):
-        scheduler = self.make_scheduler(sampler, steps)
+                        clip_x0, callback=None):
+        scheduler = self.make_scheduler(sampler, steps, clip_x0)
+        clip_eps = clip_x0 and sampler == "euler_a"  # the one scheduler without an x_0 clipping option
         step_kwargs = {"eta": eta} if sampler == "ddim" else {}
         x = x * scheduler.init_noise_sigma
         n = x.shape[0]
         for step_index, t in enumerate(tqdm(scheduler.timesteps, desc=sampler, leave=False, disable=not progress)):
             x_in = scheduler.scale_model_input(x, t)  # the DDPM x_t (euler_a's state is x_t / sqrt(alpha_hat_t))
             eps = self.predict_eps(model, x_in, t.expand(n), labels, null_labels, cfg_scale)
+            if clip_eps:  # x_in is x_t in DDPM scale: replace eps by the one whose x_0 is clipped
+                t_int = int(t)
+                eps = self.eps_from_x0(x_in, t_int, self.predict_x0(x_in, t_int, eps).clamp(-1.0, 1.0))
             out = scheduler.step(eps, t, x, generator=generator, **step_kwargs)
             if callback is not None:
                 x0_pred = getattr(out, "pred_original_sample", None)
-                callback(step_index, int(t), x_in, x0_pred if x0_pred is not None else self.predict_x0(x_in, t, eps))
+                if x0_pred is None:
+                    x0_pred = self.predict_x0(x_in, int(t), eps)
+                    x0_pred = x0_pred.clamp(-1.0, 1.0) if clip_x0 else x0_pred
+                callback(step_index, int(t), x_in, x0_pred)
             x = out.prev_sample
         return x
 

@@ -19,6 +19,8 @@ class Config:
     dataset: str = arg("cifar10", "cifar10 | imagefolder (one subfolder per class) | shapes (built in)")
     dataset_path: str = arg("./data", "folder of the dataset (cifar10 downloads here)")
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
+    augment: str | None = arg(None, "resize (+ centre crop) | flip (+ horizontal flips) | reference (its random crop); "
+                                    "None: flip for cifar10, else resize")
     image_size: int = arg(64, "training resolution in pixels, divisible by 8")
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
     batch_size: int = arg(14, "images per optimizer step")
@@ -31,7 +33,10 @@ class Config:
     p_uncond: float = arg(0.1, "probability of dropping each row's label, to learn the unconditional eps")
     cfg_scale: float = arg(3.0, "guidance scale of the grids: 0 = conditional only, >1 = stronger guidance")
     ema_beta: float = arg(0.995, "EMA decay per step")
-    ema_start: int = arg(2000, "steps during which the EMA model is a plain copy")
+    ema_start: int = arg(0, "steps during which the EMA model is a plain copy (the reference: 2000)")
+    ema_warmup: bool = arg(True, "EMA decay min(ema_beta, (1 + n) / (10 + n)) at update n (false: the reference)")
+    grad_clip: float | None = arg(1.0, "clip the gradient norm to this, as the DDPM paper (None: the reference)")
+    clip_x0: bool = arg(True, "clip the predicted x_0 to [-1, 1] at each sampling step (false: the reference)")
     sampler: str = arg("dpm++", "sampler of the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
     sample_steps: int | None = arg(None, "network steps of the grid sampler (None: its default)")
     eval_every: int | None = arg(None, "every this many steps, measure eval_samples EMA samples with evaluate.py's judge "

@@ -288,16 +288,26 @@ class UNet_text(UNet):
 
 
 class EMA:
-    """Exponential moving average of a model's weights, with the reference's semantics.
+    """Exponential moving average of a model's weights; the defaults are the reference's semantics.
 
     For the first `start_step` calls of `step_ema` the EMA model is a plain copy of the model; after that
-    every parameter moves as ema = beta * ema + (1 - beta) * param. Buffers are always copied.
+    every parameter moves as ema = decay * ema + (1 - decay) * param. Buffers are always copied. The decay is
+    `beta` (the reference), or with `warmup` min(beta, (1 + n) / (10 + n)) at the n-th averaging call,
+    n = 0, 1, ..., as diffusers' EMAModel: short runs average their recent weights instead of their first ones.
     """
 
-    def __init__(self, beta=0.995, start_step=2000):
+    def __init__(self, beta=0.995, start_step=2000, warmup=False):
         self.beta = beta
         self.start_step = start_step
+        self.warmup = warmup
         self.step = 0
+
+    def decay(self):
+        """The decay of the next averaging call."""
+        if not self.warmup:
+            return self.beta
+        n = self.step - self.start_step
+        return min(self.beta, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def step_ema(self, ema_model, model):
@@ -305,16 +315,18 @@ class EMA:
             for ema_p, p in zip(ema_model.parameters(), model.parameters()):
                 ema_p.copy_(p)
         else:
+            decay = self.decay()
             for ema_p, p in zip(ema_model.parameters(), model.parameters()):
-                ema_p.lerp_(p, 1.0 - self.beta)  # ema + (1 - beta) * (p - ema)
+                ema_p.lerp_(p, 1.0 - decay)  # ema + (1 - decay) * (p - ema)
         for ema_b, b in zip(ema_model.buffers(), model.buffers()):
             ema_b.copy_(b)
         self.step += 1
 
     def state_dict(self):
-        return {"beta": self.beta, "start_step": self.start_step, "step": self.step}
+        return {"beta": self.beta, "start_step": self.start_step, "warmup": self.warmup, "step": self.step}
 
     def load_state_dict(self, state):
         self.beta = state["beta"]
         self.start_step = state["start_step"]
+        self.warmup = state.get("warmup", False)  # states saved before the warm-up existed
         self.step = state["step"]

@@ -33,6 +33,8 @@ class Config:
     seed: int = arg(0, "seed of the noise: the same seed gives the same images")
     sampler: str = arg("dpm++", "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a")
     steps: int | None = arg(None, "network steps of the sampler (None: its default, 20 for dpm++)")
+    clip_x0: bool | None = arg(None, "clip the predicted x_0 to [-1, 1] at each step (None: the run's setting, "
+                                     "else true; false: the reference's sampler)")
     image_size: int | None = arg(None, "pixels, divisible by 8 (None: the training size, or 64)")
     weights: str = arg("ema", "weights of a training_state.pt: ema | model")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
@@ -138,7 +140,10 @@ def make_diffusion(cfg, saved, c_in, device):
     image_size = cfg.image_size or settings["image_size"]
     if not isinstance(image_size, int) or image_size <= 0 or image_size % 8:
         raise UsageError(f"the saved image_size {image_size!r} is not divisible by 8: pass --image_size 64")
-    return Diffusion(settings["noise_steps"], settings["beta_start"], settings["beta_end"], image_size, c_in, device)
+    clip_x0 = getattr(cfg, "clip_x0", None)  # other CLIs (evaluate.py) call this with configs without the field
+    clip_x0 = saved.get("clip_x0", True) if clip_x0 is None else clip_x0
+    return Diffusion(settings["noise_steps"], settings["beta_start"], settings["beta_end"], image_size, c_in, device,
+                     clip_x0=clip_x0)
 
 
 # ----------------------------------------------------------------------------- sampling

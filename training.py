@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data import get_dataset, make_dataloader
+from data import AUGMENTATIONS, get_dataset, make_dataloader
 from ddpm import SAMPLERS, Diffusion
 from evaluate import get_judge, offline_figures
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
@@ -33,7 +33,7 @@ KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the la
 # Fields that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
                     "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
-                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every")
+                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0")
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
@@ -60,6 +60,10 @@ def validate(cfg):
     if getattr(cfg, "eval_every", None) is not None and (cfg.eval_every <= 0 or cfg.eval_samples < 2):
         raise UsageError(f"eval_every {cfg.eval_every} / eval_samples {cfg.eval_samples}: use a positive --eval_every "
                          "(or None: off) and --eval_samples 2 or more, e.g. 100")
+    if getattr(cfg, "augment", None) not in (None, *AUGMENTATIONS):
+        raise UsageError(f"augment '{cfg.augment}' is unknown: use one of {', '.join(AUGMENTATIONS)}, or None")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        raise UsageError(f"grad_clip {cfg.grad_clip} must be positive: use e.g. 1.0, or None for no clipping")
     for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps", "gradient_accumulation_steps",
                  "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every"):
         if getattr(cfg, name) <= 0:
@@ -205,9 +209,11 @@ def image_task(cfg, accelerator, conditional):
     if device.type == "cpu" and cfg.max_steps is None and cfg.base_channels >= 64 and cfg.image_size >= 32:
         warnings.warn("this full-size config takes days on the CPU: try --config configs/quick_cpu.json "
                       "(shapes at 16 px, a few minutes)", stacklevel=2)
-    dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size)
+    dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
+                          augment=cfg.augment)
     num_classes = len(dataset.classes) if conditional else None
-    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device)
+    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device,
+                          clip_x0=cfg.clip_x0)
     labels = grid_labels(cfg, num_classes, device)
     n = cfg.n_samples if labels is None else labels.shape[0]
 
@@ -327,7 +333,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     if getattr(cfg, "channels_last", False):
         net = net.to(memory_format=torch.channels_last)
     ema_net = copy.deepcopy(net).requires_grad_(False).to(device)
-    ema = EMA(cfg.ema_beta, cfg.ema_start)
+    ema = EMA(cfg.ema_beta, cfg.ema_start, cfg.ema_warmup)
     adamw = torch.optim.AdamW(net.parameters(), lr=cfg.lr, fused=True)  # fused: can skip a step on the device
 
     run = {"step": 0, "epoch": 0, "batches_done": 0, "losses": [], "skipped": 0}
@@ -369,6 +375,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         skip = nonfinite_gradients(net)
+                        if cfg.grad_clip is not None:  # clip the gradient norm, as the DDPM paper does
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                         adamw.found_inf = skip  # fused AdamW leaves weights and moments as they are when 1
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -183,3 +183,43 @@ def test_caption_folder_reads_metadata_and_txt_and_names_errors(tmp_path):
     write_image(folder / "dog.png")
     with pytest.raises(UsageError, match="'dog.png' .* no caption file dog.txt"):
         data.get_caption_dataset("captions", str(folder), 16)
+
+
+def _halves_image(width=32, height=32):
+    """Left half red, right half blue."""
+    image = Image.new("RGB", (width, height), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, width // 2, height))
+    return image
+
+
+def test_augmentation_resize_is_the_centre_crop_of_the_resized_image():
+    out = data.augmentation(16, "resize")(_halves_image())
+    expected = torch.full((3, 16, 16), -1.0)
+    expected[0, :, :8] = 1.0  # red left half
+    expected[2, :, 8:] = 1.0  # blue right half
+    sharp = [*range(7), *range(9, 16)]  # the antialiased resize blends columns 7 and 8 at the edge
+    torch.testing.assert_close(out[..., sharp], expected[..., sharp], atol=2 / 255, rtol=0)
+    tall = data.augmentation(16, "resize")(_halves_image(32, 64))  # 32 x 64 -> 16 x 32 -> its middle 16 x 16
+    torch.testing.assert_close(tall, out)
+
+
+def test_augmentation_flip_mirrors_some_draws_and_reference_crops_at_random():
+    torch.manual_seed(0)
+    plain = data.augmentation(16, "resize")(_halves_image())
+    flips = [data.augmentation(16, "flip")(_halves_image()) for _ in range(20)]
+    assert all(torch.equal(f, plain) or torch.equal(f, plain.flip(-1)) for f in flips)
+    assert any(torch.equal(f, plain) for f in flips) and any(torch.equal(f, plain.flip(-1)) for f in flips)
+    crops = [data.augmentation(16, "reference")(_halves_image()) for _ in range(5)]
+    assert all(c.shape == (3, 16, 16) for c in crops)
+    assert any(not torch.equal(c, crops[0]) for c in crops[1:])  # the reference's crop is random
+
+
+def test_augmentation_defaults_flip_cifar_only_and_refuses_unknown_modes(tmp_path):
+    _write_image_folder(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = data.get_dataset("imagefolder", str(tmp_path), 16)
+    names = [type(t).__name__ for t in folder.base.transform.transforms]
+    assert "RandomHorizontalFlip" not in names and "CenterCrop" in names  # digits and text are never flipped
+    with pytest.raises(UsageError, match="augment 'zoom' is unknown"):
+        data.augmentation(16, "zoom")

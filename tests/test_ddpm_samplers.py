@@ -240,3 +240,86 @@ def test_predict_x0_inverts_noise_images(diffusion, t):
     per_row = torch.tensor([t, 1, 250, 999])
     x_t, _ = diffusion.noise_images(x_0, per_row, eps)
     assert torch.allclose(diffusion.predict_x0(x_t, per_row, eps), x_0, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- clipping the predicted x_0
+def test_predict_x0_inverts_noise_images_and_eps_from_x0_inverts_it(diffusion):
+    generator = torch.Generator().manual_seed(0)
+    x_0, eps = torch.randn(3, 3, 8, 8, generator=generator), torch.randn(3, 3, 8, 8, generator=generator)
+    t = torch.tensor([1, 400, 999])
+    x_t, _ = diffusion.noise_images(x_0, t, eps)
+    torch.testing.assert_close(diffusion.predict_x0(x_t, t, eps), x_0, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(diffusion.eps_from_x0(x_t, t, x_0), eps, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(diffusion.predict_x0(x_t[1:2], 400, eps[1:2]), diffusion.predict_x0(x_t, t, eps)[1:2])
+
+
+@pytest.mark.parametrize("t", [2, 10, 500, 999])
+def test_clipped_p_sample_step_equals_diffusers_clipped_ddpm_step(diffusion, t):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=diffusion.noise_steps, trained_betas=diffusion.beta.numpy(),
+                              variance_type="fixed_large", clip_sample=True, clip_sample_range=1.0,
+                              prediction_type="epsilon")
+    scheduler.set_timesteps(diffusion.noise_steps)
+    generator = torch.Generator().manual_seed(1)
+    x_t, eps = 3 * torch.randn(2, 3, 8, 8, generator=generator), torch.randn(2, 3, 8, 8, generator=generator)
+    assert diffusion.predict_x0(x_t, t, eps).abs().max() > 1.5  # clipping changes this step
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t))
+    ours = diffusion.p_sample_step(x_t, t, eps, z, clip_x0=True)
+    theirs = scheduler.step(eps, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, diffusion.p_sample_step(x_t, t, eps, z), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("t", [1, 2, 300, 999])
+def test_clipped_step_is_alg_2_when_x0_is_in_range(diffusion, t):
+    """The posterior mean of q(x_{t-1} | x_t, x_0), x_0 from eps, is Alg. 2's mean: clipping nothing changes nothing."""
+    generator = torch.Generator().manual_seed(2)
+    x_0 = torch.rand(2, 3, 8, 8, generator=generator) * 1.8 - 0.9
+    eps, z = torch.randn(2, 3, 8, 8, generator=generator), torch.randn(2, 3, 8, 8, generator=generator)
+    x_t, _ = diffusion.noise_images(x_0, torch.full((2,), t), eps)
+    torch.testing.assert_close(diffusion.p_sample_step(x_t, t, eps, z, clip_x0=True),
+                               diffusion.p_sample_step(x_t, t, eps, z), rtol=1e-4, atol=1e-4)
+
+
+class FarOutEps(nn.Module):
+    """A bad network: its eps always implies x_0 = 4 sign(x_t), far outside the data range."""
+
+    def __init__(self, diffusion):
+        super().__init__()
+        self.diffusion = diffusion
+
+    def forward(self, x, t):
+        return self.diffusion.eps_from_x0(x, t.long(), 4 * torch.sign(x))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_clipped_samplers_keep_x0_in_the_data_range(diffusion, sampler):
+    model = FarOutEps(diffusion)
+    clipped = diffusion.sample_x0(model, 4, sampler=sampler, seed=0, progress=False, clip_x0=True)
+    unclipped = diffusion.sample_x0(model, 4, sampler=sampler, seed=0, progress=False, clip_x0=False)
+    assert unclipped.abs().max() > 3  # the test can fail: without clipping the samples leave [-1, 1]
+    # ddpm's Alg. 2 ends at alpha_hat_0, a mean of the clipped x_0 and x_1 (noise std ~0.01); the others at x_0.
+    assert clipped.abs().max() <= (1.05 if sampler == "ddpm" else 1.0 + 1e-5), clipped.abs().max()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_clip_x0_defaults_to_the_diffusion_setting(sampler):
+    model = FarOutEps(Diffusion(img_size=8))
+    steps = 10 if sampler == "ddpm" else None
+    kwargs = dict(sampler=sampler, steps=steps, seed=0, progress=False)
+    on, off = Diffusion(img_size=8, clip_x0=True), Diffusion(img_size=8)
+    assert not off.clip_x0  # the reference's unclipped sampler
+    torch.testing.assert_close(on.sample_x0(model, 2, **kwargs), off.sample_x0(model, 2, clip_x0=True, **kwargs))
+    assert on.sample_x0(model, 2, **kwargs).abs().max() <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "dpm++ode"])
+def test_make_scheduler_sets_each_schedulers_own_clipping(diffusion, sampler):
+    config = diffusion.make_scheduler(sampler, 10, clip_x0=True).config
+    if sampler in ("ddpm", "ddim"):
+        assert config.clip_sample and config.clip_sample_range == 1.0 and not config.thresholding
+    else:  # dynamic thresholding with s clamped to [1, sample_max_value] = [1, 1]: the plain clip
+        assert config.thresholding and config.sample_max_value == 1.0
+    off = diffusion.make_scheduler(sampler, 10).config
+    assert not off.get("clip_sample", False) and not off.thresholding

@@ -1,4 +1,5 @@
 """The networks: reference layout and outputs, any image size, per-row null labels, attention, EMA."""
+import copy
 import math
 import pathlib
 import re
@@ -220,3 +221,33 @@ def test_ema_warm_up_copies_then_follows_the_formula():
 def test_ema_default_semantics_are_the_reference():
     ema = EMA()
     assert (ema.beta, ema.start_step) == (0.995, 2000)
+    assert not ema.warmup
+
+
+@pytest.mark.parametrize("start_step", [0, 3])
+def test_ema_warmup_decay_is_min_beta_and_1_plus_n_over_10_plus_n(start_step):
+    """After start_step plain copies, update n uses decay min(beta, (1 + n) / (10 + n)), as diffusers' EMAModel."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(-1.0)
+    ema_model = copy.deepcopy(model)  # as training.train starts it
+    ema = EMA(beta=0.95, start_step=start_step, warmup=True)
+    expected_ema, decays = -1.0, []
+    for step in range(start_step + 300):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ema.step_ema(ema_model, model)
+        if step < start_step:
+            expected_ema = float(step)
+        else:
+            n = step - start_step
+            decays.append(min(0.95, (1 + n) / (10 + n)))
+            expected_ema = decays[-1] * expected_ema + (1 - decays[-1]) * step
+        assert ema_model.weight.item() == pytest.approx(expected_ema, rel=1e-5)
+    assert decays[:3] == [0.1, 2 / 11, 3 / 12] and decays[-1] == 0.95
+    assert ema.decay() == 0.95  # the warm-up has reached beta: (1 + n) / (10 + n) >= 0.95 from n = 170
+    restored = EMA()
+    restored.load_state_dict(ema.state_dict())
+    assert restored.warmup and restored.decay() == 0.95
+    restored.load_state_dict({"beta": 0.9, "start_step": 5, "step": 7})  # a state saved before the warm-up
+    assert not restored.warmup and restored.decay() == 0.9

@@ -64,6 +64,35 @@ def test_conditional_run_writes_grids_plots_checkpoints_and_config(workdir):
     assert json.loads((models / "config.json").read_text()) == config
 
 
+@pytest.mark.parametrize("grad_clip", [1e-3, None])
+def test_gradients_are_clipped_to_grad_clip_before_each_step(workdir, monkeypatch, grad_clip):
+    from accelerate import Accelerator
+
+    calls = []
+    clip = Accelerator.clip_grad_norm_
+
+    def spy(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm_before = clip(self, parameters, max_norm, *args, **kwargs)
+        norm_after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        calls.append((max_norm, norm_before.item(), norm_after.item()))
+        return norm_before
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", spy)
+    ddpm_conditional.main(TINY + ["--run_name", "C", "--n_per_class", "1", "--grad_clip", str(grad_clip)])
+    if grad_clip is None:
+        assert calls == []  # the reference: no clipping
+        return
+    assert len(calls) == 2  # once per optimizer step
+    for max_norm, norm_before, norm_after in calls:
+        assert max_norm == grad_clip and norm_before > grad_clip and norm_after <= grad_clip * 1.001
+
+
+def test_bad_grad_clip_is_a_usage_error(workdir):
+    with pytest.raises(UsageError, match="grad_clip -1.0 must be positive"):
+        ddpm_conditional.main(TINY + ["--grad_clip", "-1"])
+
+
 def test_unconditional_run_on_an_image_folder(workdir):
     write_image_folder(workdir / "pets")
     ddpm.main(TINY + ["--dataset", "imagefolder", "--dataset_path", "pets", "--dataset_size", "none",
@@ -143,17 +172,21 @@ def test_cli_subprocess_run_and_errors_exit_non_zero_with_one_line(tmp_path):
 
 
 def test_the_conditional_model_learns_the_shapes_classes(workdir):
-    """The quick CPU preset, a little shorter: guided samples of the EMA model mostly show their class.
+    """The quick CPU preset, shorter: guided samples of the EMA model mostly show their class.
 
-    Judged by the generator's own rule (utils.classify_shapes: the class colour nearest to the mean colour
-    of the shape), which scores >= 0.98 on real images; chance is 0.1. About 3 minutes on 2 CPU cores.
+    Judged by the generator's own rule (data.classify_shapes: the class colour nearest to the mean colour
+    of the shape), which scores >= 0.98 on real images; chance is 0.1. With the EMA warm-up, gradient clipping
+    and the clipped sampler, 500 steps gave 0.74 on 100 samples (training seed 0, noise seed 123; issue 9
+    measured 0.54 for the old preset).
+    About 3 CPU minutes on 2 cores.
     """
-    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "400",
+    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "500",
                            "--run_name", "learn", "--n_per_class", "1"])
     model = UNet_conditional(num_classes=10, base_channels=32)
     model.load_state_dict(load_checkpoint(workdir / "models" / "learn" / "ema_ckpt.pt"))
     labels = torch.arange(10).repeat_interleave(10)
-    images = Diffusion(img_size=16).sample(model, 100, labels, cfg_scale=5, sampler="dpm++", seed=1, progress=False)
+    diffusion = Diffusion(img_size=16, clip_x0=True)  # the scripts' sampler
+    images = diffusion.sample(model, 100, labels, cfg_scale=5, sampler="dpm++", seed=1, progress=False)
     accuracy = (classify_shapes(images) == labels).float().mean().item()
-    print(f"class accuracy of 100 guided samples after 400 steps: {accuracy:.2f} (chance 0.10)")
-    assert accuracy >= 0.3
+    print(f"class accuracy of 100 guided samples after 500 steps: {accuracy:.2f} (chance 0.10)")
+    assert accuracy >= 0.5
