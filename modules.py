@@ -3,8 +3,10 @@
 `UNet` and `UNet_conditional` keep the parameter names and shapes of the reference repository
 (dome272/Diffusion-Models-pytorch), so its released 64x64 checkpoints load with `strict=True` and give the
 same outputs. Unlike the reference they run at any H and W divisible by 8, read their device from the input,
-use fused attention and broadcast the embeddings. `UNet_text` is the same network with cross-attention on
-text tokens, for latent text-to-image. Nothing here knows about betas or timesteps beyond encoding `t`.
+use fused attention and broadcast the embeddings. `UNet_conditional(conditioning=...)` offers three more
+ways to condition on the class label (concat, xattn, adanorm) built from the same blocks; `add` is the
+reference's. `UNet_text` is the same network with cross-attention on text tokens, for latent text-to-image.
+Nothing here knows about betas or timesteps beyond encoding `t`.
 """
 import functools
 
@@ -23,9 +25,14 @@ def timestep_encoding(t, dim):
 
 
 class DoubleConv(nn.Module):
-    """Two 3x3 convolutions, each followed by GroupNorm(1); GELU between them; optional residual."""
+    """Two 3x3 convolutions, each followed by GroupNorm(1); GELU between them; optional residual.
 
-    def __init__(self, in_channels, out_channels, mid_channels=None, residual=False):
+    With `norm_emb_dim`, an embedding (B, norm_emb_dim) predicts a per-channel scale and shift for both
+    norms, norm(h) * (1 + scale) + shift (AdaGN: ADM's use_scale_shift_norm). The prediction is
+    zero-initialised (as DiT's adaLN-Zero), so the block starts as the one without it.
+    """
+
+    def __init__(self, in_channels, out_channels, mid_channels=None, residual=False, norm_emb_dim=None):
         super().__init__()
         mid_channels = mid_channels or out_channels
         self.residual = residual
@@ -36,45 +43,62 @@ class DoubleConv(nn.Module):
             nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
             nn.GroupNorm(1, out_channels),
         )
+        if norm_emb_dim is not None:
+            self.split = [mid_channels, mid_channels, out_channels, out_channels]  # scale1, shift1, scale2, shift2
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(norm_emb_dim, sum(self.split)))
+            nn.init.zeros_(self.modulation[1].weight)
+            nn.init.zeros_(self.modulation[1].bias)
 
-    def forward(self, x):
+    def convolve(self, x, norm_emb):
+        if norm_emb is None:
+            return self.double_conv(x)
+        conv1, norm1, act, conv2, norm2 = self.double_conv
+        scale1, shift1, scale2, shift2 = (
+            m[:, :, None, None] for m in self.modulation(norm_emb).split(self.split, dim=1)  # (B, C) -> (B, C, 1, 1)
+        )
+        h = norm1(conv1(x)) * (1 + scale1) + shift1
+        return norm2(conv2(act(h))) * (1 + scale2) + shift2
+
+    def forward(self, x, norm_emb=None):
         if self.residual:
-            return F.gelu(x + self.double_conv(x))
-        return self.double_conv(x)
+            return F.gelu(x + self.convolve(x, norm_emb))
+        return self.convolve(x, norm_emb)
 
 
 class Down(nn.Module):
     """Halve H and W, convolve, then add the projected embedding to every pixel."""
 
-    def __init__(self, in_channels, out_channels, emb_dim=256):
+    def __init__(self, in_channels, out_channels, emb_dim=256, norm_emb_dim=None):
         super().__init__()
         self.maxpool_conv = nn.Sequential(
             nn.MaxPool2d(2),
-            DoubleConv(in_channels, in_channels, residual=True),
-            DoubleConv(in_channels, out_channels),
+            DoubleConv(in_channels, in_channels, residual=True, norm_emb_dim=norm_emb_dim),
+            DoubleConv(in_channels, out_channels, norm_emb_dim=norm_emb_dim),
         )
         self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
 
-    def forward(self, x, emb):
-        x = self.maxpool_conv(x)
+    def forward(self, x, emb, norm_emb=None):
+        pool, conv1, conv2 = self.maxpool_conv
+        x = conv2(conv1(pool(x), norm_emb), norm_emb)
         return x + self.emb_layer(emb)[:, :, None, None]  # (B, C) -> (B, C, 1, 1), broadcast over H, W
 
 
 class Up(nn.Module):
     """Double H and W, concatenate the skip connection, convolve, then add the projected embedding."""
 
-    def __init__(self, in_channels, out_channels, emb_dim=256):
+    def __init__(self, in_channels, out_channels, emb_dim=256, norm_emb_dim=None):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.conv = nn.Sequential(
-            DoubleConv(in_channels, in_channels, residual=True),
-            DoubleConv(in_channels, out_channels, in_channels // 2),
+            DoubleConv(in_channels, in_channels, residual=True, norm_emb_dim=norm_emb_dim),
+            DoubleConv(in_channels, out_channels, in_channels // 2, norm_emb_dim=norm_emb_dim),
         )
         self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
 
-    def forward(self, x, skip, emb):
+    def forward(self, x, skip, emb, norm_emb=None):
         x = torch.cat([skip, self.up(x)], dim=1)
-        x = self.conv(x)
+        conv1, conv2 = self.conv
+        x = conv2(conv1(x, norm_emb), norm_emb)
         return x + self.emb_layer(emb)[:, :, None, None]
 
 
@@ -185,45 +209,48 @@ class UNet(nn.Module):
     """The reference U-Net: 3 downsamplings, each followed by attention; widths scale with base_channels.
 
     `attention(channels)` builds the block that follows each Down and Up; the default is the reference's
-    SelfAttention. forward(x, t): x (B, c_in, H, W), t (B,) integer timesteps -> eps (B, c_out, H, W).
+    SelfAttention. `norm_emb_dim` gives every DoubleConv an AdaGN modulation (see DoubleConv).
+    forward(x, t): x (B, c_in, H, W), t (B,) integer timesteps -> eps (B, c_out, H, W).
     """
 
-    def __init__(self, c_in=3, c_out=3, time_dim=256, base_channels=64, attention=SelfAttention):
+    def __init__(self, c_in=3, c_out=3, time_dim=256, base_channels=64, attention=SelfAttention, norm_emb_dim=None):
         super().__init__()
         self.time_dim = time_dim
-        c = base_channels
-        self.inc = DoubleConv(c_in, c)
-        self.down1 = Down(c, 2 * c, time_dim)
+        c, n = base_channels, norm_emb_dim
+        self.inc = DoubleConv(c_in, c, norm_emb_dim=n)
+        self.down1 = Down(c, 2 * c, time_dim, n)
         self.sa1 = attention(2 * c)
-        self.down2 = Down(2 * c, 4 * c, time_dim)
+        self.down2 = Down(2 * c, 4 * c, time_dim, n)
         self.sa2 = attention(4 * c)
-        self.down3 = Down(4 * c, 4 * c, time_dim)
+        self.down3 = Down(4 * c, 4 * c, time_dim, n)
         self.sa3 = attention(4 * c)
-        self.bot1 = DoubleConv(4 * c, 8 * c)
-        self.bot2 = DoubleConv(8 * c, 8 * c)
-        self.bot3 = DoubleConv(8 * c, 4 * c)
-        self.up1 = Up(8 * c, 2 * c, time_dim)
+        self.bot1 = DoubleConv(4 * c, 8 * c, norm_emb_dim=n)
+        self.bot2 = DoubleConv(8 * c, 8 * c, norm_emb_dim=n)
+        self.bot3 = DoubleConv(8 * c, 4 * c, norm_emb_dim=n)
+        self.up1 = Up(8 * c, 2 * c, time_dim, n)
         self.sa4 = attention(2 * c)
-        self.up2 = Up(4 * c, c, time_dim)
+        self.up2 = Up(4 * c, c, time_dim, n)
         self.sa5 = attention(c)
-        self.up3 = Up(2 * c, c, time_dim)
+        self.up3 = Up(2 * c, c, time_dim, n)
         self.sa6 = attention(c)
         self.outc = nn.Conv2d(c, c_out, kernel_size=1)
 
     def time_embedding(self, t):
         return timestep_encoding(t, self.time_dim)
 
-    def denoise(self, x, emb, context=None):
-        """The U-Net proper, given the embedding emb (B, time_dim) and, for cross-attention, context."""
+    def denoise(self, x, emb, context=None, norm_emb=None):
+        """The U-Net proper, given the embedding emb (B, time_dim) that is added after each Down and Up;
+        for cross-attention the context (B, L, context_dim); for AdaGN the norm_emb (B, norm_emb_dim)."""
         check_image_size(x)
-        x1 = self.inc(x)  # full resolution
-        x2 = self.sa1(self.down1(x1, emb), context)  # 1/2
-        x3 = self.sa2(self.down2(x2, emb), context)  # 1/4
-        x4 = self.sa3(self.down3(x3, emb), context)  # 1/8
-        x4 = self.bot3(self.bot2(self.bot1(x4)))
-        y = self.sa4(self.up1(x4, x3, emb), context)  # 1/4
-        y = self.sa5(self.up2(y, x2, emb), context)  # 1/2
-        y = self.sa6(self.up3(y, x1, emb), context)  # full resolution
+        e = norm_emb
+        x1 = self.inc(x, e)  # full resolution
+        x2 = self.sa1(self.down1(x1, emb, e), context)  # 1/2
+        x3 = self.sa2(self.down2(x2, emb, e), context)  # 1/4
+        x4 = self.sa3(self.down3(x3, emb, e), context)  # 1/8
+        x4 = self.bot3(self.bot2(self.bot1(x4, e), e), e)
+        y = self.sa4(self.up1(x4, x3, emb, e), context)  # 1/4
+        y = self.sa5(self.up2(y, x2, emb, e), context)  # 1/2
+        y = self.sa6(self.up3(y, x1, emb, e), context)  # full resolution
         return self.outc(y)
 
     def forward(self, x, t):
@@ -231,28 +258,70 @@ class UNet(nn.Module):
 
 
 class UNet_conditional(UNet):
-    """The U-Net with a class-label embedding added to the time embedding.
+    """The U-Net conditioned on a class label, in one of four ways (`conditioning`):
+
+    - "add" (the reference's, default): a label embedding is added to the time embedding.
+    - "concat": a label embedding of `concat_channels` numbers, broadcast to an H x W map, is concatenated to
+      the input channels (as image-to-image models concatenate their source image).
+    - "xattn": the label becomes `context_tokens` learned tokens, read by the cross-attention of a
+      TransformerBlock after each Down and Up (Stable Diffusion's way of reading text).
+    - "adanorm": time + label embedding predict a scale and shift for every GroupNorm (ADM's AdaGN, DiT's
+      adaLN); zero-initialised, so the untrained network ignores the label.
 
     forward(x, t, y): y (B,) holds class ids in 0..num_classes-1, or NULL_LABEL (-1) for rows without a
-    label; y=None means no row has a label. An unlabelled row adds a zero vector, as the reference does
-    when it passes no labels, so one batch can hold the conditional and unconditional halves of guidance.
+    label; y=None means no row has a label. An unlabelled row gets the null condition (a zero embedding or
+    map; a learned null token sequence for "xattn"), so one batch can hold both halves of guidance.
     """
 
-    def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, base_channels=64):
-        super().__init__(c_in, c_out, time_dim, base_channels)
+    CONDITIONINGS = ("add", "concat", "xattn", "adanorm")
+
+    def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, base_channels=64, conditioning="add",
+                 concat_channels=8, context_tokens=4, heads=4):
+        if conditioning not in self.CONDITIONINGS:
+            raise ValueError(f"conditioning {conditioning!r} is unknown: use one of {', '.join(self.CONDITIONINGS)}")
+        if conditioning != "add" and num_classes is None:
+            raise ValueError(f"conditioning {conditioning!r} needs num_classes")
+        extra_channels = concat_channels if conditioning == "concat" else 0
+        attention = SelfAttention
+        if conditioning == "xattn":
+            attention = functools.partial(TransformerBlock, context_dim=time_dim, heads=heads)
+        norm_emb_dim = time_dim if conditioning == "adanorm" else None
+        super().__init__(c_in + extra_channels, c_out, time_dim, base_channels, attention, norm_emb_dim)
         self.num_classes = num_classes
-        if num_classes is not None:
+        self.conditioning = conditioning
+        if conditioning in ("add", "adanorm") and num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_dim)
+        elif conditioning == "concat":
+            self.label_map = nn.Embedding(num_classes, concat_channels)
+        elif conditioning == "xattn":
+            self.context_tokens = context_tokens
+            self.label_tokens = nn.Embedding(num_classes + 1, context_tokens * time_dim)  # last row: the null label
+
+    def null_masked(self, embedding, y):
+        """embedding(y) (B, D), with zero rows where y is NULL_LABEL."""
+        has_label = (y != NULL_LABEL).unsqueeze(-1)  # (B, 1)
+        return embedding(y.clamp(min=0)) * has_label
 
     def label_embedding(self, y):
-        has_label = (y != NULL_LABEL).unsqueeze(-1)  # (B, 1)
-        return self.label_emb(y.clamp(min=0)) * has_label
+        return self.null_masked(self.label_emb, y)
 
     def forward(self, x, t, y=None):
         emb = self.time_embedding(t)
-        if y is not None and self.num_classes is not None:
-            emb = emb + self.label_embedding(y)
-        return self.denoise(x, emb)
+        if self.num_classes is None:
+            return self.denoise(x, emb)
+        if y is None:
+            y = torch.full((x.shape[0],), NULL_LABEL, dtype=torch.long, device=x.device)
+        if self.conditioning == "add":
+            return self.denoise(x, emb + self.label_embedding(y))
+        if self.conditioning == "adanorm":
+            return self.denoise(x, emb, norm_emb=emb + self.label_embedding(y))
+        if self.conditioning == "concat":
+            label_map = self.null_masked(self.label_map, y)[:, :, None, None]  # (B, K) -> (B, K, 1, 1)
+            label_map = label_map.expand(-1, -1, *x.shape[2:])  # (B, K, 1, 1) -> (B, K, H, W)
+            return self.denoise(torch.cat([x, label_map.to(x.dtype)], dim=1), emb)
+        rows = torch.where(y == NULL_LABEL, self.num_classes, y)  # xattn: the null label has its own tokens
+        context = self.label_tokens(rows).unflatten(1, (self.context_tokens, -1))  # (B, L*D) -> (B, L, D)
+        return self.denoise(x, emb, context)
 
 
 class UNet_text(UNet):

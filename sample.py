@@ -3,8 +3,9 @@
     python sample.py --ckpt models/R/ema_ckpt.pt --labels 0,1,2 --n_per_label 10 --cfg_scale 3 --out grid.png
     python sample.py --ckpt unconditional_ckpt.pt --n 16 --sampler ddpm   (the reference's 999-step Alg. 2)
 
-The network is rebuilt from the state_dict itself: it is class-conditional iff it has `label_emb.weight`
-(num_classes = its rows), and its widths come from `inc` and `outc`. The schedule and image size come from
+The network is rebuilt from the state_dict itself: it is class-conditional iff it has a label embedding
+(num_classes = its rows), its conditioning mode (add, concat, xattn, adanorm) is the saved config's and
+matches the weights it has, and its widths come from `inc` and `outc`. The schedule and image size come from
 the training config saved with the run (`config.json` beside the checkpoint, or the "config" of a
 `training_state.pt`); the reference's released checkpoints have none and get its 64 px, T = 1000, linear
 betas 1e-4..0.02.
@@ -103,32 +104,64 @@ def read_checkpoint(path, weights="ema"):
     return {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}, saved
 
 
-def infer_network(state_dict, path="checkpoint"):
-    """The U-Net's constructor arguments, read from the shapes of its weights."""
+def infer_conditioning(state_dict):
+    """How a conditional U-Net reads its label, from the weights only that mode has (see UNet_conditional)."""
+    if "label_map.weight" in state_dict:
+        return "concat"
+    if "label_tokens.weight" in state_dict:
+        return "xattn"
+    if "inc.modulation.1.weight" in state_dict:
+        return "adanorm"
+    return "add"
+
+
+def infer_network(state_dict, path="checkpoint", saved=None):
+    """The U-Net's constructor arguments, read from the shapes of its weights.
+
+    The conditioning mode is the saved training config's `conditioning`; a checkpoint without one (the
+    reference's) is read from its weights, which gives "add" for the reference's. A config that names
+    another mode than the weights hold is an error.
+    """
     for key in ("inc.double_conv.0.weight", "outc.weight", "down1.emb_layer.1.weight"):
         if key not in state_dict or state_dict[key].dim() < 2:
             raise UsageError(f"'{path}' is not a U-Net of this repository or the reference (no U-Net weight "
                              f"'{key}'): pass a ddpm.py / ddpm_conditional.py checkpoint")
     inc = state_dict["inc.double_conv.0.weight"]  # (base_channels, c_in, 3, 3)
+    time_dim = state_dict["down1.emb_layer.1.weight"].shape[1]
     arch = {"c_in": inc.shape[1], "c_out": state_dict["outc.weight"].shape[0], "base_channels": inc.shape[0],
-            "time_dim": state_dict["down1.emb_layer.1.weight"].shape[1], "num_classes": None}
-    label_emb = state_dict.get("label_emb.weight")
-    if label_emb is not None:  # (num_classes, time_dim)
-        arch["num_classes"], arch["time_dim"] = label_emb.shape[0], label_emb.shape[1]
+            "time_dim": time_dim, "num_classes": None, "conditioning": None}
+    conditioning = infer_conditioning(state_dict)
+    wanted = (saved or {}).get("conditioning", conditioning)
+    if wanted != conditioning:
+        raise UsageError(f"'{path}' holds a U-Net conditioned by '{conditioning}', but its saved config says "
+                         f"'{wanted}': pass the checkpoint saved with that config")
+    if conditioning == "concat":  # label_map: (num_classes, concat_channels), concatenated to the input
+        label_map = state_dict["label_map.weight"]
+        arch["num_classes"], arch["concat_channels"] = label_map.shape
+        arch["c_in"] -= label_map.shape[1]
+    elif conditioning == "xattn":  # label_tokens: (num_classes + 1, context_tokens * time_dim)
+        label_tokens = state_dict["label_tokens.weight"]
+        arch["num_classes"], arch["context_tokens"] = label_tokens.shape[0] - 1, label_tokens.shape[1] // time_dim
+    elif "label_emb.weight" in state_dict:  # add, adanorm: (num_classes, time_dim)
+        arch["num_classes"], arch["time_dim"] = state_dict["label_emb.weight"].shape
+    if arch["num_classes"] is not None:
+        arch["conditioning"] = conditioning
     return arch
 
 
 def build_network(arch):
-    """UNet_conditional when the checkpoint has classes, else UNet."""
+    """UNet_conditional (in the checkpoint's conditioning mode) when it has classes, else UNet."""
     if arch["num_classes"] is None:
         return UNet(arch["c_in"], arch["c_out"], arch["time_dim"], arch["base_channels"])
-    return UNet_conditional(arch["c_in"], arch["c_out"], arch["time_dim"], arch["num_classes"], arch["base_channels"])
+    options = {key: arch[key] for key in ("concat_channels", "context_tokens") if key in arch}
+    return UNet_conditional(arch["c_in"], arch["c_out"], arch["time_dim"], arch["num_classes"], arch["base_channels"],
+                            arch["conditioning"], **options)
 
 
 def load_model(path, weights="ema"):
     """(network with the checkpoint's weights, its arch dict, the saved training config or {})."""
     state_dict, saved = read_checkpoint(path, weights)
-    arch = infer_network(state_dict, path)
+    arch = infer_network(state_dict, path, saved)
     model = build_network(arch)
     load_state_dict_strict(model, state_dict, what=f"checkpoint '{path}'")
     return model.eval().requires_grad_(False), arch, saved
@@ -169,7 +202,9 @@ def main(argv=None):
     labels = grid_labels(cfg, arch["num_classes"])
     diffusion = make_diffusion(cfg, saved, arch["c_in"], device)
     n = cfg.n if labels is None else labels.shape[0]
-    kind = "unconditional" if labels is None else f"conditional ({arch['num_classes']} classes)"
+    kind = "unconditional"
+    if labels is not None:
+        kind = f"conditional ({arch['num_classes']} classes, {arch['conditioning']})"
     steps = cfg.steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
     print(f"{kind} U-Net, base_channels {arch['base_channels']}, from {cfg.ckpt}: {n} images at "
           f"{diffusion.img_size} px, {cfg.sampler} with {steps} steps, on {device}")

@@ -186,7 +186,11 @@ class Task:
 def build_model(cfg, num_classes):
     if num_classes is None:
         return UNet(base_channels=cfg.base_channels)
-    return UNet_conditional(num_classes=num_classes, base_channels=cfg.base_channels)
+    conditioning = getattr(cfg, "conditioning", "add")
+    if conditioning not in UNet_conditional.CONDITIONINGS:
+        raise UsageError(f"conditioning '{conditioning}' is unknown: use one of "
+                         f"{', '.join(UNet_conditional.CONDITIONINGS)}")
+    return UNet_conditional(num_classes=num_classes, base_channels=cfg.base_channels, conditioning=conditioning)
 
 
 def grid_labels(cfg, num_classes, device):

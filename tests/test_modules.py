@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import EMA, NULL_LABEL, CrossAttention, SelfAttention, UNet, UNet_conditional, UNet_text, timestep_encoding
+from modules import (EMA, NULL_LABEL, CrossAttention, DoubleConv, SelfAttention, UNet, UNet_conditional, UNet_text,
+                     timestep_encoding)
 
 REFERENCE_LAYOUT = pathlib.Path(__file__).parent / "data" / "reference_state_dict.txt"
 
@@ -251,3 +252,88 @@ def test_ema_warmup_decay_is_min_beta_and_1_plus_n_over_10_plus_n(start_step):
     assert restored.warmup and restored.decay() == 0.95
     restored.load_state_dict({"beta": 0.9, "start_step": 5, "step": 7})  # a state saved before the warm-up
     assert not restored.warmup and restored.decay() == 0.9
+
+
+# ----------------------------------------------------------------------------- the four conditioning modes
+MODES = UNet_conditional.CONDITIONINGS
+MODE_KEYS = {"add": "label_emb.weight", "concat": "label_map.weight", "xattn": "label_tokens.weight",
+             "adanorm": "inc.modulation.1.weight"}
+
+
+def trained_like(model):
+    """Random non-zero weights for the parts that start at zero (the AdaGN modulation), as after training."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modulation" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("conditioning", MODES)
+def test_every_mode_reads_the_label_and_null_rows_are_unconditional(conditioning):
+    torch.manual_seed(0)
+    model = trained_like(UNet_conditional(num_classes=4, base_channels=8, conditioning=conditioning))
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([10, 500, 900, 300])
+    with torch.no_grad():
+        mixed = model(x, t, torch.tensor([2, NULL_LABEL, 1, NULL_LABEL]))  # the batch guidance sends
+        uncond = model(x, t)  # y=None: no row has a label
+        cond = model(x, t, torch.tensor([2, 0, 1, 3]))
+        other = model(x, t, torch.tensor([3, 0, 0, 3]))
+    assert mixed.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(mixed[[1, 3]], uncond[[1, 3]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[[0, 2]], cond[[0, 2]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cond[0], uncond[0], atol=1e-3)  # a label is not the null label
+    assert not torch.allclose(cond[[0, 2]], other[[0, 2]], atol=1e-3)  # another label gives another output
+    torch.testing.assert_close(cond[3], other[3])  # the same label, the same output
+
+
+@pytest.mark.parametrize("conditioning", MODES)
+def test_each_mode_has_its_own_label_weights(conditioning):
+    keys = set(UNet_conditional(num_classes=4, base_channels=8, conditioning=conditioning).state_dict())
+    expected = {conditioning, "add"} if conditioning == "adanorm" else {conditioning}  # adanorm: add's label_emb too
+    assert {mode for mode, key in MODE_KEYS.items() if key in keys} == expected
+
+
+def test_new_modes_leave_the_add_network_as_it_was():
+    add = UNet_conditional(num_classes=10, base_channels=8)
+    default = UNet_conditional(num_classes=10, base_channels=8, conditioning="add")
+    assert {k: v.shape for k, v in add.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    concat = UNet_conditional(num_classes=10, base_channels=8, conditioning="concat", concat_channels=5)
+    assert concat.inc.double_conv[0].weight.shape == (8, 3 + 5, 3, 3)  # the label map enters as 5 more channels
+    xattn = UNet_conditional(num_classes=10, base_channels=8, conditioning="xattn", context_tokens=2)
+    assert xattn.label_tokens.weight.shape == (11, 2 * 256)  # 10 classes and the null label, 2 tokens each
+
+
+def test_adanorm_with_zero_initialised_modulation_starts_as_the_unconditional_network():
+    torch.manual_seed(0)
+    adanorm = UNet_conditional(num_classes=4, base_channels=8, conditioning="adanorm").eval()
+    plain = UNet(base_channels=8).eval()
+    shared = {k: v for k, v in adanorm.state_dict().items() if k in plain.state_dict()}
+    plain.load_state_dict(shared, strict=True)  # every weight of the plain U-Net, none of AdaGN's
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 400, 999])
+    with torch.no_grad():
+        expected = plain(x, t)
+        for y in (torch.tensor([0, 1, 3]), torch.tensor([NULL_LABEL] * 3), None):
+            torch.testing.assert_close(adanorm(x, t, y), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_adanorm_scales_and_shifts_each_norm():
+    torch.manual_seed(0)
+    block = DoubleConv(2, 4, norm_emb_dim=6).eval()
+    with torch.no_grad():
+        block.modulation[1].weight.normal_()
+        block.modulation[1].bias.normal_()
+    x, norm_emb = torch.randn(2, 2, 5, 5), torch.randn(2, 6)
+    conv1, norm1, act, conv2, norm2 = block.double_conv
+    scale1, shift1, scale2, shift2 = block.modulation(norm_emb).split([4, 4, 4, 4], dim=1)
+    h = norm1(conv1(x)) * (1 + scale1[:, :, None, None]) + shift1[:, :, None, None]
+    expected = norm2(conv2(act(h))) * (1 + scale2[:, :, None, None]) + shift2[:, :, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, norm_emb), expected)
+        torch.testing.assert_close(block(x), block.double_conv(x))  # no embedding: the plain block
+
+
+def test_unknown_conditioning_is_a_value_error():
+    with pytest.raises(ValueError, match=r"conditioning 'film' is unknown: use one of add, concat, xattn, adanorm"):
+        UNet_conditional(num_classes=3, conditioning="film")
