@@ -100,12 +100,13 @@ def image_size_of(path):
 # ----------------------------------------------------------------------------- the network from the weights
 def test_infer_network_conditional():
     arch = sample.infer_network(tiny_conditional().state_dict())
-    assert arch == {"c_in": 3, "c_out": 3, "base_channels": 8, "time_dim": 256, "num_classes": 3}
+    assert arch == {"c_in": 3, "c_out": 3, "base_channels": 8, "time_dim": 256, "num_classes": 3, "conditioning": "add"}
 
 
 def test_infer_network_unconditional_and_other_widths():
     arch = sample.infer_network(UNet(c_in=1, c_out=1, time_dim=64, base_channels=16).state_dict())
-    assert arch == {"c_in": 1, "c_out": 1, "base_channels": 16, "time_dim": 64, "num_classes": None}
+    assert arch == {"c_in": 1, "c_out": 1, "base_channels": 16, "time_dim": 64, "num_classes": None,
+                    "conditioning": None}
     assert type(sample.build_network(arch)) is UNet
 
 
@@ -161,6 +162,37 @@ def test_defaults_passed_to_the_sampler(ref_cond, ref_uncond, tmp_path, monkeypa
     sample.main(["--ckpt", ref_uncond, "--n", "5", "--out", str(tmp_path / "u.png"), "--sampler", "ddpm"])
     n, labels, cfg_scale, kwargs = calls[-1]
     assert (n, labels, cfg_scale, kwargs["sampler"]) == (5, None, 0.0, "ddpm")
+
+
+@pytest.mark.parametrize("conditioning", UNet_conditional.CONDITIONINGS)
+def test_each_conditioning_mode_loads_with_and_without_its_config(conditioning, tmp_path):
+    torch.manual_seed(0)
+    net = UNet_conditional(num_classes=3, base_channels=8, conditioning=conditioning, concat_channels=5,
+                           context_tokens=2)
+    (tmp_path / "bare").mkdir()
+    torch.save(net.state_dict(), tmp_path / "bare" / "ema_ckpt.pt")  # no config beside it: read from the weights
+    run = tmp_path / "models" / "R"
+    run.mkdir(parents=True)
+    torch.save(net.state_dict(), run / "ema_ckpt.pt")
+    save_config(ddpm_conditional.Config(run_name="R", image_size=16, base_channels=8, conditioning=conditioning),
+                str(run / "config.json"))
+    for path in (tmp_path / "bare" / "ema_ckpt.pt", run / "ema_ckpt.pt"):
+        model, arch, _ = sample.load_model(str(path))
+        assert type(model) is UNet_conditional and model.conditioning == conditioning
+        assert (arch["c_in"], arch["num_classes"], arch["conditioning"]) == (3, 3, conditioning)
+        x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([2, -1])
+        torch.testing.assert_close(model(x, t, y), net.eval()(x, t, y))
+    images = sample.main(["--ckpt", str(run / "ema_ckpt.pt"), "--n_per_label", "1", "--cfg_scale", "3",
+                          "--out", str(tmp_path / "grid.png"), *FAST])
+    assert images.shape == (3, 3, 16, 16)
+
+
+def test_a_config_naming_another_mode_than_the_weights_is_an_error(ref_cond, tmp_path, capsys):
+    save_config(ddpm_conditional.Config(run_name="ref", conditioning="xattn"),
+                os.path.join(os.path.dirname(ref_cond), "config.json"))
+    assert run_main(["--ckpt", ref_cond, "--out", str(tmp_path / "grid.png"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "conditioned by 'add', but its saved config says 'xattn'" in err and "\n" not in err
 
 
 # ----------------------------------------------------------------------------- grids and files

@@ -190,3 +190,26 @@ def test_the_conditional_model_learns_the_shapes_classes(workdir):
     accuracy = (classify_shapes(images) == labels).float().mean().item()
     print(f"class accuracy of 100 guided samples after 500 steps: {accuracy:.2f} (chance 0.10)")
     assert accuracy >= 0.5
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "xattn", "adanorm"])
+def test_each_conditioning_mode_trains_resumes_and_samples_with_and_without_guidance(workdir, conditioning):
+    import sample
+
+    args = TINY[:-10] + TINY[-8:] + ["--run_name", "M", "--n_per_class", "1", "--conditioning", conditioning]
+    ddpm_conditional.main(args + ["--max_steps", "2"])
+    ddpm_conditional.main(args + ["--max_steps", "3", "--resume"])
+    state = load_checkpoint(workdir / "models" / "M" / "training_state.pt")
+    assert state["step"] == 3 and state["config"]["conditioning"] == conditioning
+    for cfg_scale in ("3", "0"):
+        out = workdir / f"grid_{cfg_scale}.png"
+        images = sample.main(["--ckpt", str(workdir / "models" / "M" / "ema_ckpt.pt"), "--labels", "0,9",
+                              "--n_per_label", "2", "--cfg_scale", cfg_scale, "--sampler", "ddim", "--steps", "2",
+                              "--out", str(out)])
+        assert images.shape == (4, 3, 16, 16) and out.is_file()
+
+
+def test_an_unknown_conditioning_is_one_readable_error(workdir):
+    with pytest.raises(UsageError, match=r"conditioning 'film' is unknown: use one of add, concat, xattn, adanorm"):
+        ddpm_conditional.main(TINY + ["--conditioning", "film"])
+    assert not (workdir / "models").exists()
