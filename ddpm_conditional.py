@@ -61,7 +61,7 @@ class Config:
 def main(argv=None):
     from training import train_images
 
-    train_images(Config, argv, conditional=True, description=__doc__)
+    return train_images(Config, argv, conditional=True, description=__doc__)
 
 
 if __name__ == "__main__":
