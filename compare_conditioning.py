@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from modules import UNet_conditional
-from utils import UsageError, _atomic_write, arg, config_to_dict, parse_config, pick_device, run_cli, save_images
+from utils import (UsageError, _atomic_write, arg, config_to_dict, load_checkpoint, parse_config, pick_device, run_cli,
+                   save_images)
 
 
 # ----------------------------------------------------------------------------- options
@@ -46,6 +47,7 @@ class Config:
     out_dir: str = arg("results/compare_conditioning", "folder of the table, the grids and the run records")
     overwrite: bool = arg(False, "retrain and re-measure runs that already have a record")
     device: str = arg("auto", "device of the evaluation and the grids (training uses the preset's)")
+    threads: int | None = arg(None, "CPU threads of torch (None: its default); 1 is faster on a busy shared CPU")
 
 
 # The options a run's record depends on: a record measured with others is not reused.
@@ -72,7 +74,7 @@ def validate(cfg):
     if cfg.preset is not None and not os.path.isfile(cfg.preset):
         raise UsageError(f"preset '{cfg.preset}' not found: pass a ddpm_conditional.py config file, e.g. "
                          "configs/quick_cpu.json")
-    for name in ("max_steps", "num_samples", "num_real", "steps", "n_per_class"):
+    for name in ("max_steps", "num_samples", "num_real", "steps", "n_per_class", "threads"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UsageError(f"{name} {value} must be positive")
@@ -166,7 +168,7 @@ def measure(cfg, mode, seed, first_seed):
     record = {"mode": mode, "seed": seed, "run_name": run_name, "options": options,
               **train_run(cfg, mode, seed, run_name)}
     ckpt = os.path.join("models", run_name, "ema_ckpt.pt")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = load_checkpoint(ckpt)
     record["parameters"] = sum(v.numel() for v in state.values())
     if seed == first_seed:
         record["sample_img_per_s"] = draw_grid(cfg, ckpt, os.path.join(cfg.out_dir, f"{mode}.png"))
@@ -217,6 +219,8 @@ def main(argv=None):
     """Train and measure every (mode, seed), then write table.md, table.json and the grids; returns the rows."""
     cfg = parse_config(Config, argv, description=__doc__)
     modes, seeds = validate(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     os.makedirs(os.path.join(cfg.out_dir, "runs"), exist_ok=True)
     records = [measure(cfg, mode, seed, seeds[0]) for mode in modes for seed in seeds]
     rows = summarize(records, modes)
