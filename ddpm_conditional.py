@@ -5,7 +5,8 @@
 
 Each row's label is dropped with probability p_uncond, so one network learns both eps(x_t, t, y) and
 eps(x_t, t); the grids are sampled with guidance, lerp(eps_uncond, eps_cond, cfg_scale), from an EMA of the
-weights as well as from the weights themselves. The diffusion math lives in ddpm.py.
+weights as well as from the weights themselves. `--conditioning` picks how the label enters the network
+(add, concat, xattn, adanorm: see modules.UNet_conditional). The diffusion math lives in ddpm.py.
 """
 from dataclasses import dataclass
 
