@@ -37,7 +37,7 @@ class Config:
     max_steps: int | None = arg(None, "training budget of every run in optimizer steps (None: the preset's)")
     train_args: str = arg("", "more ddpm_conditional.py flags for every run, e.g. '--base_channels 16'")
     evaluate: bool = arg(True, "measure with evaluate.py (false: parameters, speeds and grids only)")
-    num_samples: int = arg(500, "samples evaluate.py draws from each run, balanced over the classes")
+    num_samples: int = arg(200, "samples evaluate.py draws from each run, balanced over the classes")
     num_real: int = arg(2000, "real images for evaluate.py's judge and its reference statistics")
     sampler: str = arg("dpm++", "sampler of the evaluation and the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
     steps: int | None = arg(None, "network steps of that sampler (None: its default, 20 for dpm++)")
@@ -230,7 +230,7 @@ def main(argv=None):
     note = (f"{len(seeds)} seeds ({cfg.seeds}) per mode, mean +- sd; {records[0]['steps']} steps of batch "
             f"{records[0]['batch_size']} from {cfg.preset}; {cfg.sampler} with {steps} at cfg_scale {cfg.cfg_scale}; "
             f"{measured}; train img/s counts the whole run (data set, two 10-image grids, checkpoints); "
-            f"CPU: {cpu_name()}, {torch.get_num_threads()} threads\n")
+            f"CPU: {cpu_name()}, torch threads: {torch.get_num_threads()}\n")
     write_text(os.path.join(cfg.out_dir, "table.md"), table + "\n" + note)
     summary = {"config": config_to_dict(cfg), "cpu": cpu_name(), "threads": torch.get_num_threads(), "rows": rows,
                "runs": records}

@@ -2,13 +2,13 @@
 import json
 import pathlib
 import sys
-import types
 
 import pytest
 import torch
 from PIL import Image
 
 import compare_conditioning
+import evaluate
 from utils import UsageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def workdir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fake_evaluate(monkeypatch):
-    """Stands in for evaluate.py: figures set by the run's seed, and the arguments it was called with."""
+    """Stands in for evaluate.main: figures set by the run's seed, and the arguments it was called with."""
     calls = []
 
     def main(argv):
@@ -37,7 +37,7 @@ def fake_evaluate(monkeypatch):
         return {"judge": {"heldout_accuracy": 0.99},
                 "rows": [{"class_accuracy": 0.5 + 0.2 * seed, "judge_fd": 10.0 - 2.0 * seed}]}
 
-    monkeypatch.setitem(sys.modules, "evaluate", types.SimpleNamespace(main=main))
+    monkeypatch.setattr(evaluate, "main", main)
     return calls
 
 
