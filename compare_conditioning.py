@@ -24,7 +24,7 @@ import torch
 
 from modules import UNet_conditional
 from utils import (UsageError, _atomic_write, arg, config_to_dict, load_checkpoint, parse_config, pick_device, run_cli,
-                   save_images)
+                   save_images, write_json)
 
 
 # ----------------------------------------------------------------------------- options
@@ -174,7 +174,7 @@ def measure(cfg, mode, seed, first_seed):
         record["sample_img_per_s"] = draw_grid(cfg, ckpt, os.path.join(cfg.out_dir, f"{mode}.png"))
     if cfg.evaluate:
         record.update(evaluate_run(cfg, ckpt, os.path.join(cfg.out_dir, "runs", f"{run_name}_metrics.json")))
-    write_text(record_path, json.dumps(record, indent=2) + "\n")
+    write_json(record, record_path)
     return record
 
 
@@ -234,7 +234,7 @@ def main(argv=None):
     write_text(os.path.join(cfg.out_dir, "table.md"), table + "\n" + note)
     summary = {"config": config_to_dict(cfg), "cpu": cpu_name(), "threads": torch.get_num_threads(), "rows": rows,
                "runs": records}
-    write_text(os.path.join(cfg.out_dir, "table.json"), json.dumps(summary, indent=2) + "\n")
+    write_json(summary, os.path.join(cfg.out_dir, "table.json"))
     print(table + "\n" + note + f"saved {cfg.out_dir}/table.md, table.json and {len(modes)} grids")
     return rows
 
