@@ -216,19 +216,19 @@ def test_an_unknown_conditioning_is_one_readable_error(workdir):
 
 
 def test_cross_attention_conditioning_learns_the_shapes_classes(workdir):
-    """xattn, the quick CPU preset cut to 150 steps: guided samples of the EMA model mostly show their class.
+    """xattn, the quick CPU preset cut to 250 steps: guided samples of the EMA model mostly show their class.
 
-    Judged by the shapes colour rule, as the test above; measured 0.49 (chance 0.10). About 2 minutes on 2
-    idle CPU cores (3 minutes measured on the busy shared ones, one thread).
+    Judged by the shapes colour rule, as the test above; measured 0.47 (chance 0.10); at 150 steps it varied
+    from 0.22 to 0.49 with the loop's random draws. 2 minutes on the shared 2-core CPU, one thread.
     """
     import sample
 
-    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "150",
+    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "250",
                            "--conditioning", "xattn", "--run_name", "learn", "--n_per_class", "1"])
     model, arch, _ = sample.load_model(str(workdir / "models" / "learn" / "ema_ckpt.pt"))
     assert arch["conditioning"] == "xattn"
     labels = torch.arange(10).repeat_interleave(10)
     images = Diffusion(img_size=16).sample(model, 100, labels, cfg_scale=5, sampler="dpm++", seed=1, progress=False)
     accuracy = (classify_shapes(images) == labels).float().mean().item()
-    print(f"class accuracy of 100 guided samples of xattn after 150 steps: {accuracy:.2f} (chance 0.10)")
+    print(f"class accuracy of 100 guided samples of xattn after 250 steps: {accuracy:.2f} (chance 0.10)")
     assert accuracy >= 0.3
