@@ -216,7 +216,7 @@ def test_an_unknown_conditioning_is_one_readable_error(workdir):
 
 
 def test_cross_attention_conditioning_learns_the_shapes_classes(workdir):
-    """xattn, the quick CPU preset cut to 250 steps: guided samples of the EMA model mostly show their class.
+    """xattn, the quick CPU preset cut to 250 steps: guided samples of the EMA model often show their class.
 
     Judged by the shapes colour rule, as the test above; measured 0.47 (chance 0.10); at 150 steps it varied
     from 0.22 to 0.49 with the loop's random draws. 2 minutes on the shared 2-core CPU, one thread.
