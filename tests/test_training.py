@@ -218,8 +218,8 @@ def test_an_unknown_conditioning_is_one_readable_error(workdir):
 def test_cross_attention_conditioning_learns_the_shapes_classes(workdir):
     """xattn, the quick CPU preset cut to 250 steps: guided samples of the EMA model often show their class.
 
-    Judged by the shapes colour rule, as the test above; measured 0.47 (chance 0.10); at 150 steps it varied
-    from 0.22 to 0.49 with the loop's random draws. 2 minutes on the shared 2-core CPU, one thread.
+    Judged by the shapes colour rule, as the test above; measured 0.79 with the current recipe (chance 0.10).
+    2 minutes on the shared 2-core CPU, one thread.
     """
     import sample
 
@@ -228,7 +228,8 @@ def test_cross_attention_conditioning_learns_the_shapes_classes(workdir):
     model, arch, _ = sample.load_model(str(workdir / "models" / "learn" / "ema_ckpt.pt"))
     assert arch["conditioning"] == "xattn"
     labels = torch.arange(10).repeat_interleave(10)
-    images = Diffusion(img_size=16).sample(model, 100, labels, cfg_scale=5, sampler="dpm++", seed=1, progress=False)
+    diffusion = Diffusion(img_size=16, clip_x0=True)  # the scripts' sampler
+    images = diffusion.sample(model, 100, labels, cfg_scale=5, sampler="dpm++", seed=1, progress=False)
     accuracy = (classify_shapes(images) == labels).float().mean().item()
     print(f"class accuracy of 100 guided samples of xattn after 250 steps: {accuracy:.2f} (chance 0.10)")
-    assert accuracy >= 0.3
+    assert accuracy >= 0.4
