@@ -78,12 +78,6 @@ def validate(cfg):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UsageError(f"{name} {value} must be positive")
-    if cfg.evaluate:
-        try:
-            import evaluate  # noqa: F401
-        except ImportError:
-            raise UsageError("evaluate.py is not in this checkout: merge it, or pass --evaluate false for the "
-                             "parameters, speeds and grids only") from None
     return modes, seeds
 
 

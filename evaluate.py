@@ -26,13 +26,13 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from torch import nn
 from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
 
 from data import get_dataset
 from ddpm import DEFAULT_STEPS, SAMPLERS
+from modules import JudgeNet
 from sample import load_model, make_diffusion
 from utils import (UsageError, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli, save_figure,
                    to_uint8, write_json)
@@ -101,27 +101,6 @@ def validate(cfg):
 
 
 # ----------------------------------------------------------------------------- the judge
-class JudgeNet(nn.Module):
-    """A small CNN classifier: images (B, 3, S, S) in [-1, 1] -> logits (B, K); `features` is its last hidden layer."""
-
-    def __init__(self, num_classes, width=32):
-        super().__init__()
-
-        def block(c_in, c_out):
-            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-        self.body = nn.Sequential(*block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
-                                  *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten())  # (B, 3, S, S) -> (B, 4 * width)
-        self.head = nn.Linear(4 * width, num_classes)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
 @dataclass
 class Judge:
     """A trained JudgeNet, its accuracy on held-out real images, and the real images' feature statistics."""

@@ -1,4 +1,5 @@
-"""Networks only: the U-Net that predicts the noise eps, its blocks, and the EMA of its weights.
+"""Networks only: the U-Net that predicts the noise eps, its blocks, the judge classifier of evaluate.py, and
+the EMA of its weights.
 
 `UNet` and `UNet_conditional` keep the parameter names and shapes of the reference repository
 (dome272/Diffusion-Models-pytorch), so its released 64x64 checkpoints load with `strict=True` and give the
@@ -354,6 +355,27 @@ class UNet_text(UNet):
         if self.conditioning == "add":
             return self.denoise(x, emb + self.text_proj(context))
         return self.denoise(x, emb, context)
+
+
+class JudgeNet(nn.Module):
+    """The judge of evaluate.py, a small CNN classifier: images (B, 3, S, S) in [-1, 1] -> logits (B, K); `features` is its last hidden layer."""
+
+    def __init__(self, num_classes, width=32):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.body = nn.Sequential(*block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
+                                  *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())  # (B, 3, S, S) -> (B, 4 * width)
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
 
 
 class EMA:

@@ -1,7 +1,6 @@
 """compare_conditioning.py on tiny runs: every mode trained and measured alike, the table, grids and records."""
 import json
 import pathlib
-import sys
 
 import pytest
 import torch
@@ -84,9 +83,3 @@ def test_bad_options_are_one_readable_error(workdir, fake_evaluate, args, messag
     with pytest.raises(UsageError, match=message):
         compare_conditioning.main(TINY + args)
     assert not (workdir / "models").exists()
-
-
-def test_without_evaluate_py_it_says_what_to_do(workdir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "evaluate", None)  # import evaluate raises ImportError
-    with pytest.raises(UsageError, match=r"evaluate.py is not in this checkout: merge it, or pass --evaluate false"):
-        compare_conditioning.main(TINY)
