@@ -18,13 +18,7 @@ from utils import load_checkpoint, run_cli, save_config, to_uint8
 FAST = ["--sampler", "ddim", "--steps", "2", "--num_real", "500", "--judge_epochs", "3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny networks gain nothing from threads; on busy shared cores each op's thread hand-off costs more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from utils import parse_config, run_cli, save_config  # noqa: E402
 FAST = ["--sampler", "ddim", "--steps", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny networks gain nothing from threads; on busy shared cores each op's thread hand-off costs more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def grid_size(rows, cols, size, padding=2):

@@ -23,13 +23,7 @@ FAST = ["--sampler", "ddim", "--steps", "3"]
 CELL = round(visualize.CELL_INCHES * visualize.DPI)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny networks gain nothing from threads; on busy shared cores each op's thread hand-off costs more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_run(directory, make_net, **config):
