@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.utils.data import Dataset
-from torchvision import transforms
 from tqdm.auto import tqdm
 
 from data import get_dataset
@@ -131,11 +130,8 @@ def to_float(images):
 
 def real_images(dataset, dataset_path, image_size, num_real, seed=0):
     """(uint8 images (n, 3, S, S), labels (n,), class names) of up to num_real training images, drawn with `seed`."""
-    data = get_dataset(dataset, dataset_path, image_size, seed=seed, train=True, size=num_real)
-    if hasattr(data, "base"):  # a file data set: real images as they are, without the training's random crops
-        data.base.transform = transforms.Compose([
-            transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
-            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    # "resize": the real images as they are, without random flips or crops
+    data = get_dataset(dataset, dataset_path, image_size, seed=seed, train=True, size=num_real, augment="resize")
     loader = torch.utils.data.DataLoader(data, batch_size=500, shuffle=False, num_workers=0)
     images, labels = [], []
     for x, y in tqdm(loader, desc="real images", leave=False):
