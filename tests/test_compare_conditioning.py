@@ -3,7 +3,6 @@ import json
 import pathlib
 
 import pytest
-import torch
 from PIL import Image
 
 import compare_conditioning
@@ -17,12 +16,10 @@ TINY = ["--preset", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "2"
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, one_thread):
+    """Run in a fresh folder, on one thread (tests/conftest.py)."""
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
+    return tmp_path
 
 
 @pytest.fixture

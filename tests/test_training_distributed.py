@@ -220,13 +220,10 @@ def test_a_killed_run_resumes_exactly(launcher, tmp_path, uninterrupted, signal_
 
 # ----------------------------------------------------------------------------- guards
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """Run in a fresh folder, on one thread (tiny convolutions are faster so, above all on a busy machine)."""
+def workdir(tmp_path, monkeypatch, one_thread):
+    """Run in a fresh folder, on one thread (tests/conftest.py)."""
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
+    return tmp_path
 
 
 def nan_at(monkeypatch, calls):
