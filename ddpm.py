@@ -33,6 +33,10 @@ class Config:
     noise_steps: int = arg(1000, "T, the number of diffusion steps")
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
+    schedule: str = arg("linear", "noise schedule: linear (the DDPM paper's) | cosine (Nichol & Dhariwal 2021)")
+    min_snr_gamma: float | None = arg(5.0, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
+                                           "2023); None: the plain DDPM loss of the reference")
+    lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
     ema_beta: float = arg(0.995, "EMA decay per step")
     ema_start: int = arg(0, "steps during which the EMA model is a plain copy (the reference: 2000)")
     ema_warmup: bool = arg(True, "EMA decay min(ema_beta, (1 + n) / (10 + n)) at update n (false: the reference)")
@@ -60,6 +64,9 @@ class Config:
 
 # ----------------------------------------------------------------------------- the math
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++ode", "euler_a")
+SCHEDULES = ("linear", "cosine")
+REFERENCE_SCHEDULE = {"noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "schedule": "linear",
+                      "min_snr_gamma": None}
 DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++ode": 20, "euler_a": 30}
 
 
@@ -68,8 +75,27 @@ def broadcast(values, x):
     return values.view(-1, *([1] * (x.dim() - 1)))
 
 
+def make_betas(schedule, noise_steps, beta_start=1e-4, beta_end=0.02):
+    """beta_t for t = 0..T-1, float32 (T,).
+
+    linear: evenly spaced from beta_start to beta_end (Ho et al. 2020; the reference). cosine (Nichol & Dhariwal
+    2021, eq. 17): alpha_hat follows f(t) = cos((t / T + s) / (1 + s) * pi / 2)^2 with s = 0.008, so
+    beta_t = 1 - f(t + 1) / f(t), clipped at 0.999 as in the paper; beta_start and beta_end are unused. At low
+    resolution the linear schedule destroys the image well before t = T and wastes those steps; the cosine one
+    adds noise more evenly.
+    """
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, noise_steps)
+    if schedule == "cosine":
+        s = 0.008
+        steps = torch.arange(noise_steps + 1, dtype=torch.float64) / noise_steps
+        f = torch.cos((steps + s) / (1 + s) * torch.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999).float()
+    raise ValueError(f"schedule {schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
+
+
 class Diffusion:
-    """DDPM with a linear beta schedule (Ho et al. 2020), as in the reference repository.
+    """DDPM (Ho et al. 2020) with the linear beta schedule of the reference repository, or the cosine one.
 
     Index conventions. beta, alpha and alpha_hat are tensors of length T = noise_steps, indexed by
     t = 0..T-1, with alpha = 1 - beta and alpha_hat[t] = alpha[0] * ... * alpha[t]. Training draws t
@@ -83,10 +109,14 @@ class Diffusion:
     clip_x0: every sampler clips its prediction of x_0 to the data range [-1, 1] at each step (the DDPM
     authors' code and improved-diffusion's clip_denoised). False, the default here, is the reference's
     unclipped Alg. 2; the pixel-space scripts turn it on, latent models (train_sd.py) leave it off.
+
+    min_snr_gamma: None is the simple loss of Alg. 1. A number gamma weights the loss at t by
+    min(SNR_t, gamma) / SNR_t, with SNR_t = alpha_hat_t / (1 - alpha_hat_t) (Min-SNR-gamma, Hang et al. 2023,
+    for eps prediction): the nearly clean timesteps, whose eps is easy to guess and says little, weigh less.
     """
 
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, c_in=3, device="cpu",
-                 clip_x0=False):
+                 clip_x0=False, schedule="linear", min_snr_gamma=None):
         if img_size % 8:
             raise ValueError(f"img_size {img_size} is not divisible by 8: the U-Net halves it 3 times; "
                              "use 16, 32 or 64")
@@ -95,9 +125,19 @@ class Diffusion:
         self.c_in = c_in
         self.clip_x0 = clip_x0
         self.device = torch.device(device)
-        self.beta = torch.linspace(beta_start, beta_end, noise_steps).to(self.device)  # float32, as the reference
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma {min_snr_gamma} is not positive: use e.g. 5, or None for the plain loss")
+        self.schedule = schedule
+        self.min_snr_gamma = min_snr_gamma
+        self.beta = make_betas(schedule, noise_steps, beta_start, beta_end).to(self.device)  # float32, as the reference
         self.alpha = 1.0 - self.beta
         self.alpha_hat = torch.cumprod(self.alpha, dim=0)
+
+    @classmethod
+    def from_settings(cls, settings, img_size, c_in=3, device="cpu", clip_x0=False):
+        """The Diffusion of a saved run config (a dict); fields it lacks take the reference's values."""
+        schedule = {key: settings.get(key, default) for key, default in REFERENCE_SCHEDULE.items()}
+        return cls(img_size=img_size, c_in=c_in, device=device, clip_x0=clip_x0, **schedule)
 
     def sample_timesteps(self, n, generator=None):
         """t ~ U{1, ..., T-1}, shape (n,)."""
@@ -112,14 +152,19 @@ class Diffusion:
         return x_t, eps
 
     def loss(self, model, x_0, labels=None):
-        """The simple DDPM objective (Alg. 1): MSE between eps and the model's prediction of it.
+        """The simple DDPM objective (Alg. 1): MSE between eps and the model's prediction of it, each row
+        weighted by min(SNR_t, gamma) / SNR_t when min_snr_gamma is set.
 
         `labels` is the model's conditioning for each row (class ids, or text embeddings), or None.
         """
         t = self.sample_timesteps(x_0.shape[0])
         x_t, eps = self.noise_images(x_0, t)
         eps_pred = model(x_t, t) if labels is None else model(x_t, t, labels)
-        return F.mse_loss(eps_pred.float(), eps.float())
+        if self.min_snr_gamma is None:
+            return F.mse_loss(eps_pred.float(), eps.float())
+        per_row = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").mean(dim=tuple(range(1, x_0.dim())))
+        snr = self.alpha_hat[t] / (1.0 - self.alpha_hat[t])
+        return (per_row * snr.clamp(max=self.min_snr_gamma) / snr).mean()
 
     def predict_eps(self, model, x_t, t, labels=None, null_labels=None, cfg_scale=0.0):
         """The model's eps for x_t at timesteps t (B,), guided when cfg_scale > 0.

@@ -32,6 +32,10 @@ class Config:
     noise_steps: int = arg(1000, "T, the number of diffusion steps")
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
+    schedule: str = arg("linear", "noise schedule: linear (the DDPM paper's) | cosine (Nichol & Dhariwal 2021)")
+    min_snr_gamma: float | None = arg(5.0, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
+                                           "2023); None: the plain DDPM loss of the reference")
+    lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
     p_uncond: float = arg(0.1, "probability of dropping each row's label, to learn the unconditional eps")
     cfg_scale: float = arg(3.0, "guidance scale of the grids: 0 = conditional only, >1 = stronger guidance")
     ema_beta: float = arg(0.995, "EMA decay per step")

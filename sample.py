@@ -10,6 +10,7 @@ the training config saved with the run (`config.json` beside the checkpoint, or 
 `training_state.pt`); the reference's released checkpoints have none and get its 64 px, T = 1000, linear
 betas 1e-4..0.02.
 """
+import json
 import os
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ class Config:
 
 
 # The reference repository's settings, for checkpoints without a saved config.
-REFERENCE_SCHEDULE = {"image_size": 64, "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+REFERENCE_IMAGE_SIZE = 64
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
@@ -158,6 +159,19 @@ def build_network(arch):
                             arch["conditioning"], **options)
 
 
+def class_names(ckpt, num_classes):
+    """The run's class names (models/<run>/classes.json beside the checkpoint, or one folder up for the step
+    checkpoints), or "class k" when it has none or they do not match the network."""
+    folder = os.path.dirname(os.path.abspath(ckpt))
+    for path in (os.path.join(folder, "classes.json"), os.path.join(os.path.dirname(folder), "classes.json")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                names = json.load(f)
+            if isinstance(names, list) and len(names) == num_classes:
+                return [str(name) for name in names]
+    return [f"class {k}" for k in range(num_classes)]
+
+
 def load_model(path, weights="ema"):
     """(network with the checkpoint's weights, its arch dict, the saved training config or {})."""
     state_dict, saved = read_checkpoint(path, weights)
@@ -169,14 +183,12 @@ def load_model(path, weights="ema"):
 
 def make_diffusion(cfg, saved, c_in, device):
     """The schedule of the training run (or the reference's), at --image_size if given."""
-    settings = {key: saved.get(key, default) for key, default in REFERENCE_SCHEDULE.items()}
-    image_size = cfg.image_size or settings["image_size"]
+    image_size = cfg.image_size or saved.get("image_size", REFERENCE_IMAGE_SIZE)
     if not isinstance(image_size, int) or image_size <= 0 or image_size % 8:
         raise UsageError(f"the saved image_size {image_size!r} is not divisible by 8: pass --image_size 64")
     clip_x0 = getattr(cfg, "clip_x0", None)  # other CLIs (evaluate.py) call this with configs without the field
     clip_x0 = saved.get("clip_x0", True) if clip_x0 is None else clip_x0
-    return Diffusion(settings["noise_steps"], settings["beta_start"], settings["beta_end"], image_size, c_in, device,
-                     clip_x0=clip_x0)
+    return Diffusion.from_settings(saved, image_size, c_in, device, clip_x0=clip_x0)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -213,7 +225,11 @@ def main(argv=None):
     labels = None if labels is None else labels.to(device)
     cfg_scale = cfg.cfg_scale if labels is not None else 0.0
     images = diffusion.sample(model, n, labels, cfg_scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed)
-    save_images(images, cfg.out, nrow=cfg.n_per_label if labels is not None else None)
+    if labels is None:
+        save_images(images, cfg.out)
+    else:
+        names = class_names(cfg.ckpt, arch["num_classes"])
+        save_images(images, cfg.out, nrow=cfg.n_per_label, captions=[names[k] for k in labels[::cfg.n_per_label].tolist()])
     print(f"saved {cfg.out}")
     if cfg.save_individual:
         row_labels = labels.tolist() if labels is not None else [0] * n

@@ -22,7 +22,7 @@ from ddpm import Diffusion, broadcast
 from modules import UNet_text
 from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, train, validate
 from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device,
-                   read_json_object, run_cli, save_images, short_reason, with_defaults)
+                   read_json_object, run_cli, save_images, short_reason, to_uint8, with_defaults)
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -47,6 +47,10 @@ class Config:
     noise_steps: int = arg(1000, "T, the number of diffusion steps")
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
+    schedule: str = arg("linear", "noise schedule: linear (the DDPM paper's) | cosine (Nichol & Dhariwal 2021)")
+    min_snr_gamma: float | None = arg(None, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Hang et al. 2023; "
+                                            "5 in the paper); None: the plain DDPM loss")
+    lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
     p_uncond: float = arg(0.1, "probability of replacing each caption by '', to learn the unconditional eps")
     cfg_scale: float = arg(7.5, "guidance scale of the grids and --sample: 0 = conditional only")
     ema_beta: float = arg(0.995, "EMA decay per step")
@@ -74,6 +78,8 @@ SD_FLAGS = RUN_FLAGS + [
     ("--ckpt", {"default": None, "help": "checkpoint for --sample: models/<run>/ema_ckpt.pt or training_state.pt"}),
     ("--out", {"default": None, "help": "grid file of --sample (default results/<run_name>/samples.png)"}),
     ("--make_tiny_models", {"default": None, "metavar": "DIR", "help": "write tiny random VAE and CLIP to DIR"}),
+    ("--judge", {"action": "store_true", "help": "with --sample on a shapes run: print the fraction of samples that "
+                                                 "evaluate.py's shapes judge assigns to their prompt's class"}),
 ]
 SD_RESUMABLE = RESUMABLE_FIELDS + ("prompt", "cfg_scale", "n_per_prompt", "cache_latents", "cache_dir")
 SAMPLING_FIELDS = ("prompt", "cfg_scale", "sampler", "sample_steps", "n_per_prompt", "seed", "device")
@@ -177,7 +183,8 @@ def make_diffusion(cfg, latents, device):
     # No x_0 clipping: a VAE's latents have no [-1, 1] range. With --vae none (pixels) clipping is possible, but
     # on the learning test's weak 600-step model it lowered colour accuracy (ddim 20: 0.27 unclipped, 0.17 clipped).
     return Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size // latents.factor,
-                     c_in=latents.channels, device=device, clip_x0=False)
+                     c_in=latents.channels, device=device, clip_x0=False, schedule=cfg.schedule,
+                     min_snr_gamma=cfg.min_snr_gamma)
 
 
 # ----------------------------------------------------------------------------- data
@@ -335,9 +342,32 @@ def sample(cfg, flags):
     load_state_dict_strict(net, weights)
     net.to(device)
     out = flags.out or os.path.join("results", run_cfg.run_name, "samples.png")
-    sample_grid(run_cfg, make_diffusion(run_cfg, latents, device), net, latents, text, run_cfg.prompt, out)
+    images = sample_grid(run_cfg, make_diffusion(run_cfg, latents, device), net, latents, text, run_cfg.prompt, out)
     print(f"saved {len(run_cfg.prompt)} x {run_cfg.n_per_prompt} samples to {out}")
+    if flags.judge:
+        accuracy = prompt_accuracy(run_cfg, images, device)
+        print(f"prompt accuracy (shapes judge): {accuracy:.3f} of {len(images)} samples match their prompt's colour "
+              "and shape")
     return out
+
+
+def prompt_accuracy(cfg, images, device):
+    """The fraction of the grid's samples that evaluate.py's shapes judge assigns to the class their prompt names
+    (prompt "a red circle": class "red circle"); rows of n_per_prompt samples follow cfg.prompt."""
+    from evaluate import class_accuracy, get_judge
+
+    if cfg.dataset != "shapes":
+        raise UsageError(f"--judge needs a run on the built-in shapes (this one trained on {cfg.dataset})")
+    classes = [f"{color} {shape}" for color, _, shape in SHAPE_CLASSES]
+    requested = []
+    for prompt in cfg.prompt:
+        name = prompt.strip().lower().removeprefix("a ")
+        if name not in classes:
+            raise UsageError(f"--judge: prompt '{prompt}' names no shapes class: use e.g. 'a {classes[0]}'")
+        requested += [classes.index(name)] * cfg.n_per_prompt
+    judge = get_judge("shapes", cfg.dataset_path, cfg.image_size, device=device)
+    predicted = judge.predict(to_uint8(images))
+    return class_accuracy(predicted, torch.tensor(requested))
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data import AUGMENTATIONS, get_dataset, make_dataloader
-from ddpm import SAMPLERS, Diffusion
+from ddpm import SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
@@ -62,6 +63,12 @@ def validate(cfg):
                          "(or None: off) and --eval_samples 2 or more, e.g. 100")
     if getattr(cfg, "augment", None) not in (None, *AUGMENTATIONS):
         raise UsageError(f"augment '{cfg.augment}' is unknown: use one of {', '.join(AUGMENTATIONS)}, or None")
+    if cfg.schedule not in SCHEDULES:
+        raise UsageError(f"schedule '{cfg.schedule}' is unknown: use one of {', '.join(SCHEDULES)}")
+    if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
+        raise UsageError(f"min_snr_gamma {cfg.min_snr_gamma} must be positive: use e.g. 5, or None for the plain loss")
+    if cfg.lr_warmup < 0:
+        raise UsageError(f"lr_warmup {cfg.lr_warmup} is negative: use 0 (no warm-up) or a number of steps")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise UsageError(f"grad_clip {cfg.grad_clip} must be positive: use e.g. 1.0, or None for no clipping")
     for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps", "gradient_accumulation_steps",
@@ -173,7 +180,8 @@ class Task:
     make_batch maps a batch of the data set to (x_0, conditioning): the conditioning is dropped with
     probability p_uncond for guidance, or None for an unconditional model. draw_grid(module, path) saves a
     grid of `module`'s samples from fixed noise and conditioning. measure(module), if given, returns the
-    offline quality figures of `module`'s samples (evaluate.offline_figures), for --eval_every.
+    offline quality figures of `module`'s samples (evaluate.offline_figures), for --eval_every. classes: the
+    class names of a conditional model, saved as models/<run_name>/classes.json for sample.py's grid captions.
     """
     dataset: torch.utils.data.Dataset
     net: torch.nn.Module
@@ -181,6 +189,7 @@ class Task:
     make_batch: Callable
     draw_grid: Callable
     measure: Callable | None = None
+    classes: list[str] | None = None
 
 
 def build_model(cfg, num_classes):
@@ -217,14 +226,17 @@ def image_task(cfg, accelerator, conditional):
                           augment=cfg.augment)
     num_classes = len(dataset.classes) if conditional else None
     diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device,
-                          clip_x0=cfg.clip_x0)
+                          clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma)
     labels = grid_labels(cfg, num_classes, device)
     n = cfg.n_samples if labels is None else labels.shape[0]
 
     def draw_grid(module, path):
         images = diffusion.sample(module, n, labels, getattr(cfg, "cfg_scale", 0.0), sampler=cfg.sampler,
                                   steps=cfg.sample_steps, seed=cfg.seed)
-        save_images(images, path, nrow=cfg.n_per_class if labels is not None else None)
+        if labels is None:
+            save_images(images, path)
+        else:
+            save_images(images, path, nrow=cfg.n_per_class, captions=dataset.classes)
 
     if cfg.eval_every and num_classes is not None and cfg.eval_samples < num_classes:
         raise UsageError(f"eval_samples {cfg.eval_samples} is smaller than the {num_classes} classes: pass "
@@ -243,7 +255,8 @@ def image_task(cfg, accelerator, conditional):
     else:
         def make_batch(batch):
             return batch[0], None
-    return Task(dataset, build_model(cfg, num_classes), diffusion, make_batch, draw_grid, measure)
+    classes = list(dataset.classes) if conditional else None
+    return Task(dataset, build_model(cfg, num_classes), diffusion, make_batch, draw_grid, measure, classes)
 
 
 # ----------------------------------------------------------------------------- the loop's bookkeeping
@@ -311,6 +324,11 @@ class LossLog:
         return self.accelerator.reduce(stop, "sum").item() > 0
 
 
+def warmup_lr(lr, step, warmup):
+    """The learning rate of optimizer step `step` (0-based): rising linearly to lr over `warmup` steps, then lr."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+
+
 def nonfinite_gradients(net):
     """1.0 on the device when any gradient is inf or NaN (after averaging over processes, so all agree), else 0.0."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
@@ -343,7 +361,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     run = {"step": 0, "epoch": 0, "batches_done": 0, "losses": [], "skipped": 0}
     if flags.resume:
         run = restore_run(cfg, models_dir, net, ema_net, ema, adamw, accelerator.num_processes, resumable)
-    quality_path = os.path.join(results_dir, "quality.json")  # --eval_every: [{"step", "class_accuracy", "judge_fd"}]
+    quality_path = os.path.join(results_dir, "quality.json")  # --eval_every: [{"step", "seconds", ...figures}]
     quality = read_quality(quality_path, run["step"]) if flags.resume else []
     model = torch.compile(net) if getattr(cfg, "compile", False) else net
     model, optimizer, dataloader = accelerator.prepare(model, adamw, dataloader)
@@ -351,6 +369,9 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     os.makedirs(results_dir, exist_ok=True)
     if accelerator.is_main_process:
         save_config(cfg, os.path.join(results_dir, "config.json"))
+        if task.classes is not None:
+            os.makedirs(models_dir, exist_ok=True)
+            write_json(task.classes, os.path.join(models_dir, "classes.json"))
         accelerator.print(f"config: {config_to_dict(cfg)}")
     n = accelerator.num_processes
     accelerator.print(f"{n} process(es) on {device.type}: batch {cfg.batch_size} per device x {n} x "
@@ -367,6 +388,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
         accelerator.wait_for_everyone()
 
     epoch, stopped = start_epoch, None
+    start, measuring = time.perf_counter(), 0.0  # train_seconds: the run's wall-clock time less --eval_every's
     with StopRequest() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             batches_done = run["batches_done"] if epoch == start_epoch else 0
@@ -382,6 +404,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                         if cfg.grad_clip is not None:  # clip the gradient norm, as the DDPM paper does
                             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                         adamw.found_inf = skip  # fused AdamW leaves weights and moments as they are when 1
+                        for group in adamw.param_groups:
+                            group["lr"] = warmup_lr(cfg.lr, step, cfg.lr_warmup)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 batches_done += 1
@@ -399,7 +423,11 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                     save(epoch, batches_done)
                 if getattr(cfg, "eval_every", None) and step % cfg.eval_every == 0:
                     if task.measure is not None:  # set on the main process only
-                        quality.append({"step": step, **task.measure(ema_net)})
+                        measure_start = time.perf_counter()
+                        figures = task.measure(ema_net)
+                        seconds = round(measure_start - start - measuring, 1)
+                        measuring += time.perf_counter() - measure_start
+                        quality.append({"step": step, "seconds": seconds, **figures})
                         write_json(quality, quality_path)
                     accelerator.wait_for_everyone()
                 if stopped or (cfg.max_steps is not None and step >= cfg.max_steps):
@@ -421,7 +449,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     accelerator.print(f"done: {step} steps ({log.skipped} skipped: non-finite loss); grids in {results_dir}/, "
                       f"checkpoints in {models_dir}/")
     return {"step": step, "epoch": epoch, "losses": losses, "skipped": log.skipped, "stopped": stopped,
-            "results_dir": results_dir, "models_dir": models_dir}
+            "results_dir": results_dir, "models_dir": models_dir, "quality": quality,
+            "train_seconds": time.perf_counter() - start - measuring}
 
 
 def train_images(config_cls, argv=None, conditional=True, description=None):

@@ -163,7 +163,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def parse_config(cls, argv=None, description=None, extra=None):
-    """Build a `cls` dataclass instance from defaults, an optional `--config FILE`, then flags.
+    """Build a `cls` dataclass instance from defaults, then each `--config FILE` in order, then flags.
 
     `extra` is a list of `(flag, argparse_kwargs)` for arguments that are not config fields; when
     given, the result is `(config, namespace_of_extras)`.
@@ -173,16 +173,17 @@ def parse_config(cls, argv=None, description=None, extra=None):
     parser = argparse.ArgumentParser(
         description=description, allow_abbrev=False,
         formatter_class=_HelpFormatter)
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="JSON file of overrides (keys = field names); flags given here win")
+    parser.add_argument("--config", metavar="FILE", action="append", default=[],
+                        help="JSON file of overrides (keys = field names); may be repeated, later files and "
+                             "flags given here win")
     for field in fields:
         _add_field(parser, field, hints[field.name])
     extra_dests = [parser.add_argument(flag, **kwargs).dest for flag, kwargs in (extra or ())]
     namespace = parser.parse_args(argv)
 
     values = {f.name: _field_default(f) for f in fields}
-    if namespace.config is not None:
-        values.update(_read_config_file(namespace.config, fields, hints))
+    for path in namespace.config:
+        values.update(_read_config_file(path, fields, hints))
     values.update({f.name: getattr(namespace, f.name) for f in fields if hasattr(namespace, f.name)})
     missing = [name for name, value in values.items() if value is dataclasses.MISSING]
     if missing:
@@ -346,28 +347,52 @@ def _to_pil(image):
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
-def save_images(images, path, nrow=None, captions=None):
-    """Save (N, C, H, W) images as a grid (padding 2); with `captions`, one caption per grid row."""
-    images = _as_uint8(images)
+GRID_MIN_SIZE = 64  # grids scale smaller images up to at least this many pixels (nearest neighbour)
+
+
+def upscale(images, min_size=GRID_MIN_SIZE):
+    """uint8 (N, C, H, W) -> the same pixels repeated k x k, with the smallest integer k that gives H >= min_size."""
+    factor = max(1, math.ceil(min_size / images.shape[-2]))
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def save_images(images, path, nrow=None, captions=None, min_size=GRID_MIN_SIZE):
+    """Save (N, C, H, W) images as a grid (padding 2) of `nrow` images per row.
+
+    Images smaller than min_size pixels are scaled up by an integer factor, nearest neighbour, so a 16 px run
+    gives a grid a person can see (save_individual keeps the unscaled images); min_size=1 keeps every pixel as
+    it is. With `captions`, one per grid row, each row has its caption written above it.
+    """
+    images = upscale(_as_uint8(images), min_size)
     nrow = nrow or math.ceil(math.sqrt(len(images)))
-    if captions is None:
-        grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2)
-        picture, fmt = _to_pil(grid), _pil_format(path)
-        _atomic_write(path, lambda f: picture.save(f, format=fmt))
-        return
     rows = [images[i:i + nrow] for i in range(0, len(images), nrow)]
-    if len(captions) != len(rows):
+    if captions is not None and len(captions) != len(rows):
         raise ValueError(f"{len(captions)} captions for {len(rows)} grid rows")
-    fig = Figure(figsize=(max(4.0, 0.9 * nrow), 1.3 * len(rows)))
-    for i, (row, caption) in enumerate(zip(rows, captions, strict=True)):
-        ax = fig.add_subplot(len(rows), 1, i + 1)
-        grid = torchvision.utils.make_grid(row, nrow=nrow, padding=2)
-        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")  # (C, H, W) -> (H, W, C)
-        ax.set_title(textwrap.shorten(caption, 90), fontsize=8, loc="left")
-        ax.axis("off")
-    fig.tight_layout()
-    fmt = _pil_format(path).lower().replace("jpeg", "jpg")
-    _atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=100))
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2)
+    if captions is not None:
+        if len(images) == 1:  # make_grid returns a lone image without its padding
+            grid = torch.nn.functional.pad(grid, (2, 2, 2, 2))
+        grid = _caption_rows(_to_pil(grid), captions, row_height=images.shape[-2] + 2)
+    else:
+        grid = _to_pil(grid)
+    fmt = _pil_format(path)
+    _atomic_write(path, lambda f: grid.save(f, format=fmt))
+
+
+def _caption_rows(grid, captions, row_height, strip=14):
+    """The grid with a white strip of `strip` pixels above each row of images, holding that row's caption."""
+    from PIL import ImageDraw
+
+    out = Image.new("RGB", (grid.width, grid.height + strip * len(captions)), "white")
+    draw = ImageDraw.Draw(out)
+    max_chars = max(8, grid.width // 6)  # PIL's default bitmap font is about 6 px per character
+    grid = grid.convert("RGB")
+    for i, caption in enumerate(captions):  # row i: its top padding and its images
+        top = i * (row_height + strip)
+        draw.text((3, top + 1), textwrap.shorten(caption, max_chars, placeholder="..."), fill="black")
+        out.paste(grid.crop((0, i * row_height, grid.width, (i + 1) * row_height)), (0, top + strip))
+    out.paste(grid.crop((0, grid.height - 2, grid.width, grid.height)), (0, out.height - 2))  # the bottom padding
+    return out
 
 
 def save_figure(fig, path, dpi=100):

@@ -215,9 +215,7 @@ def noising(cfg, saved, device):
     image_size = cfg.image_size or saved.get("image_size", 64)
     dataset = get_dataset(dataset_name, cfg.dataset_path or saved.get("dataset_path", "./data"), image_size,
                           seed=cfg.seed, train=True, size=None)
-    schedule = {key: saved.get(key, default) for key, default in sample.REFERENCE_SCHEDULE.items()}
-    diffusion = Diffusion(schedule["noise_steps"], schedule["beta_start"], schedule["beta_end"], image_size,
-                          device=device)
+    diffusion = Diffusion.from_settings(saved, image_size, device=device)
     timesteps = noising_timesteps(cfg, diffusion.noise_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     cells = []
@@ -229,8 +227,9 @@ def noising(cfg, saved, device):
         cells.append([x_0, *x_t])
     signal = diffusion.alpha_hat[timesteps].sqrt().tolist()
     titles = ["x_0", *[f"t={t}\nsqrt(a_hat)={s:.2f}" for t, s in zip(timesteps, signal, strict=True)]]
-    title = (f"forward noising q(x_t | x_0), T={diffusion.noise_steps}, linear betas "
-             f"{schedule['beta_start']:g}..{schedule['beta_end']:g}; the same eps along each row")
+    betas = f"{diffusion.beta[0].item():.2g}..{diffusion.beta[-1].item():.3g}"
+    title = (f"forward noising q(x_t | x_0), T={diffusion.noise_steps}, {diffusion.schedule} betas {betas}; "
+             "the same eps along each row")
     return cells, titles, [f"{dataset_name} {i}" for i in range(len(cells))], title
 
 

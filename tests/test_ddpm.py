@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ddpm import Diffusion
+from ddpm import SCHEDULES, Diffusion, make_betas
 from modules import NULL_LABEL, UNet, UNet_conditional
 
 
@@ -31,6 +31,28 @@ def test_schedule_alpha_hat_strictly_decreasing_in_open_unit_interval():
     assert diffusion.beta[0].item() == pytest.approx(1e-4) and diffusion.beta[-1].item() == pytest.approx(0.02)
     expected = math.prod(1 - (1e-4 + i * (0.02 - 1e-4) / 999) for i in range(11))
     assert alpha_hat[10].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_schedule_decreases_alpha_hat_from_near_1_to_near_0(schedule):
+    diffusion = Diffusion(schedule=schedule)
+    alpha_hat = diffusion.alpha_hat
+    assert alpha_hat.shape == (1000,) and alpha_hat.dtype == torch.float32
+    assert torch.all(alpha_hat[1:] < alpha_hat[:-1]) and torch.all(alpha_hat > 0)
+    assert alpha_hat[0].item() > 0.999 and alpha_hat[-1].item() < 1e-4
+
+
+def test_cosine_schedule_follows_its_closed_form():
+    """alpha_hat_t = f(t + 1) / f(0) with f(t) = cos((t / T + s) / (1 + s) pi / 2)^2, s = 0.008, until the 0.999
+    clip of beta, which only the last step reaches."""
+    beta = make_betas("cosine", 1000)
+    assert beta.max().item() == pytest.approx(0.999) and (beta >= 0.999 - 1e-6).sum().item() == 1
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    alpha_hat = Diffusion(schedule="cosine").alpha_hat
+    for t in (0, 100, 500, 900):
+        assert alpha_hat[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-4)
+    with pytest.raises(ValueError, match="schedule 'sigmoid' is unknown"):
+        make_betas("sigmoid", 1000)
 
 
 def test_sample_timesteps_range():
@@ -128,6 +150,27 @@ def test_loss_is_the_mse_to_the_drawn_noise():
     torch.manual_seed(0)
     loss = Diffusion(img_size=8).loss(Constant(), torch.randn(64, 3, 8, 8))
     assert loss.item() == pytest.approx(1.0, abs=0.05)  # E[eps^2] = 1
+
+
+def test_min_snr_loss_weighs_each_row_by_min_snr_gamma_over_snr():
+    """With a constant-zero model the row loss is mean(eps^2); Min-SNR-5 scales it by min(SNR_t, 5) / SNR_t."""
+    class Zero(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    x_0 = torch.randn(16, 3, 8, 8)
+    plain, weighted = Diffusion(img_size=8), Diffusion(img_size=8, min_snr_gamma=5.0)
+    torch.manual_seed(0)
+    loss = weighted.loss(Zero(), x_0)
+    torch.manual_seed(0)  # the same t and eps, drawn again
+    t = plain.sample_timesteps(16)
+    _, eps = plain.noise_images(x_0, t)
+    snr = plain.alpha_hat[t] / (1 - plain.alpha_hat[t])
+    expected = (eps.pow(2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0) / snr).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() < 0.9  # most t have SNR > 5 on the linear schedule, so the weights are < 1
+    with pytest.raises(ValueError, match="min_snr_gamma 0 is not positive"):
+        Diffusion(min_snr_gamma=0)
 
 
 @pytest.mark.parametrize("kwargs, message", [

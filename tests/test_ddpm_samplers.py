@@ -323,3 +323,15 @@ def test_make_scheduler_sets_each_schedulers_own_clipping(diffusion, sampler):
         assert config.thresholding and config.sample_max_value == 1.0
     off = diffusion.make_scheduler(sampler, 10).config
     assert not off.get("clip_sample", False) and not off.thresholding
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("clip_x0", [False, True])
+def test_point_mass_oracle_on_the_cosine_schedule(sampler, clip_x0):
+    """The samplers build their schedulers from the model's betas, so any schedule works: here the cosine one,
+    whose alpha_hat at T-1 is nearly 0 (beta clipped at 0.999)."""
+    diffusion = Diffusion(img_size=8, schedule="cosine", clip_x0=clip_x0)
+    x_0 = diffusion.sample_x0(PointMassEps(diffusion.alpha_hat), 4, labels_for(4), 3.0, sampler=sampler,
+                              seed=3, progress=False)
+    error = (x_0 - POINT).abs().max().item()
+    assert error < ORACLE_TOLERANCE[sampler], f"{sampler}: max |x_0 - c| = {error:.3g}"

@@ -1,5 +1,7 @@
 """Tests for sample.py: rebuilding the network from any checkpoint, the grid it writes, and its errors."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -22,14 +24,17 @@ FAST = ["--sampler", "ddim", "--steps", "2"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def grid_size(rows, cols, size, padding=2):
-    """(width, height) of a torchvision grid of rows x cols images of size x size pixels.
+def grid_size(rows, cols, size, captioned=True, padding=2):
+    """(width, height) of utils.save_images' grid of rows x cols images of size x size pixels.
 
-    make_grid returns a single image as it is, without padding.
+    Images are shown at 64 px or more (an integer nearest-neighbour factor); a conditional grid has a 14 px
+    caption strip above each row. Without captions make_grid returns a single image as it is, without padding.
     """
-    if rows * cols == 1:
-        return size, size
-    return cols * size + (cols + 1) * padding, rows * size + (rows + 1) * padding
+    shown = size * math.ceil(64 / size)
+    if rows * cols == 1 and not captioned:
+        return shown, shown
+    return (cols * shown + (cols + 1) * padding,
+            rows * shown + (rows + 1) * padding + (14 * rows if captioned else 0))
 
 
 def tiny_conditional(seed=0):
@@ -63,7 +68,7 @@ def ref_uncond(tmp_path):
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """This repository's layout: models/R/{ckpt.pt, ema_ckpt.pt, training_state.pt, config.json}."""
+    """This repository's layout: models/R/{ckpt.pt, ema_ckpt.pt, training_state.pt, config.json, classes.json}."""
     models_dir = tmp_path / "models" / "R"
     models_dir.mkdir(parents=True)
     cfg = ddpm_conditional.Config(run_name="R", image_size=16, base_channels=8, noise_steps=200)
@@ -71,6 +76,7 @@ def run_dir(tmp_path):
     torch.save(net.state_dict(), models_dir / "ckpt.pt")
     torch.save(ema_net.state_dict(), models_dir / "ema_ckpt.pt")
     save_config(cfg, str(models_dir / "config.json"))
+    (models_dir / "classes.json").write_text(json.dumps(["red circle", "green square", "blue triangle"]))
     state = {"model": net.state_dict(), "ema": ema_net.state_dict(), "step": 3, "epoch": 1,
              "config": {**vars(cfg), "image_size": 24}}
     torch.save(state, models_dir / "training_state.pt")
@@ -195,7 +201,7 @@ def test_grid_has_one_row_per_label(ref_cond, tmp_path):
     images = sample.main(["--ckpt", ref_cond, "--labels", "0,1,2", "--n_per_label", "2", "--image_size", "16",
                           "--out", str(out), *FAST])
     assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
-    assert image_size_of(out) == grid_size(3, 2, 16)  # width 2*16+3*2, height 3*16+4*2
+    assert image_size_of(out) == grid_size(3, 2, 16)  # width 2*64+3*2, height 3*(14+64)+4*2
 
 
 def test_repo_layout_uses_saved_image_size(run_dir, tmp_path):
@@ -207,11 +213,20 @@ def test_repo_layout_uses_saved_image_size(run_dir, tmp_path):
     assert image_size_of(out) == grid_size(1, 1, 24)
 
 
+def test_grid_rows_are_captioned_with_the_runs_class_names(run_dir, ref_cond):
+    """classes.json beside a training run's checkpoints (or one folder up); "class k" for the reference's."""
+    assert sample.class_names(str(run_dir / "ema_ckpt.pt"), 3) == ["red circle", "green square", "blue triangle"]
+    step_ckpt = run_dir / "checkpoints" / "step.pt"
+    assert sample.class_names(str(step_ckpt), 3)[2] == "blue triangle"
+    assert sample.class_names(str(run_dir / "ema_ckpt.pt"), 4) == [f"class {k}" for k in range(4)]  # no match
+    assert sample.class_names(ref_cond, 3) == ["class 0", "class 1", "class 2"]
+
+
 def test_unconditional_grid(ref_uncond, tmp_path):
     out = tmp_path / "grid.png"
     images = sample.main(["--ckpt", ref_uncond, "--n", "4", "--image_size", "16", "--out", str(out), *FAST])
     assert images.shape == (4, 3, 16, 16)
-    assert image_size_of(out) == grid_size(2, 2, 16)
+    assert image_size_of(out) == grid_size(2, 2, 16, captioned=False)
 
 
 def test_save_individual_names_label_and_index(ref_cond, tmp_path):

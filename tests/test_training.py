@@ -10,6 +10,7 @@ from PIL import Image
 
 import ddpm
 import ddpm_conditional
+import training
 from ddpm import Diffusion
 from modules import UNet_conditional
 from data import classify_shapes
@@ -53,7 +54,8 @@ def test_conditional_run_writes_grids_plots_checkpoints_and_config(workdir):
     for name in ["0.jpg", "0_ema.jpg", "loss.png", "config.json"]:
         assert (results / name).is_file(), name
     grid = Image.open(results / "0.jpg")
-    assert grid.size == (2 * 16 + 3 * 2, 10 * 16 + 11 * 2)  # one row per class, 2 per row
+    assert grid.size == (2 * 66 + 2, 10 * (14 + 66) + 2)  # a captioned row per class, 2 per row, 16 px shown at 64
+    assert json.loads((models / "classes.json").read_text())[:2] == ["red circle", "green square"]
     config = json.loads((results / "config.json").read_text())
     assert config["max_steps"] == 2 and config["p_uncond"] == 0.1 and config["run_name"] == "R"
     state = load_checkpoint(models / "training_state.pt")
@@ -88,6 +90,48 @@ def test_gradients_are_clipped_to_grad_clip_before_each_step(workdir, monkeypatc
         assert max_norm == grad_clip and norm_before > grad_clip and norm_after <= grad_clip * 1.001
 
 
+def test_warmup_lr_rises_linearly_then_holds():
+    assert [training.warmup_lr(1e-3, step, 4) for step in range(6)] == pytest.approx(
+        [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert training.warmup_lr(1e-3, 0, 0) == 1e-3  # 0: no warm-up
+
+
+def test_lr_warmup_sets_the_learning_rate_of_each_optimizer_step(workdir, monkeypatch):
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    ddpm_conditional.main(TINY + ["--run_name", "W", "--n_per_class", "1", "--lr", "0.004", "--lr_warmup", "4"])
+    assert seen == pytest.approx([0.001, 0.002])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--grad_clip", "-1", "grad_clip -1.0 must be positive"),
+    ("--schedule", "sigmoid", "schedule 'sigmoid' is unknown: use one of linear, cosine"),
+    ("--min_snr_gamma", "0", "min_snr_gamma 0.0 must be positive"),
+    ("--lr_warmup", "-5", "lr_warmup -5 is negative"),
+])
+def test_bad_recipe_values_are_usage_errors(workdir, flag, value, message):
+    with pytest.raises(UsageError, match=message):
+        ddpm_conditional.main(TINY + [flag, value])
+
+
+def test_reference_recipe_file_restores_the_references_training_and_sampling(workdir):
+    """configs/reference_recipe.json after another config file: the later --config wins, flags win over both."""
+    (workdir / "mine.json").write_text(json.dumps({"ema_start": 5, "lr": 0.005}))
+    ddpm_conditional.main(TINY + ["--config", "mine.json", "--config", str(REPO / "configs" / "reference_recipe.json"),
+                                  "--run_name", "Ref", "--n_per_class", "1", "--lr_warmup", "1"])
+    config = json.loads((workdir / "results" / "Ref" / "config.json").read_text())
+    assert (config["ema_start"], config["ema_warmup"], config["grad_clip"], config["clip_x0"]) == (2000, False, None,
+                                                                                                   False)
+    assert (config["augment"], config["schedule"], config["min_snr_gamma"]) == ("reference", "linear", None)
+    assert config["lr"] == 0.005 and config["lr_warmup"] == 1  # the first file's own field, and the flag
+
+
 def test_bad_grad_clip_is_a_usage_error(workdir):
     with pytest.raises(UsageError, match="grad_clip -1.0 must be positive"):
         ddpm_conditional.main(TINY + ["--grad_clip", "-1"])
@@ -98,7 +142,8 @@ def test_unconditional_run_on_an_image_folder(workdir):
     ddpm.main(TINY + ["--dataset", "imagefolder", "--dataset_path", "pets", "--dataset_size", "none",
                       "--run_name", "U", "--n_samples", "4"])
     grid = Image.open(workdir / "results" / "U" / "1.jpg")  # 12 images: 1 batch per epoch, step 2 ends epoch 1
-    assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+    assert grid.size == (2 * 66 + 2, 2 * 66 + 2)  # no captions; 16 px shown at 64
+    assert not (workdir / "models" / "U" / "classes.json").exists()
     assert "label_emb.weight" not in load_checkpoint(workdir / "models" / "U" / "ckpt.pt")
 
 

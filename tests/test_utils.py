@@ -183,7 +183,7 @@ def test_to_uint8():
 def test_save_images_grid_size(tmp_path, name):
     images = torch.rand(4, 3, 8, 8) * 2 - 1
     path = tmp_path / "sub" / name
-    utils.save_images(images, path)
+    utils.save_images(images, path, min_size=1)
     with Image.open(path) as image:
         assert image.size == (22, 22) and image.mode == "RGB"
     assert os.listdir(tmp_path / "sub") == [name]
@@ -191,18 +191,36 @@ def test_save_images_grid_size(tmp_path, name):
 
 def test_save_images_keeps_pixels(tmp_path):
     images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
-    utils.save_images(images, tmp_path / "row.png", nrow=3)
+    utils.save_images(images, tmp_path / "row.png", nrow=3, min_size=1)
     array = np.asarray(Image.open(tmp_path / "row.png"))
     assert array.shape == (12, 32, 3)
     assert np.array_equal(array[2:10, 2:10], images[0].permute(1, 2, 0).numpy())
 
 
-def test_save_images_with_captions(tmp_path):
-    images = torch.rand(6, 3, 16, 16) * 2 - 1
+def test_small_images_are_scaled_up_by_nearest_neighbour(tmp_path):
+    """16 px images are repeated 4 x 4 (64 px); each grid pixel is one source pixel."""
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    utils.save_images(images, tmp_path / "big.png", nrow=2)
+    array = np.asarray(Image.open(tmp_path / "big.png"))
+    assert array.shape == (68, 134, 3)
+    expected = images[1].permute(1, 2, 0).numpy().repeat(4, axis=0).repeat(4, axis=1)
+    assert np.array_equal(array[2:66, 68:132], expected)
+    assert utils.upscale(torch.zeros(1, 1, 64, 64, dtype=torch.uint8)).shape == (1, 1, 64, 64)  # large enough
+    assert utils.upscale(torch.zeros(1, 1, 24, 24, dtype=torch.uint8)).shape == (1, 1, 72, 72)  # k = 3
+
+
+def test_save_images_with_captions_writes_each_above_its_row(tmp_path):
+    images = torch.full((6, 3, 16, 16), 255, dtype=torch.uint8)  # white images: only the text and padding differ
     path = tmp_path / "captioned.png"
     utils.save_images(images, path, nrow=3, captions=["a red circle", "a blue triangle"])
-    with Image.open(path) as image:
-        assert image.size[0] > 100 and image.size[1] > 100
+    array = np.asarray(Image.open(path).convert("L"))
+    strip, row = 14, 66  # caption strip, then the row's top padding and its 64 px images
+    assert array.shape == (2 * (strip + row) + 2, 3 * 66 + 2)
+    for top in (0, strip + row):
+        assert (array[top:top + strip] < 128).any()  # dark text on the white strip
+        assert (array[top + strip:top + strip + 2] == 0).all()  # the row's black top padding follows
+        assert (array[top + strip + 2:top + strip + row, 2:66] == 255).all()  # then the first image, untouched
+    assert (array[-2:] == 0).all()
     with pytest.raises(ValueError):
         utils.save_images(images, path, nrow=3, captions=["only one"])
 

@@ -1,0 +1,307 @@
+"""Variants of ddpm_conditional.py trained and measured alike, side by side: a table, grids and learning curves.
+
+    python compare.py --variants configs/compare_recipes.json --seeds 0,1,2 --eval_every 250   (the training recipe)
+    python compare.py --variants configs/compare_conditioning.json --max_steps 300   (add, concat, xattn, adanorm)
+    python compare.py --variants configs/compare_conditioning.json --preset None --max_steps 30000 --seeds 0,1,2 \
+        --num_samples 5000 --num_real 10000 --train_args "--image_size 32 --batch_size 128 --mixed_precision bf16"
+
+A variants file is a JSON object {name: "ddpm_conditional.py flags"}. Every variant trains with the same
+preset, budget and seeds; its flags are the only difference. evaluate.py then measures each run's EMA
+weights with the same sampler, steps, guidance and noise seed: class accuracy by its learned judge and the
+Frechet distance in the judge's feature space (not comparable with published FID). The table gives each
+figure as mean +- sd over the seeds, with the parameters, the training seconds and throughputs.
+--eval_every N also measures every run during training (its --eval_every) and plots class accuracy against
+steps, one line per variant (mean over the seeds, the band from the lowest to the highest seed).
+Written to out_dir (default results/compare/<variants file name>): table.md, table.json, <variant>.png (a
+grid of the first seed's run, one row per class), curves.png with --eval_every, and runs/<run>.json (one
+record per run; a record that exists is reused, so an interrupted comparison continues where it stopped).
+"""
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from utils import (UsageError, _atomic_write, arg, config_to_dict, load_checkpoint, parse_config, pick_device,
+                   read_json_object, run_cli, save_figure, save_images, write_json)
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class Config:
+    preset: str | None = arg("configs/quick_cpu.json", "ddpm_conditional.py config file every run starts from "
+                             "(None: its defaults, CIFAR-10 at 64 px)")
+    variants: str = arg("configs/compare_recipes.json", "JSON file {name: 'ddpm_conditional.py flags'} of the "
+                        "variants to compare")
+    only: str | None = arg(None, "compare only these variants of the file, comma-separated (None: all)")
+    seeds: str = arg("0,1", "training seeds, comma-separated; figures are mean +- sd over them")
+    max_steps: int | None = arg(None, "training budget of every run in optimizer steps (None: the preset's)")
+    train_args: str = arg("", "more ddpm_conditional.py flags for every run, e.g. '--base_channels 16'")
+    eval_every: int | None = arg(None, "measure every run each this many steps during training, for the learning "
+                                       "curves (None: off)")
+    eval_samples: int = arg(100, "samples of each --eval_every measurement")
+    evaluate: bool = arg(True, "measure with evaluate.py (false: parameters, speeds and grids only)")
+    num_samples: int = arg(200, "samples evaluate.py draws from each run, balanced over the classes")
+    num_real: int = arg(2000, "real images for evaluate.py's judge and its reference statistics")
+    sampler: str = arg("dpm++", "sampler of the evaluation and the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
+    steps: int | None = arg(None, "network steps of that sampler (None: its default, 20 for dpm++)")
+    cfg_scale: float = arg(3.0, "guidance of the evaluation and the grids")
+    n_per_class: int = arg(8, "images in each class row of the grids")
+    run_prefix: str = arg("cmp", "runs are models/<run_prefix>_<variant>_s<seed>/")
+    out_dir: str | None = arg(None, "folder of the table, the grids and the run records "
+                                    "(None: results/compare/<variants file name>)")
+    overwrite: bool = arg(False, "retrain and re-measure runs that already have a record")
+    device: str = arg("auto", "device of the evaluation and the grids (training uses the preset's)")
+    threads: int | None = arg(None, "CPU threads of torch (None: its default); 1 is faster on a busy shared CPU")
+
+
+# The options a run's record depends on: a record measured with others is not reused.
+MEASURED_WITH = ("preset", "max_steps", "train_args", "eval_every", "eval_samples", "evaluate", "num_samples",
+                 "num_real", "sampler", "steps", "cfg_scale", "n_per_class")
+
+
+def parse_ints(text, name):
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--{name} '{text}' is not a comma-separated list of integers: e.g. --{name} 0,1") from None
+
+
+def read_variants(path, only):
+    """{name: flags} of the variants file, restricted to `only` (comma-separated names) when given."""
+    if not os.path.isfile(path):
+        raise UsageError(f"variants file '{path}' not found: pass --variants a JSON file such as "
+                         "configs/compare_recipes.json")
+    variants = read_json_object(path, "variants file")
+    for name, flags in variants.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or not isinstance(flags, str):
+            raise UsageError(f"variants file '{path}': entry {name!r} should map a name of letters, digits and "
+                             "_ . + - to a string of ddpm_conditional.py flags")
+    if only is not None:
+        names = [name.strip() for name in only.split(",")]
+        unknown = [name for name in names if name not in variants]
+        if unknown:
+            raise UsageError(f"--only: variant '{unknown[0]}' is not in {path}: use some of {', '.join(variants)}")
+        if len(set(names)) < len(names):
+            raise UsageError("--only must not repeat a variant")
+        variants = {name: variants[name] for name in names}
+    if not variants:
+        raise UsageError(f"variants file '{path}' is empty: give it at least one {{name: flags}} entry")
+    return variants
+
+
+def validate(cfg):
+    """The variants {name: flags} and the seeds; one readable error for each option the comparison cannot use."""
+    variants = read_variants(cfg.variants, cfg.only)
+    seeds = parse_ints(cfg.seeds, "seeds")
+    if len(set(seeds)) < len(seeds):
+        raise UsageError("--seeds must not repeat an entry")
+    if cfg.preset is not None and not os.path.isfile(cfg.preset):
+        raise UsageError(f"preset '{cfg.preset}' not found: pass a ddpm_conditional.py config file, e.g. "
+                         "configs/quick_cpu.json")
+    for name in ("max_steps", "eval_every", "eval_samples", "num_samples", "num_real", "steps", "n_per_class",
+                 "threads"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"{name} {value} must be positive")
+    return variants, seeds
+
+
+def write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def cpu_name():
+    """The CPU model as lscpu names it (from /proc/cpuinfo), or what platform knows."""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- one run: train, measure
+def train_run(cfg, flags, seed, run_name):
+    """Train one variant and seed; returns the training seconds, steps, batch size, the resolved config and, with
+    --eval_every, the learning curve [{"step", "seconds", "class_accuracy", ...}]."""
+    import ddpm_conditional
+
+    argv = ["--config", cfg.preset] if cfg.preset is not None else []
+    argv += shlex.split(cfg.train_args) + shlex.split(flags)
+    argv += ["--seed", str(seed), "--run_name", run_name,
+             "--n_per_class", "1"]  # the run's own grids: one image per class, to keep them out of the timing
+    if cfg.max_steps is not None:
+        argv += ["--max_steps", str(cfg.max_steps)]
+    if cfg.eval_every is not None:
+        argv += ["--eval_every", str(cfg.eval_every), "--eval_samples", str(cfg.eval_samples), "--sampler",
+                 cfg.sampler, "--cfg_scale", str(cfg.cfg_scale)]
+        argv += ["--sample_steps", str(cfg.steps)] if cfg.steps is not None else []
+    argv += ["--overwrite"] if cfg.overwrite else []
+    done = ddpm_conditional.main(argv)
+    seconds = done["train_seconds"]  # without the --eval_every measurements
+    with open(os.path.join(done["models_dir"], "config.json")) as f:
+        config = json.load(f)
+    return {"train_seconds": round(seconds, 2), "steps": done["step"], "batch_size": config["batch_size"],
+            "train_img_per_s": round(done["step"] * config["batch_size"] / seconds, 2), "config": config,
+            "curve": done["quality"]}
+
+
+def evaluate_run(cfg, ckpt, out):
+    """evaluate.py's offline figures of one checkpoint: class accuracy and the judge-space distance."""
+    import evaluate
+
+    argv = ["--ckpt", ckpt, "--num_samples", str(cfg.num_samples), "--num_real", str(cfg.num_real),
+            "--sampler", cfg.sampler, "--cfg_scale", str(cfg.cfg_scale), "--seed", "0", "--inception", "false",
+            "--device", cfg.device, "--out", out]
+    if cfg.steps is not None:
+        argv += ["--steps", str(cfg.steps)]
+    metrics = evaluate.main(argv)
+    row = metrics["rows"][0]
+    return {"class_accuracy": row["class_accuracy"], "judge_fd": row["judge_fd"],
+            "judge_heldout_accuracy": metrics["judge"]["heldout_accuracy"]}
+
+
+def draw_grid(cfg, ckpt, path):
+    """A grid of the run's EMA weights, one row per class, with the comparison's sampler; returns img/s."""
+    import sample
+
+    device = pick_device(cfg.device)
+    model, arch, saved = sample.load_model(ckpt)
+    diffusion = sample.make_diffusion(sample.Config(ckpt=ckpt), saved, arch["c_in"], device)
+    labels = torch.arange(arch["num_classes"], device=device).repeat_interleave(cfg.n_per_class)
+    start = time.perf_counter()
+    images = diffusion.sample(model.to(device), len(labels), labels, cfg.cfg_scale, sampler=cfg.sampler,
+                              steps=cfg.steps, seed=0, progress=False)
+    seconds = time.perf_counter() - start
+    save_images(images, path, nrow=cfg.n_per_class, captions=sample.class_names(ckpt, arch["num_classes"]))
+    return round(len(labels) / seconds, 2)
+
+
+def measure(cfg, name, flags, seed, first_seed):
+    """Train, count, time and evaluate one run; its record is saved under out_dir/runs/ and reused."""
+    run_name = f"{cfg.run_prefix}_{name}_s{seed}"
+    record_path = os.path.join(cfg.out_dir, "runs", f"{run_name}.json")
+    options = {"flags": flags, **{key: getattr(cfg, key) for key in MEASURED_WITH}}
+    if os.path.isfile(record_path) and not cfg.overwrite:
+        with open(record_path) as f:
+            record = json.load(f)
+        if record.get("options") != options:
+            raise UsageError(f"{record_path} was measured with other options ({record.get('options')}): pass "
+                             "--overwrite to measure again, or another --run_prefix and --out_dir")
+        print(f"{run_name}: reusing {record_path}")
+        return record
+    record = {"variant": name, "seed": seed, "run_name": run_name, "options": options,
+              **train_run(cfg, flags, seed, run_name)}
+    ckpt = os.path.join("models", run_name, "ema_ckpt.pt")
+    state = load_checkpoint(ckpt)
+    record["parameters"] = sum(v.numel() for v in state.values())
+    if seed == first_seed:
+        record["sample_img_per_s"] = draw_grid(cfg, ckpt, os.path.join(cfg.out_dir, f"{name}.png"))
+    if cfg.evaluate:
+        record.update(evaluate_run(cfg, ckpt, os.path.join(cfg.out_dir, "runs", f"{run_name}_metrics.json")))
+    write_json(record, record_path)
+    return record
+
+
+# ----------------------------------------------------------------------------- the table
+def mean_sd(values):
+    """(mean, sample sd) of the values that are not None; (None, None) if there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(records, names):
+    """One row per variant: mean and sd over its seeds of each figure."""
+    rows = []
+    for name in names:
+        runs = [r for r in records if r["variant"] == name]
+        row = {"variant": name, "seeds": [r["seed"] for r in runs], "parameters": runs[0]["parameters"],
+               "sample_img_per_s": next((r["sample_img_per_s"] for r in runs if "sample_img_per_s" in r), None)}
+        for key in ("class_accuracy", "judge_fd", "train_seconds", "train_img_per_s"):
+            row[key], row[key + "_sd"] = mean_sd([r.get(key) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows):
+    def cell(row, key, digits):
+        if row[key] is None:
+            return "-"
+        return f"{row[key]:.{digits}f} +- {row[key + '_sd']:.{digits}f}"
+
+    lines = ["| variant | class accuracy | judge-space FD | parameters | train seconds | train img/s | sample img/s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        sample_rate = "-" if row["sample_img_per_s"] is None else f"{row['sample_img_per_s']:.1f}"
+        lines.append(f"| {row['variant']} | {cell(row, 'class_accuracy', 3)} | {cell(row, 'judge_fd', 2)} | "
+                     f"{row['parameters'] / 1e6:.2f}M | {cell(row, 'train_seconds', 0)} | "
+                     f"{cell(row, 'train_img_per_s', 1)} | {sample_rate} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(records, names, path):
+    """Class accuracy against training steps, one line per variant: the mean over its seeds, and a band from the
+    lowest to the highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        curves = [r["curve"] for r in records if r["variant"] == name and r.get("curve")]
+        steps = sorted(set.intersection(*(set(p["step"] for p in curve) for curve in curves))) if curves else []
+        if not steps:
+            continue
+        by_step = [[next(p["class_accuracy"] for p in curve if p["step"] == step) for curve in curves]
+                   for step in steps]
+        line, = ax.plot(steps, [statistics.fmean(values) for values in by_step], marker="o", label=name)
+        ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=line.get_color(),
+                        alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("class accuracy (EMA samples)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main(argv=None):
+    """Train and measure every (mode, seed), then write table.md, table.json and the grids; returns the rows."""
+    cfg = parse_config(Config, argv, description=__doc__)
+    variants, seeds = validate(cfg)
+    if cfg.out_dir is None:
+        cfg.out_dir = os.path.join("results", "compare", os.path.splitext(os.path.basename(cfg.variants))[0])
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(os.path.join(cfg.out_dir, "runs"), exist_ok=True)
+    records = [measure(cfg, name, flags, seed, seeds[0]) for name, flags in variants.items() for seed in seeds]
+    rows = summarize(records, list(variants))
+    if cfg.eval_every is not None:
+        plot_curves(records, list(variants), os.path.join(cfg.out_dir, "curves.png"))
+    table = markdown_table(rows)
+    steps = f"{cfg.steps} steps" if cfg.steps else "its default steps"
+    measured = f"{cfg.num_samples} samples per run by evaluate.py" if cfg.evaluate else "not evaluated"
+    note = (f"{len(seeds)} seeds ({cfg.seeds}) per variant, mean +- sd; {records[0]['steps']} steps of batch "
+            f"{records[0]['batch_size']} from {cfg.preset}; {cfg.sampler} with {steps} at cfg_scale {cfg.cfg_scale}; "
+            f"{measured}; train seconds and img/s count the whole run (data set, two 10-image grids, "
+            f"checkpoints) but not its --eval_every measurements; "
+            f"CPU: {cpu_name()}, torch threads: {torch.get_num_threads()}\n")
+    write_text(os.path.join(cfg.out_dir, "table.md"), table + "\n" + note)
+    summary = {"config": config_to_dict(cfg), "cpu": cpu_name(), "threads": torch.get_num_threads(), "rows": rows,
+               "runs": records}
+    write_json(summary, os.path.join(cfg.out_dir, "table.json"))
+    print(table + "\n" + note + f"saved {cfg.out_dir}/table.md, table.json and {len(variants)} grids")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)
