@@ -144,6 +144,9 @@ def train_run(cfg, flags, seed, run_name):
         argv += ["--sample_steps", str(cfg.steps)] if cfg.steps is not None else []
     argv += ["--overwrite"] if cfg.overwrite else []
     done = ddpm_conditional.main(argv)
+    if done["stopped"]:  # a signal: the run is not the budget asked for, so it gets no record
+        raise UsageError(f"run {run_name} was stopped by {done['stopped']} at step {done['step']}: run compare.py "
+                         "again with --overwrite to train it in full")
     seconds = done["train_seconds"]  # without the --eval_every measurements
     with open(os.path.join(done["models_dir"], "config.json")) as f:
         config = json.load(f)

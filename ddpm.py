@@ -108,7 +108,7 @@ class Diffusion:
 
     clip_x0: every sampler clips its prediction of x_0 to the data range [-1, 1] at each step (the DDPM
     authors' code and improved-diffusion's clip_denoised). False, the default here, is the reference's
-    unclipped Alg. 2; the pixel-space scripts turn it on, latent models (train_sd.py) leave it off.
+    unclipped Alg. 2; the pixel-space scripts turn it on, train_sd.py only without a VAE (latents have no range).
 
     min_snr_gamma: None is the simple loss of Alg. 1. A number gamma weights the loss at t by
     min(SNR_t, gamma) / SNR_t, with SNR_t = alpha_hat_t / (1 - alpha_hat_t) (Min-SNR-gamma, Hang et al. 2023,

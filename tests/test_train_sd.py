@@ -1,5 +1,6 @@
 """Tests for train_sd.py: the real code on a tiny random VAE and CLIP, built offline."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -76,6 +77,27 @@ def test_pixel_space_and_image_size_check(tiny):
     vae_latents, _ = train_sd.load_frozen(tiny_cfg(tiny), "cpu")
     with pytest.raises(UsageError, match="not divisible by 16"):
         train_sd.make_diffusion(tiny_cfg(tiny, image_size=24), vae_latents, "cpu")
+    # clip_x0 None clips the predicted x_0 in pixel space only; a VAE's latents have no [-1, 1] range
+    assert train_sd.make_diffusion(cfg, latents, "cpu").clip_x0 is True
+    assert train_sd.make_diffusion(tiny_cfg(tiny), vae_latents, "cpu").clip_x0 is False
+    assert train_sd.make_diffusion(tiny_cfg(tiny, vae="none", clip_x0=False), latents, "cpu").clip_x0 is False
+
+
+def test_prompt_accuracy_judges_each_row_against_its_prompts_class(tiny, monkeypatch):
+    import evaluate
+
+    class Judge:  # says "red circle" (0) for every sample but the last
+        def predict(self, images):
+            return torch.tensor([0] * (len(images) - 1) + [5])
+
+    monkeypatch.setattr(evaluate, "get_judge", lambda *args, **kwargs: Judge())
+    cfg = dataclasses.replace(tiny_cfg(tiny), prompt=["a red circle", "A cyan ring"], n_per_prompt=2)
+    images = torch.zeros(4, 3, 16, 16)
+    assert train_sd.prompt_accuracy(cfg, images, "cpu") == pytest.approx(0.75)  # 0, 0 | 0 (wrong), 5
+    with pytest.raises(UsageError, match="prompt 'a photo of a cat' names no shapes class"):
+        train_sd.prompt_accuracy(dataclasses.replace(cfg, prompt=["a photo of a cat", "a red circle"]), images, "cpu")
+    with pytest.raises(UsageError, match="--judge needs a run on the built-in shapes"):
+        train_sd.prompt_accuracy(dataclasses.replace(cfg, dataset="cifar10"), images, "cpu")
 
 
 # ----------------------------------------------------------------------------- caption dropout and guidance
@@ -282,7 +304,7 @@ def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
     """
     monkeypatch.chdir(tmp_path)
     overrides = {"vae": "none", "image_size": 8, "dataset_size": 2000, "base_channels": 16, "batch_size": 32,
-                 "max_steps": 600, "lr": 2e-3, "ema_beta": 0.99, "ema_start": 50, "log_every": 1000,
+                 "max_steps": 600, "lr": 2e-3, "ema_beta": 0.99, "min_snr_gamma": 5.0, "log_every": 1000,
                  "epochs": 1000, "cache_latents": True, "sampler": "ddim", "cfg_scale": 3.0}
     start = time.time()
     train_sd.main(tiny_argv(tiny, "learn", **overrides))
