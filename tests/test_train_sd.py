@@ -299,13 +299,14 @@ def test_unloadable_models_are_one_line_errors(tiny, monkeypatch):
 def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
     """Pixel space at 8 px with the tiny random CLIP: the prompt's colour must win far above chance (0.1).
 
-    About 2 minutes on 2 busy CPU cores. 600 steps only start to learn the text (about 0.26 at cfg 3); 0.5
-    needs roughly 1500 steps, too long for this suite (configs/sd_quick_cpu.json runs that demo at 16 px).
+    About 2 minutes on 2 busy CPU cores. With the script's recipe (Min-SNR-5, EMA warm-up, x_0 clipped in pixel
+    space) and its dpm++ sampler, 600 steps measured 0.62 at cfg 3 (0.66 unclipped; ddim 20 gave only 0.18).
+    configs/sd_quick_cpu.json runs the full demo at 16 px (0.975 by evaluate.py's shapes judge).
     """
     monkeypatch.chdir(tmp_path)
     overrides = {"vae": "none", "image_size": 8, "dataset_size": 2000, "base_channels": 16, "batch_size": 32,
                  "max_steps": 600, "lr": 2e-3, "ema_beta": 0.99, "min_snr_gamma": 5.0, "log_every": 1000,
-                 "epochs": 1000, "cache_latents": True, "sampler": "ddim", "cfg_scale": 3.0}
+                 "epochs": 1000, "cache_latents": True, "cfg_scale": 3.0}
     start = time.time()
     train_sd.main(tiny_argv(tiny, "learn", **overrides))
     seconds = time.time() - start
@@ -319,4 +320,4 @@ def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
     expected = torch.arange(10).repeat_interleave(10)
     accuracy = (classify_shapes(images) == expected).float().mean().item()
     print(f"learning test: {seconds:.0f} s of training, colour accuracy {accuracy:.2f} (chance 0.1)")
-    assert accuracy >= 0.2
+    assert accuracy >= 0.4
