@@ -218,6 +218,27 @@ def _image_folder(path, transform):
     return folder
 
 
+def write_digits_folder(path):
+    """scikit-learn's 1,797 handwritten digits (8x8, grey, white ink on black) as an image folder for
+    `--dataset imagefolder`: path/<digit>/<index>.png. Real data that nobody here drew, small enough for a CPU;
+    needs `pip install scikit-learn` (the digits ship inside it). Returns the number of images written."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UsageError("the digits folder comes from scikit-learn: pip install scikit-learn") from None
+    from PIL import Image
+
+    if os.path.isdir(path) and os.listdir(path):
+        raise UsageError(f"'{path}' is not empty: pass a new folder, or delete it first")
+    digits = load_digits()
+    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+        folder = os.path.join(path, str(label))
+        os.makedirs(folder, exist_ok=True)
+        pixels = np.round(image * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
+        Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{index:04d}.png"))
+    return len(digits.images)
+
+
 def _cifar10(path, train, transform):
     """CIFAR-10 from torchvision, downloading it once; a failed download is a UsageError."""
     root = path or "./data"

@@ -46,6 +46,7 @@ class Config:
     steps: str = arg("default", "network steps of the sampler, or a list to sweep, e.g. 10,20,50 (default: "
                                 "the sampler's own)")
     cfg_scale: str = arg("3", "guidance, or a list to sweep, e.g. 0,1,3,5 (ignored by an unconditional model)")
+    clip_x0: bool | None = arg(None, "clip the predicted x_0 to [-1, 1] at each step (None: the run's setting)")
     seed: int = arg(0, "seed of the noise: the same seed gives the same samples")
     batch_size: int = arg(250, "images per sampler batch")
     dataset: str | None = arg(None, "real images: cifar10 | imagefolder | shapes (None: the training config's)")
@@ -409,7 +410,7 @@ def main(argv=None):
                                        steps, cfg.seed, cfg.batch_size)
             steps_run = steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
             row = {"sampler": cfg.sampler, "steps": steps, "steps_run": steps_run, "cfg_scale": cfg_scale,
-                   "num_samples": cfg.num_samples, "seed": cfg.seed,
+                   "clip_x0": diffusion.clip_x0, "num_samples": cfg.num_samples, "seed": cfg.seed,
                    **sample_figures(judge, samples, labels), "fid": None, "kid": None, "kid_std": None}
             if skip is None:
                 try:

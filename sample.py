@@ -186,7 +186,7 @@ def make_diffusion(cfg, saved, c_in, device):
     image_size = cfg.image_size or saved.get("image_size", REFERENCE_IMAGE_SIZE)
     if not isinstance(image_size, int) or image_size <= 0 or image_size % 8:
         raise UsageError(f"the saved image_size {image_size!r} is not divisible by 8: pass --image_size 64")
-    clip_x0 = getattr(cfg, "clip_x0", None)  # other CLIs (evaluate.py) call this with configs without the field
+    clip_x0 = getattr(cfg, "clip_x0", None)  # visualize.py calls this with a config without the field
     clip_x0 = saved.get("clip_x0", True) if clip_x0 is None else clip_x0
     return Diffusion.from_settings(saved, image_size, c_in, device, clip_x0=clip_x0)
 
@@ -229,7 +229,8 @@ def main(argv=None):
         save_images(images, cfg.out)
     else:
         names = class_names(cfg.ckpt, arch["num_classes"])
-        save_images(images, cfg.out, nrow=cfg.n_per_label, captions=[names[k] for k in labels[::cfg.n_per_label].tolist()])
+        row_classes = labels[::cfg.n_per_label].tolist()
+        save_images(images, cfg.out, nrow=cfg.n_per_label, captions=[names[k] for k in row_classes])
     print(f"saved {cfg.out}")
     if cfg.save_individual:
         row_labels = labels.tolist() if labels is not None else [0] * n

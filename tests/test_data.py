@@ -192,6 +192,42 @@ def _halves_image(width=32, height=32):
     return image
 
 
+def _fake_sklearn_digits(monkeypatch, images, target):
+    """Stands in for scikit-learn, which CI does not install, with a load_digits of these arrays."""
+    import sys
+    import types
+
+    datasets = types.ModuleType("sklearn.datasets")
+    datasets.load_digits = lambda: types.SimpleNamespace(images=images, target=target)
+    monkeypatch.setitem(sys.modules, "sklearn", types.ModuleType("sklearn"))
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", datasets)
+
+
+def test_digits_folder_holds_one_subfolder_per_digit_and_the_pixels_scaled_to_255(tmp_path, monkeypatch):
+    images = np.zeros((3, 8, 8))
+    images[0, 2, 3], images[1, 4, 4], images[2, 7, 0] = 16, 8, 4  # scikit-learn's digits are 0..16
+    _fake_sklearn_digits(monkeypatch, images, np.array([7, 0, 7]))
+    assert data.write_digits_folder(str(tmp_path / "digits")) == 3
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["0", "7"]
+    first = np.asarray(Image.open(tmp_path / "digits" / "7" / "0000.png"))
+    assert first.shape == (8, 8) and first[2, 3] == 255 and first.sum() == 255
+    assert np.asarray(Image.open(tmp_path / "digits" / "0" / "0001.png"))[4, 4] == 128
+    folder = data.get_dataset("imagefolder", str(tmp_path / "digits"), 16)
+    assert folder.classes == ["0", "7"] and [label for _, label in folder] == [0, 1, 1]  # sorted by folder
+
+
+def test_digits_folder_refuses_a_full_folder_and_names_the_missing_package(tmp_path, monkeypatch):
+    _fake_sklearn_digits(monkeypatch, np.zeros((1, 8, 8)), np.array([3]))
+    (tmp_path / "old.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="is not empty"):
+        data.write_digits_folder(str(tmp_path))
+    assert (tmp_path / "old.txt").read_text() == "keep me"
+    import sys
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if not installed
+    with pytest.raises(UsageError, match="pip install scikit-learn"):
+        data.write_digits_folder(str(tmp_path / "new"))
+
+
 def test_augmentation_resize_is_the_centre_crop_of_the_resized_image():
     out = data.augmentation(16, "resize")(_halves_image())
     expected = torch.full((3, 16, 16), -1.0)

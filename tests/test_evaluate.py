@@ -96,7 +96,7 @@ def offline(workdir, monkeypatch):
     return workdir
 
 
-ROW_FIELDS = {"sampler", "steps", "steps_run", "cfg_scale", "num_samples", "seed", "class_accuracy", "judge_fd",
+ROW_FIELDS = {"sampler", "steps", "steps_run", "cfg_scale", "clip_x0", "num_samples", "seed", "class_accuracy", "judge_fd",
               "fid", "kid", "kid_std", "seconds"}
 
 
@@ -129,6 +129,21 @@ def test_sweep_writes_one_row_per_combination_and_the_plot(offline):
     assert [(r["cfg_scale"], r["steps"]) for r in rows] == [(0, 1), (0, 2), (3, 1), (3, 2)]
     assert metrics["rows"] == rows
     assert (offline / "sweep" / "metrics.png").stat().st_size > 0
+
+
+def test_clip_x0_defaults_to_the_runs_setting_and_the_flag_overrides_it(offline, monkeypatch):
+    seen = []
+    real_generate = evaluate.generate
+
+    def spy(model, diffusion, *args, **kwargs):
+        seen.append(diffusion.clip_x0)
+        return real_generate(model, diffusion, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    base = ["--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "10", "--inception", "false"] + FAST
+    rows = [evaluate.main(base + flags)["rows"][0] for flags in ([], ["--clip_x0", "false"], ["--clip_x0", "true"])]
+    assert seen == [True, False, True]  # the run's config says clip_x0 true (ddpm_conditional's default)
+    assert [row["clip_x0"] for row in rows] == seen
 
 
 def test_unconditional_checkpoint_skips_accuracy_with_a_note(offline):
