@@ -329,7 +329,9 @@ class Diffusion:
                         clip_x0, callback=None):
         scheduler = self.make_scheduler(sampler, steps, clip_x0)
         clip_eps = clip_x0 and sampler == "euler_a"  # the one scheduler without an x_0 clipping option
-        step_kwargs = {"eta": eta} if sampler == "ddim" else {}
+        # DDIM needs its eps re-derived from the clipped x_0 (improved-diffusion's ddim_sample): a clipped x_0 beside
+        # the raw eps is no point of q(x_t | x_0), and its samples go wrong.
+        step_kwargs = {"eta": eta, "use_clipped_model_output": clip_x0} if sampler == "ddim" else {}
         x = x * scheduler.init_noise_sigma
         n = x.shape[0]
         for step_index, t in enumerate(tqdm(scheduler.timesteps, desc=sampler, leave=False, disable=not progress)):

@@ -303,6 +303,19 @@ def test_clipped_samplers_keep_x0_in_the_data_range(diffusion, sampler):
     assert clipped.abs().max() <= (1.05 if sampler == "ddpm" else 1.0 + 1e-5), clipped.abs().max()
 
 
+def test_clipped_ddim_step_uses_the_eps_of_the_clipped_x0(diffusion):
+    """DDIM eq. 12 (eta 0) with x_0 clipped: the direction term uses eps(x_t, clip(x_0)), as improved-diffusion's
+    ddim_sample does; the network's raw eps beside a clipped x_0 would leave q(x_t' | x_0)."""
+    seen = []
+    diffusion.sample_x0(FarOutEps(diffusion), 2, sampler="ddim", steps=2, seed=0, progress=False, clip_x0=True,
+                        callback=lambda i, t, x_t, x0: seen.append((t, x_t, x0)))
+    (t, x_t, x0), (t_next, x_next, _) = seen
+    assert (x0.abs() == 1.0).all()  # 4 sign(x_t), clipped to sign(x_t)
+    alpha_hat_next = diffusion.alpha_hat[t_next]
+    expected = alpha_hat_next.sqrt() * x0 + (1 - alpha_hat_next).sqrt() * diffusion.eps_from_x0(x_t, t, x0)
+    torch.testing.assert_close(x_next, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_clip_x0_defaults_to_the_diffusion_setting(sampler):
     model = FarOutEps(Diffusion(img_size=8))
