@@ -1,6 +1,8 @@
 """Tests for data.py: the shapes data set and its colour judge, image folders, CIFAR-10, caption folders,
 the data loader."""
 import json
+import sys
+import types
 import warnings
 
 import numpy as np
@@ -194,9 +196,6 @@ def _halves_image(width=32, height=32):
 
 def _fake_sklearn_digits(monkeypatch, images, target):
     """Stands in for scikit-learn, which CI does not install, with a load_digits of these arrays."""
-    import sys
-    import types
-
     datasets = types.ModuleType("sklearn.datasets")
     datasets.load_digits = lambda: types.SimpleNamespace(images=images, target=target)
     monkeypatch.setitem(sys.modules, "sklearn", types.ModuleType("sklearn"))
@@ -222,7 +221,6 @@ def test_digits_folder_refuses_a_full_folder_and_names_the_missing_package(tmp_p
     with pytest.raises(UsageError, match="is not empty"):
         data.write_digits_folder(str(tmp_path))
     assert (tmp_path / "old.txt").read_text() == "keep me"
-    import sys
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if not installed
     with pytest.raises(UsageError, match="pip install scikit-learn"):
         data.write_digits_folder(str(tmp_path / "new"))

@@ -96,8 +96,8 @@ def offline(workdir, monkeypatch):
     return workdir
 
 
-ROW_FIELDS = {"sampler", "steps", "steps_run", "cfg_scale", "clip_x0", "num_samples", "seed", "class_accuracy", "judge_fd",
-              "fid", "kid", "kid_std", "seconds"}
+ROW_FIELDS = {"sampler", "steps", "steps_run", "cfg_scale", "clip_x0", "num_samples", "seed", "class_accuracy",
+              "judge_fd", "fid", "kid", "kid_std", "seconds"}
 
 
 def test_metrics_json_holds_every_field_and_the_offline_figures(offline, capsys):
