@@ -158,7 +158,8 @@ def test_two_processes_match_one_process_with_twice_the_batch(launcher, tmp_path
 
     assert (rank0["saves"], rank0["grids"], rank1["saves"], rank1["grids"]) == (2, 2, 0, 0)
     models, results = cwd / "models" / "R", cwd / "results" / "R"
-    assert sorted(os.listdir(models)) == ["checkpoints", "ckpt.pt", "config.json", "ema_ckpt.pt", "training_state.pt"]
+    assert sorted(os.listdir(models)) == ["checkpoints", "ckpt.pt", "classes.json", "config.json", "ema_ckpt.pt",
+                                         "training_state.pt"]
     assert sorted(os.listdir(models / "checkpoints")) == ["step_000000002.pt", "step_000000003.pt"]
     assert sorted(os.listdir(results)) == ["1.jpg", "1_ema.jpg", "config.json", "loss.png"]
 
