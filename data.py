@@ -19,24 +19,26 @@ from torchvision import transforms
 
 from utils import UsageError, atomic_save, is_readable_image, load_checkpoint, load_rgb, short_reason
 
-CACHE_VERSION = 1  # bump when the cache's layout changes, so old files are never read
+CACHE_VERSION = 2  # bump when the cache's layout changes, so old files are never read
 
 
 # ----------------------------------------------------------------------------- shapes data set
 
-SHAPE_CLASSES = (  # (colour name, RGB, shape)
-    ("red", (230, 30, 30), "circle"),
-    ("green", (30, 200, 30), "square"),
-    ("blue", (40, 70, 255), "triangle"),
-    ("yellow", (240, 230, 30), "diamond"),
-    ("magenta", (230, 40, 230), "plus"),
-    ("cyan", (30, 230, 230), "ring"),
-    ("white", (245, 245, 245), "cross"),
-    ("orange", (255, 140, 0), "bar"),
-    ("brown", (140, 70, 40), "frame"),
-    ("gray", (128, 128, 128), "stripe"),
+SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "plus", "ring", "cross", "bar", "frame", "stripe")
+SHAPE_PALETTE = (  # (colour name, RGB): drawn independently of the shape, so colour says nothing of the class
+    ("red", (230, 30, 30)),
+    ("green", (30, 200, 30)),
+    ("blue", (40, 70, 255)),
+    ("yellow", (240, 230, 30)),
+    ("magenta", (230, 40, 230)),
+    ("cyan", (30, 230, 230)),
+    ("white", (245, 245, 245)),
+    ("orange", (255, 140, 0)),
+    ("brown", (140, 70, 40)),
+    ("gray", (128, 128, 128)),
 )
-SHAPE_COLORS = tuple(rgb for _, rgb, _ in SHAPE_CLASSES)
+COLOR_NAMES = tuple(name for name, _ in SHAPE_PALETTE)
+SHAPE_COLORS = tuple(rgb for _, rgb in SHAPE_PALETTE)
 
 
 def _box(dx, dy):
@@ -71,66 +73,97 @@ _SHAPE_MASKS = {
 
 
 class ShapesDataset(Dataset):
-    """Built-in data set: one coloured shape on black; class k has a unique colour and shape.
+    """Built-in data set: one shape on black, in a colour drawn independently of it; the class is the shape.
 
-    Item i is drawn from a NumPy generator seeded with (seed, i), so it is deterministic and nothing
-    is stored; labels are i % 10. Images are float (3, S, S) tensors in [-1, 1].
+    Item i is drawn from a NumPy generator seeded with (seed, i), so it is deterministic and nothing is
+    stored. Its label is the shape, i % 10 (`SHAPE_NAMES`); its colour is one of the ten named colours of
+    `SHAPE_PALETTE`, uniform and independent of the shape, so no judge can name the class from the colour.
+    Its caption is "a {colour} {shape}". Images are float (3, S, S) tensors in [-1, 1].
     """
 
     def __init__(self, image_size=32, size=5000, seed=0):
         self.image_size = image_size
         self.size = size
         self.seed = seed
-        self.classes = [f"{color} {shape}" for color, _, shape in SHAPE_CLASSES]
-        self.colors = list(SHAPE_COLORS)
+        self.classes = list(SHAPE_NAMES)
+        self.color_names = list(COLOR_NAMES)
 
     def __len__(self):
         return self.size
 
-    def __getitem__(self, index):
+    def _check(self, index):
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} items")
-        label = index % len(SHAPE_CLASSES)
+
+    def attributes(self, index):
+        """(colour index, shape index) of item `index`, without drawing it."""
+        self._check(index)
+        return int(np.random.default_rng([self.seed, index]).integers(len(SHAPE_PALETTE))), index % len(SHAPE_NAMES)
+
+    def __getitem__(self, index):
+        self._check(index)
         rng = np.random.default_rng([self.seed, index])
-        return self.render(label, rng), label
+        color = int(rng.integers(len(SHAPE_PALETTE)))  # the first draw, as in attributes()
+        label = index % len(SHAPE_NAMES)
+        return self.render(label, color, rng), label
 
     def caption(self, index):
-        """A sentence naming the shape, e.g. 'a red circle'."""
-        return "a " + self.classes[index % len(SHAPE_CLASSES)]
+        """A sentence naming the colour and the shape, e.g. 'a red circle'."""
+        return shape_caption(*self.attributes(index))
 
-    def render(self, label, rng):
-        """Draw one image of class `label` at 2x resolution, then average-pool 2x2 (anti-aliasing)."""
+    def render(self, label, color, rng):
+        """Draw shape `label` in palette colour `color` at 2x resolution, then average-pool 2x2 (anti-aliasing)."""
         size = self.image_size
-        _, rgb, shape = SHAPE_CLASSES[label]
-        radius = rng.uniform(0.25, 0.4) * size
+        radius = rng.uniform(0.3, 0.45) * size
         cx, cy = rng.uniform(radius, size - radius, size=2)
         gain = rng.uniform(0.9, 1.1)
         coords = (np.arange(2 * size) + 0.5) / 2  # sub-pixel centres, in output pixels
         dx = (coords[None, :] - cx) / radius  # (1, 2S)
         dy = (coords[:, None] - cy) / radius  # (2S, 1)
-        mask = _SHAPE_MASKS[shape](dx, dy).astype(np.float32)  # (2S, 2S)
+        mask = _SHAPE_MASKS[SHAPE_NAMES[label]](dx, dy).astype(np.float32)  # (2S, 2S)
         coverage = mask.reshape(size, 2, size, 2).mean(axis=(1, 3))  # (2S, 2S) -> (S, S)
-        color = np.clip(np.array(rgb, dtype=np.float32) * gain, 0, 255) / 255
-        image = coverage[None, :, :] * color[:, None, None]  # (3, S, S) in [0, 1]
+        rgb = np.clip(np.array(SHAPE_PALETTE[color][1], dtype=np.float32) * gain, 0, 255) / 255
+        image = coverage[None, :, :] * rgb[:, None, None]  # (3, S, S) in [0, 1]
         return torch.from_numpy(image * 2 - 1).float()
 
 
-def classify_shapes(images, colors=SHAPE_COLORS):
-    """Judge shapes images by colour: nearest class colour to the mean foreground colour.
+def shape_caption(color, shape):
+    """'a {colour} {shape}' of palette colour index `color` and shape index `shape`."""
+    return f"a {COLOR_NAMES[color]} {SHAPE_NAMES[shape]}"
 
-    `images` is uint8 (N, 3, H, W) in 0..255 or float in [-1, 1]. Foreground pixels have a channel
-    above 25% of full scale. An image without foreground gets -1.
+
+def parse_shape_caption(caption):
+    """(colour index, shape index) of a caption 'a {colour} {shape}', or None if it names no pair."""
+    words = caption.strip().lower().split()
+    if len(words) != 3 or words[0] != "a" or words[1] not in COLOR_NAMES or words[2] not in SHAPE_NAMES:
+        return None
+    return COLOR_NAMES.index(words[1]), SHAPE_NAMES.index(words[2])
+
+
+def all_shape_captions():
+    """The 100 captions of the shapes data set, colour-major: 'a red circle', 'a red square', ..."""
+    return [shape_caption(c, s) for c in range(len(COLOR_NAMES)) for s in range(len(SHAPE_NAMES))]
+
+
+def classify_colors(images, colors=SHAPE_COLORS):
+    """The colour judge of shapes images: the palette colour nearest to the colour of the shape's core.
+
+    `images` is uint8 (N, 3, H, W) in 0..255 or float in [-1, 1]. The core is the pixels whose brightest
+    channel reaches 70% of the image's bright level (the 98th percentile of that channel over the image), so
+    the anti-aliased rim, which darkens thin shapes, does not pull white towards gray. An image whose bright
+    level is under 25% of full scale (no foreground) gets -1.
     """
     if images.dtype == torch.uint8:
         pixels = images.float()
     else:
         pixels = (images.float().clamp(-1, 1) + 1) / 2 * 255
-    foreground = (pixels.amax(dim=1) > 0.25 * 255).float()  # (N, H, W)
-    count = foreground.sum(dim=(1, 2))  # (N,)
-    mean = (pixels * foreground[:, None]).sum(dim=(2, 3)) / count.clamp(min=1)[:, None]  # (N, 3)
+    brightness = pixels.amax(dim=1).flatten(1)  # (N, H * W)
+    level = torch.quantile(brightness, 0.98, dim=1, keepdim=True)  # (N, 1)
+    core = (brightness >= 0.7 * level).float()  # (N, H * W)
+    mean = (pixels.flatten(2) * core[:, None]).sum(dim=2) / core.sum(dim=1, keepdim=True)  # (N, 3)
     palette = torch.tensor(colors, dtype=torch.float32)  # (K, 3)
     labels = torch.cdist(mean, palette).argmin(dim=1)
-    return torch.where(count > 0, labels, torch.full_like(labels, -1))
+    return torch.where(level[:, 0] > 0.25 * 255, labels, torch.full_like(labels, -1))
 
 
 # ----------------------------------------------------------------------------- file data sets
@@ -372,6 +405,42 @@ class Captioned(Dataset):
 
     def caption(self, index):
         return self.base.caption(index)
+
+
+def normalize_caption(caption):
+    """Lower case, single spaces: the form in which captions are compared."""
+    return " ".join(str(caption).lower().split())
+
+
+class CaptionSubset(Dataset):
+    """The items `indices` of a caption data set, with their captions."""
+
+    def __init__(self, base, indices):
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.base[self.indices[index]]
+
+    def caption(self, index):
+        return self.base.caption(self.indices[index])
+
+
+def without_captions(dataset, holdout):
+    """The items of a caption data set whose caption is none of `holdout`: prompts never trained on, to measure
+    whether a text-conditioned model composes words it saw only apart. A held-out caption that no item has is a
+    UsageError (a typo would hold out nothing)."""
+    if not holdout:
+        return dataset
+    held = {normalize_caption(c) for c in holdout}
+    captions = [normalize_caption(dataset.caption(i)) for i in range(len(dataset))]
+    missing = sorted(held - set(captions))
+    if missing:
+        raise UsageError(f"holdout prompt '{missing[0]}' is no caption of the data set: fix it or remove it from "
+                         "--holdout_prompts")
+    return CaptionSubset(dataset, [i for i, c in enumerate(captions) if c not in held])
 
 
 def get_caption_dataset(name, path, image_size, seed=0, size=None):

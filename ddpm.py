@@ -37,6 +37,8 @@ class Config:
     min_snr_gamma: float | None = arg(5.0, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
                                            "2023); None: the plain DDPM loss of the reference")
     lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
+    lr_decay: str = arg("none", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, "
+                                     "or at the last epoch)")
     ema_beta: float = arg(0.995, "EMA decay per step")
     ema_start: int = arg(0, "steps during which the EMA model is a plain copy (the reference: 2000)")
     ema_warmup: bool = arg(True, "EMA decay min(ema_beta, (1 + n) / (10 + n)) at update n (false: the reference)")

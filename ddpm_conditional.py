@@ -36,6 +36,8 @@ class Config:
     min_snr_gamma: float | None = arg(5.0, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
                                            "2023); None: the plain DDPM loss of the reference")
     lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
+    lr_decay: str = arg("none", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, "
+                                     "or at the last epoch)")
     p_uncond: float = arg(0.1, "probability of dropping each row's label, to learn the unconditional eps")
     cfg_scale: float = arg(3.0, "guidance scale of the grids: 0 = conditional only, >1 = stronger guidance")
     ema_beta: float = arg(0.995, "EMA decay per step")

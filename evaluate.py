@@ -5,7 +5,9 @@
     python evaluate.py --ckpt models/R/ema_ckpt.pt --inception_weights weights-inception-2015-12-05-6726825d.pth
 
 Figures, one row per (cfg_scale, steps) combination:
-  class_acc  fraction of the samples that the judge assigns to the class they were generated for
+  class_acc  fraction of the samples that the judge assigns to the class they were generated for (on the built-in
+             shapes the class is the shape: every shape comes in every colour, so the judge cannot read it
+             from the colour)
   judge_fd   Frechet distance between samples and real images in the judge's feature space; it runs offline on
              any data set and is NOT comparable with published FID
   fid, kid   Frechet and kernel Inception distances through torch-fidelity (needs the Inception weights)
@@ -29,7 +31,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from data import get_dataset
+from data import ShapesDataset, classify_colors, get_dataset
 from ddpm import DEFAULT_STEPS, SAMPLERS
 from modules import JudgeNet
 from sample import load_model, make_diffusion
@@ -63,7 +65,8 @@ class Config:
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
 
 
-JUDGE_VERSION = 1  # bump when the judge's network or training changes, so old cached judges are never read
+JUDGE_VERSION = 2  # bump when the judge's network or training, or the built-in data, changes, so old cached
+#                    judges are never read (2: shapes whose colour is independent of the class)
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads to the torch hub
 
 
@@ -260,6 +263,27 @@ def offline_figures(model, diffusion, judge, num_classes, n, cfg_scale=3.0, samp
     samples, labels = generate(model, diffusion, num_classes, n, cfg_scale, sampler, steps, seed, batch_size,
                                progress=False)
     return sample_figures(judge, samples, labels)
+
+
+# ----------------------------------------------------------------------------- judges by attribute (shapes)
+def color_judge_accuracy(image_size, n=1000, seed=12345):
+    """The colour judge's (data.classify_colors) accuracy on n real shapes images, drawn with their own seed."""
+    data = ShapesDataset(image_size, size=n, seed=seed)
+    images = torch.stack([data[i][0] for i in range(n)])
+    colors = torch.tensor([data.attributes(i)[0] for i in range(n)])
+    return class_accuracy(classify_colors(images), colors)
+
+
+def attribute_figures(shape_judge, images, colors, shapes):
+    """color_acc, shape_acc and prompt_acc (both right) of images (N, 3, S, S) asked for (colors, shapes) (N,).
+
+    The colour is read by data.classify_colors, the shape by the learned judge of the shapes data set, whose
+    training images have every colour with every shape, so it cannot read the shape from the colour.
+    """
+    color_ok = classify_colors(images).cpu() == colors.cpu()
+    shape_ok = shape_judge.predict(to_uint8(images)) == shapes.cpu()
+    return {"color_acc": float(color_ok.float().mean()), "shape_acc": float(shape_ok.float().mean()),
+            "prompt_acc": float((color_ok & shape_ok).float().mean()), "n": len(images)}
 
 
 # ----------------------------------------------------------------------------- FID and KID (torch-fidelity)

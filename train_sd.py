@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from data import SHAPE_CLASSES, cache_key, default_prompts, get_caption_dataset, load_or_build_cache
+from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, cache_key, default_prompts, get_caption_dataset,
+                  load_or_build_cache, normalize_caption, parse_shape_caption, without_captions)
 from ddpm import Diffusion, broadcast
 from modules import UNet_text
 from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, train, validate
 from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device,
-                   read_json_object, run_cli, save_images, short_reason, to_uint8, with_defaults)
+                   read_json_object, run_cli, save_images, save_individual, short_reason, with_defaults)
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -51,6 +52,8 @@ class Config:
     min_snr_gamma: float | None = arg(None, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Hang et al. 2023; "
                                             "5 in the paper); None: the plain DDPM loss")
     lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
+    lr_decay: str = arg("none", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, "
+                                     "or at the last epoch)")
     p_uncond: float = arg(0.1, "probability of replacing each caption by '', to learn the unconditional eps")
     cfg_scale: float = arg(7.5, "guidance scale of the grids and --sample: 0 = conditional only")
     ema_beta: float = arg(0.995, "EMA decay per step")
@@ -62,6 +65,8 @@ class Config:
     sampler: str = arg("dpm++", "sampler of the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
     sample_steps: int | None = arg(None, "network steps of the sampler (None: its default)")
     prompt: list[str] = arg([], "prompts of the grids and of --sample, one row each (repeat the flag)")
+    holdout_prompts: list[str] = arg([], "captions never trained on: their items are left out of every epoch, so "
+                                         "sampling them measures composition (repeat the flag)")
     n_per_prompt: int = arg(8, "images in each prompt's row")
     log_every: int = arg(5, "save grids, loss plot and checkpoints every this many epochs")
     gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
@@ -80,8 +85,11 @@ SD_FLAGS = RUN_FLAGS + [
     ("--ckpt", {"default": None, "help": "checkpoint for --sample: models/<run>/ema_ckpt.pt or training_state.pt"}),
     ("--out", {"default": None, "help": "grid file of --sample (default results/<run_name>/samples.png)"}),
     ("--make_tiny_models", {"default": None, "metavar": "DIR", "help": "write tiny random VAE and CLIP to DIR"}),
-    ("--judge", {"action": "store_true", "help": "with --sample on a shapes run: print the fraction of samples that "
-                                                 "evaluate.py's shapes judge assigns to their prompt's class"}),
+    ("--judge", {"action": "store_true", "help": "with --sample on a shapes run: print the colour, shape and prompt "
+                                                 "accuracy of the samples, for the seen and the held-out prompts "
+                                                 "(without --prompt: all 100 colour-shape pairs)"}),
+    ("--save_individual", {"default": None, "metavar": "DIR", "help": "with --sample: also write each sample as "
+                                                                      "DIR/<prompt index>_<i>.png"}),
 ]
 SD_RESUMABLE = RESUMABLE_FIELDS + ("prompt", "cfg_scale", "n_per_prompt", "cache_latents", "cache_dir")
 SAMPLING_FIELDS = ("prompt", "cfg_scale", "sampler", "sample_steps", "n_per_prompt", "seed", "device", "clip_x0")
@@ -217,7 +225,8 @@ def training_batch(batch, latents, text, contexts, null_context, p_uncond):
 def cache_path(cfg, dataset):
     key = cache_key(vae=cfg.vae, text_encoder=cfg.text_encoder, image_size=cfg.image_size, dataset=cfg.dataset,
                     dataset_path=os.path.abspath(cfg.dataset_path), dataset_size=len(dataset), seed=cfg.seed,
-                    conditioning=cfg.conditioning, precision=cfg.mixed_precision)
+                    conditioning=cfg.conditioning, precision=cfg.mixed_precision,
+                    holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts))
     return os.path.join(cfg.cache_dir, f"{key}.pt")
 
 
@@ -240,6 +249,9 @@ def text_task(cfg, accelerator):
     latents, text = load_frozen(cfg, device)
     diffusion = make_diffusion(cfg, latents, device)
     dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size)
+    dataset = without_captions(dataset, cfg.holdout_prompts)  # the held-out prompts never occur in an epoch
+    if cfg.holdout_prompts:
+        accelerator.print(f"{len(cfg.holdout_prompts)} held-out prompts: training on the other {len(dataset)} items")
     prompts = cfg.prompt or default_prompts(dataset)
     null_context = text([""])
     contexts = None
@@ -291,7 +303,7 @@ def make_tiny_models(directory, vae_channels=(8, 16), hidden_size=32, max_length
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    words = sorted({w for color, _, shape in SHAPE_CLASSES for w in ("a", color, shape, "photo", "of")})
+    words = sorted({"a", "photo", "of", *COLOR_NAMES, *SHAPE_NAMES})
     tokenizer = _tiny_vocab(words)
     tokenizer.model_max_length = max_length
     config = CLIPTextConfig(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
@@ -330,14 +342,18 @@ def saved_run(ckpt):
 
 
 def sample(cfg, flags):
-    if not cfg.prompt:
-        raise UsageError('--sample needs at least one --prompt "..." (repeat the flag for more rows)')
     if not flags.ckpt:
         raise UsageError("--sample needs --ckpt models/<run_name>/ema_ckpt.pt")
     weights, saved = saved_run(flags.ckpt)
+    if not cfg.prompt and flags.judge and saved.dataset == "shapes":
+        cfg = dataclasses.replace(cfg, prompt=all_shape_captions())  # every colour-shape pair, seen or held out
+    if not cfg.prompt:
+        raise UsageError('--sample needs at least one --prompt "..." (repeat the flag for more rows)')
     run_cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in SAMPLING_FIELDS})
     validate(run_cfg)
     check(run_cfg)
+    if flags.judge:
+        requested = judged_attributes(run_cfg)  # a prompt the judges cannot read fails before sampling
     device = torch.device(pick_device(run_cfg.device))
     latents, text = load_frozen(dataclasses.replace(run_cfg, mixed_precision="no"), device)
     net = build_unet(run_cfg, latents, text)
@@ -346,30 +362,52 @@ def sample(cfg, flags):
     out = flags.out or os.path.join("results", run_cfg.run_name, "samples.png")
     images = sample_grid(run_cfg, make_diffusion(run_cfg, latents, device), net, latents, text, run_cfg.prompt, out)
     print(f"saved {len(run_cfg.prompt)} x {run_cfg.n_per_prompt} samples to {out}")
+    if flags.save_individual:
+        rows = torch.arange(len(run_cfg.prompt)).repeat_interleave(run_cfg.n_per_prompt)
+        save_individual(images, rows, flags.save_individual)
+        print(f"saved {len(images)} images as {flags.save_individual}/<prompt index>_<i>.png")
     if flags.judge:
-        accuracy = prompt_accuracy(run_cfg, images, device)
-        print(f"prompt accuracy (shapes judge): {accuracy:.3f} of {len(images)} samples match their prompt's colour "
-              "and shape")
+        return prompt_figures(run_cfg, images, *requested, device)
     return out
 
 
-def prompt_accuracy(cfg, images, device):
-    """The fraction of the grid's samples that evaluate.py's shapes judge assigns to the class their prompt names
-    (prompt "a red circle": class "red circle"); rows of n_per_prompt samples follow cfg.prompt."""
-    from evaluate import class_accuracy, get_judge
-
+def judged_attributes(cfg):
+    """(colour ids, shape ids, held out?) of the grid's samples, rows of n_per_prompt following cfg.prompt."""
     if cfg.dataset != "shapes":
         raise UsageError(f"--judge needs a run on the built-in shapes (this one trained on {cfg.dataset})")
-    classes = [f"{color} {shape}" for color, _, shape in SHAPE_CLASSES]
-    requested = []
+    held = {normalize_caption(c) for c in cfg.holdout_prompts}
+    colors, shapes, heldout = [], [], []
     for prompt in cfg.prompt:
-        name = prompt.strip().lower().removeprefix("a ")
-        if name not in classes:
-            raise UsageError(f"--judge: prompt '{prompt}' names no shapes class: use e.g. 'a {classes[0]}'")
-        requested += [classes.index(name)] * cfg.n_per_prompt
-    judge = get_judge("shapes", cfg.dataset_path, cfg.image_size, device=device)
-    predicted = judge.predict(to_uint8(images))
-    return class_accuracy(predicted, torch.tensor(requested))
+        pair = parse_shape_caption(prompt)
+        if pair is None:
+            raise UsageError(f"--judge: prompt '{prompt}' names no colour and shape of the shapes data set: use e.g. "
+                             f"'a {COLOR_NAMES[0]} {SHAPE_NAMES[0]}'")
+        colors += [pair[0]] * cfg.n_per_prompt
+        shapes += [pair[1]] * cfg.n_per_prompt
+        heldout += [normalize_caption(prompt) in held] * cfg.n_per_prompt
+    return torch.tensor(colors), torch.tensor(shapes), torch.tensor(heldout)
+
+
+def prompt_figures(cfg, images, colors, shapes, heldout, device):
+    """Colour, shape and prompt accuracy of the samples, for the seen prompts and for the held-out ones.
+
+    The shape is read by evaluate.py's learned judge of the shapes data set, the colour by the colour judge
+    (data.classify_colors); each one's accuracy on real images is printed beside the figures.
+    """
+    from evaluate import attribute_figures, color_judge_accuracy, get_judge
+
+    shape_judge = get_judge("shapes", cfg.dataset_path, cfg.image_size, device=device)
+    color_judge = color_judge_accuracy(cfg.image_size)
+    figures = {"shape_judge_heldout_accuracy": shape_judge.heldout_accuracy, "color_judge_accuracy": color_judge}
+    print(f"{'prompts':>9} {'samples':>7} {'color_acc':>9} {'shape_acc':>9} {'prompt_acc':>10}")
+    for name, rows in (("seen", ~heldout), ("held-out", heldout)):
+        if rows.any():
+            figures[name] = attribute_figures(shape_judge, images[rows], colors[rows], shapes[rows])
+            f = figures[name]
+            print(f"{name:>9} {f['n']:>7} {f['color_acc']:>9.3f} {f['shape_acc']:>9.3f} {f['prompt_acc']:>10.3f}")
+    print(f"judges on real images: shape {shape_judge.heldout_accuracy:.3f} (held out, {shape_judge.path}), "
+          f"colour {color_judge:.3f}; chance 0.1 for colour and shape, 0.01 for both")
+    return figures
 
 
 def main(argv=None):

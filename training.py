@@ -9,6 +9,7 @@ the device, mixed precision and multi-GPU, so the same script runs under `python
 import copy
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -67,6 +68,8 @@ def validate(cfg):
         raise UsageError(f"schedule '{cfg.schedule}' is unknown: use one of {', '.join(SCHEDULES)}")
     if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
         raise UsageError(f"min_snr_gamma {cfg.min_snr_gamma} must be positive: use e.g. 5, or None for the plain loss")
+    if getattr(cfg, "lr_decay", "none") not in LR_DECAYS:
+        raise UsageError(f"lr_decay '{cfg.lr_decay}' is unknown: use one of {', '.join(LR_DECAYS)}")
     if cfg.lr_warmup < 0:
         raise UsageError(f"lr_warmup {cfg.lr_warmup} is negative: use 0 (no warm-up) or a number of steps")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
@@ -324,9 +327,18 @@ class LossLog:
         return self.accelerator.reduce(stop, "sum").item() > 0
 
 
-def warmup_lr(lr, step, warmup):
-    """The learning rate of optimizer step `step` (0-based): rising linearly to lr over `warmup` steps, then lr."""
-    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+LR_DECAYS = ("none", "cosine")
+
+
+def learning_rate(lr, step, warmup, decay="none", total=None):
+    """The learning rate of optimizer step `step` (0-based): rising linearly to lr over `warmup` steps, then lr
+    (decay "none"), or from there down to 0 at step `total` along half a cosine (decay "cosine", as in nanoGPT)."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if decay == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
 
 
 def nonfinite_gradients(net):
@@ -387,6 +399,9 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 "num_processes": n, "losses": losses, "skipped": log.skipped}, models_dir)
         accelerator.wait_for_everyone()
 
+    decay = getattr(cfg, "lr_decay", "none")
+    steps_per_epoch = len(dataloader) // cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch  # the cosine's end
     epoch, stopped = start_epoch, None
     start, measuring = time.perf_counter(), 0.0  # train_seconds: the run's wall-clock time less --eval_every's
     with StopRequest() as stop:
@@ -405,7 +420,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                         adamw.found_inf = skip  # fused AdamW leaves weights and moments as they are when 1
                         for group in adamw.param_groups:
-                            group["lr"] = warmup_lr(cfg.lr, step, cfg.lr_warmup)
+                            group["lr"] = learning_rate(cfg.lr, step, cfg.lr_warmup, decay, total_steps)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 batches_done += 1

@@ -1,4 +1,4 @@
-"""Tests for data.py: the shapes data set and its colour judge, image folders, CIFAR-10, caption folders,
+"""Tests for data.py: the shapes data set and its colour judge, held-out captions, image folders, CIFAR-10, caption folders,
 the data loader."""
 import json
 import sys
@@ -41,28 +41,75 @@ def test_shapes_balance_and_captions():
     dataset = data.ShapesDataset(16, size=50)
     labels = [dataset[i][1] for i in range(len(dataset))]
     assert np.bincount(labels).tolist() == [5] * 10
-    assert len(set(dataset.classes)) == 10 and len(set(dataset.colors)) == 10
-    assert dataset.classes[0] == "red circle" and dataset.caption(0) == "a red circle"
-    assert dataset.caption(17) == "a " + dataset.classes[7]
-    assert dataset.classes[8] == "brown frame" and dataset.classes[9] == "gray stripe"
+    assert dataset.classes == list(data.SHAPE_NAMES) and dataset.classes[0] == "circle"
+    assert dataset.color_names == list(data.COLOR_NAMES) and len(set(data.SHAPE_COLORS)) == 10
+    for i in (0, 17, 49):
+        color, shape = dataset.attributes(i)
+        assert shape == dataset[i][1] == i % 10
+        assert dataset.caption(i) == f"a {data.COLOR_NAMES[color]} {data.SHAPE_NAMES[shape]}"
+        assert data.parse_shape_caption(dataset.caption(i)) == (color, shape)
+    assert data.parse_shape_caption("A  Gray Stripe") == (9, 9)
+    assert data.parse_shape_caption("a photo of a cat") is None and data.parse_shape_caption("a red cat") is None
+    assert len(set(data.all_shape_captions())) == 100
     with pytest.raises(IndexError):
         dataset[50]
+    with pytest.raises(IndexError):
+        dataset.attributes(-1)
+
+
+def test_shapes_colour_is_independent_of_the_shape():
+    """Every colour with every shape, at about the same rate: the colour tells nothing of the class."""
+    dataset = data.ShapesDataset(16, size=5000, seed=0)
+    counts = np.zeros((10, 10), dtype=int)  # (colour, shape)
+    for i in range(len(dataset)):
+        counts[dataset.attributes(i)] += 1
+    assert counts.min() >= 25 and counts.max() <= 80  # expected 50 each
+    # chi-square test of independence, 81 degrees of freedom: p = 0.001 at 124
+    expected = counts.sum(1, keepdims=True) * counts.sum(0, keepdims=True) / counts.sum()
+    assert ((counts - expected) ** 2 / expected).sum() < 124
+
+
+def test_the_image_has_the_captions_colour():
+    dataset = data.ShapesDataset(16, size=30, seed=2)
+    palette = torch.tensor(data.SHAPE_COLORS, dtype=torch.float32) / 255
+    for i in range(len(dataset)):
+        image = (dataset[i][0] + 1) / 2  # (3, S, S) in [0, 1]
+        brightest = image.flatten(1)[:, image.amax(0).flatten().argmax()]  # a pixel inside the shape
+        color, _ = dataset.attributes(i)
+        assert torch.cdist(brightest[None], palette).argmin().item() == color
 
 
 @pytest.mark.parametrize("size", [16, 32])
-def test_classify_shapes_scores_real_images(size):
+def test_colour_judge_reads_real_images_and_is_chance_on_shuffled_colours(size):
     dataset = data.ShapesDataset(size, size=500, seed=5)
     images = torch.stack([dataset[i][0] for i in range(500)])
-    labels = torch.tensor([dataset[i][1] for i in range(500)])
-    assert (data.classify_shapes(images) == labels).float().mean() >= 0.98
-    assert (data.classify_shapes(to_uint8(images)) == labels).float().mean() >= 0.98
+    colors = torch.tensor([dataset.attributes(i)[0] for i in range(500)])
+    assert (data.classify_colors(images) == colors).float().mean() >= 0.98
+    assert (data.classify_colors(to_uint8(images)) == colors).float().mean() >= 0.98
+    shuffled = colors[torch.randperm(500, generator=torch.Generator().manual_seed(0))]
+    assert (data.classify_colors(images) == shuffled).float().mean() < 0.2  # chance is 0.1
 
 
-def test_classify_shapes_black_image_is_minus_one():
+def test_colour_judge_of_a_black_image_is_minus_one():
     black = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
-    predicted = data.classify_shapes(black)
+    predicted = data.classify_colors(black)
     assert predicted.dtype == torch.long and predicted.tolist() == [-1, -1]
-    assert data.classify_shapes(-torch.ones(1, 3, 8, 8)).tolist() == [-1]
+    assert data.classify_colors(-torch.ones(1, 3, 8, 8)).tolist() == [-1]
+
+
+def test_without_captions_drops_every_held_out_caption_and_refuses_an_unknown_one():
+    dataset = data.get_caption_dataset("shapes", "", 16, size=1000)
+    holdout = ["a red triangle", "A  Blue Plus"]
+    kept = data.without_captions(dataset, holdout)
+    captions = [dataset.caption(i) for i in range(len(dataset))]
+    removed = sum(c in ("a red triangle", "a blue plus") for c in captions)
+    assert removed > 0 and len(kept) == len(dataset) - removed
+    assert not {kept.caption(i) for i in range(len(kept))} & {"a red triangle", "a blue plus"}
+    image, caption = kept[0]
+    assert image.shape == (3, 16, 16) and caption == kept.caption(0)
+    assert data.without_captions(dataset, []) is dataset
+    with pytest.raises(UsageError, match="holdout prompt 'a red cirle' is no caption of the data set"):
+        data.without_captions(dataset, ["a red cirle"])
 
 
 # ----------------------------------------------------------------------------- file data sets

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train_sd  # noqa: E402
 from modules import UNet  # noqa: E402
-from data import classify_shapes  # noqa: E402
+from data import classify_colors  # noqa: E402
 from utils import UsageError, parse_config, run_cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,21 +83,66 @@ def test_pixel_space_and_image_size_check(tiny):
     assert train_sd.make_diffusion(tiny_cfg(tiny, vae="none", clip_x0=False), latents, "cpu").clip_x0 is False
 
 
-def test_prompt_accuracy_judges_each_row_against_its_prompts_class(tiny, monkeypatch):
+def test_prompt_figures_judge_colour_and_shape_for_seen_and_held_out_prompts(tiny, monkeypatch, capsys):
     import evaluate
 
-    class Judge:  # says "red circle" (0) for every sample but the last
+    class Judge:  # says "ring" (5) for the samples with a faint marker pixel in the corner, else "circle" (0)
+        heldout_accuracy, path = 1.0, "judge.pt"
+
         def predict(self, images):
-            return torch.tensor([0] * (len(images) - 1) + [5])
+            return torch.where(images[:, 0, 0, 0] > 5, 5, 0)
 
     monkeypatch.setattr(evaluate, "get_judge", lambda *args, **kwargs: Judge())
-    cfg = dataclasses.replace(tiny_cfg(tiny), prompt=["a red circle", "A cyan ring"], n_per_prompt=2)
-    images = torch.zeros(4, 3, 16, 16)
-    assert train_sd.prompt_accuracy(cfg, images, "cpu") == pytest.approx(0.75)  # 0, 0 | 0 (wrong), 5
-    with pytest.raises(UsageError, match="prompt 'a photo of a cat' names no shapes class"):
-        train_sd.prompt_accuracy(dataclasses.replace(cfg, prompt=["a photo of a cat", "a red circle"]), images, "cpu")
+    cfg = dataclasses.replace(tiny_cfg(tiny), prompt=["a red circle", "A cyan ring"], n_per_prompt=2,
+                              holdout_prompts=["a cyan ring"])
+    red, cyan = (torch.tensor(data.SHAPE_COLORS[c], dtype=torch.float32)[:, None, None] / 127.5 - 1 for c in (0, 5))
+    images = -torch.ones(4, 3, 16, 16)
+    images[:, :, 4:12, 4:12] = torch.stack([red, red, red, cyan])  # colours: red, red | red (wrong), cyan
+    images[3, 0, 0, 0] = -0.9  # shapes: circle, circle | circle (wrong), ring
+    requested = train_sd.judged_attributes(cfg)
+    assert [r.tolist() for r in requested] == [[0, 0, 5, 5], [0, 0, 5, 5], [False, False, True, True]]
+    figures = train_sd.prompt_figures(cfg, images, *requested, "cpu")
+    assert figures["seen"] == {"color_acc": 1.0, "shape_acc": 1.0, "prompt_acc": 1.0, "n": 2}
+    # held out: (red, circle) and (cyan, ring) asked for (cyan, ring): colour 1/2, shape 1/2, both 1/2
+    assert figures["held-out"] == {"color_acc": 0.5, "shape_acc": 0.5, "prompt_acc": 0.5, "n": 2}
+    assert figures["color_judge_accuracy"] >= 0.98 and figures["shape_judge_heldout_accuracy"] == 1.0
+    out = capsys.readouterr().out
+    assert "held-out" in out and "prompt_acc" in out and "judges on real images" in out
+    with pytest.raises(UsageError, match="prompt 'a photo of a cat' names no colour and shape"):
+        train_sd.judged_attributes(dataclasses.replace(cfg, prompt=["a photo of a cat", "a red circle"]))
     with pytest.raises(UsageError, match="--judge needs a run on the built-in shapes"):
-        train_sd.prompt_accuracy(dataclasses.replace(cfg, dataset="cifar10"), images, "cpu")
+        train_sd.judged_attributes(dataclasses.replace(cfg, dataset="cifar10"))
+
+
+def test_held_out_prompts_never_occur_in_a_training_epoch(tiny, tmp_path, monkeypatch):
+    """The demo preset's held-out pairs: every colour and every shape is held out twice, and no batch of the
+    cache or of the uncached path (the frozen text encoder's input) holds one of them."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    preset = json.loads(open(os.path.join(ROOT, "configs", "sd_quick_cpu.json")).read())
+    holdout = preset["holdout_prompts"]
+    pairs = [data.parse_shape_caption(c) for c in holdout]
+    assert len(set(pairs)) == 20 and None not in pairs
+    for column in zip(*pairs):  # colours, then shapes
+        assert sorted(column) == sorted(list(range(10)) * 2)
+    flags = [item for c in holdout for item in ("--holdout_prompts", c)]
+    train_sd.main(tiny_argv(tiny, "cached", vae="none", dataset_size=400, cache_latents=True) + flags)
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    cache = torch.load(cache_file, weights_only=True)
+    assert not set(cache["captions"]) & set(holdout) and len(cache["captions"]) > 50
+    assert len(cache["caption_index"]) == 400 - sum(
+        data.ShapesDataset(16, size=400).caption(i) in holdout for i in range(400))
+    seen = []
+    real_batch = train_sd.training_batch
+
+    def recording(batch, *args):
+        seen.extend(batch[1])
+        return real_batch(batch, *args)
+
+    monkeypatch.setattr(train_sd, "training_batch", recording)
+    train_sd.main(tiny_argv(tiny, "uncached", vae="none", dataset_size=400, batch_size=40, max_steps=10) + flags)
+    assert len(seen) == 400 and not set(seen) & set(holdout)
 
 
 # ----------------------------------------------------------------------------- caption dropout and guidance
@@ -180,8 +225,9 @@ def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monke
     train_sd.main(tiny_argv(tiny, "cached", cache_latents=True))
     assert sum(calls) == 32 and len(os.listdir("cache")) == 1  # each image encoded once, then the cache trains
     cache = torch.load(os.path.join("cache", os.listdir("cache")[0]), weights_only=True)
-    assert cache["mean"].shape == (32, 4, 8, 8) and len(cache["captions"]) == 10
-    assert cache["contexts"].shape == (10, 16, 32) and cache["caption_index"].shape == (32,)
+    distinct = len({data.ShapesDataset(16, size=32).caption(i) for i in range(32)})  # each caption stored once
+    assert cache["mean"].shape == (32, 4, 8, 8) and len(cache["captions"]) == distinct < 32
+    assert cache["contexts"].shape == (distinct, 16, 32) and cache["caption_index"].shape == (32,)
     calls.clear()
     train_sd.main(tiny_argv(tiny, "cached", cache_latents=True) + ["--overwrite"])
     assert calls == [] and len(os.listdir("cache")) == 1  # hit: the VAE encoder never ran
@@ -192,8 +238,9 @@ def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monke
     dataset = data.get_caption_dataset("shapes", "", 16, size=32)
     keys = {train_sd.cache_path(c, dataset) for c in
             (cfg, tiny_cfg(tiny, vae=tiny["vae"] + "_copy"), tiny_cfg(tiny, conditioning="add"),
-             tiny_cfg(tiny, seed=1), tiny_cfg(tiny, cache_latents=True))}
-    assert len(keys) == 4
+             tiny_cfg(tiny, seed=1), tiny_cfg(tiny, cache_latents=True),
+             tiny_cfg(tiny, holdout_prompts=["a red circle"]))}
+    assert len(keys) == 5
 
 
 def test_resume_continues_step_and_optimizer(tiny, tmp_path, monkeypatch):
