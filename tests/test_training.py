@@ -237,9 +237,9 @@ def shape_accuracy(images, labels):
 def test_the_conditional_model_learns_the_shapes_classes(workdir):
     """The quick CPU preset, shorter: guided samples of the EMA model mostly show their class's shape.
 
-    MEASURED_LEARN. About 3 CPU minutes on 2 cores.
+    With the preset's recipe (lr 2e-3), 700 steps measured 0.53 by --eval_every's 100 samples. About 3 CPU minutes on 2 cores.
     """
-    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "STEPS_LEARN",
+    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "700",
                            "--run_name", "learn", "--n_per_class", "1"])
     model = UNet_conditional(num_classes=10, base_channels=32)
     model.load_state_dict(load_checkpoint(workdir / "models" / "learn" / "ema_ckpt.pt"))
@@ -247,8 +247,8 @@ def test_the_conditional_model_learns_the_shapes_classes(workdir):
     diffusion = Diffusion(img_size=16, clip_x0=True)  # the scripts' sampler
     images = diffusion.sample(model, 100, labels, cfg_scale=3, sampler="dpm++", seed=1, progress=False)
     accuracy = shape_accuracy(images, labels)
-    print(f"shape accuracy of 100 guided samples after STEPS_LEARN steps: {accuracy:.2f} (chance 0.10)")
-    assert accuracy >= THRESHOLD_LEARN
+    print(f"shape accuracy of 100 guided samples after 700 steps: {accuracy:.2f} (chance 0.10)")
+    assert accuracy >= 0.3
 
 
 @pytest.mark.parametrize("conditioning", ["concat", "xattn", "adanorm"])
@@ -277,11 +277,11 @@ def test_an_unknown_conditioning_is_one_readable_error(workdir):
 def test_cross_attention_conditioning_learns_the_shapes_classes(workdir):
     """xattn, the quick CPU preset cut short: guided samples of the EMA model often show their class's shape.
 
-    Judged by the learned shape judge, as the test above; MEASURED_XATTN. One thread on the shared 2-core CPU.
+    Judged by the learned shape judge, as the test above; 700 steps, threshold provisional. One thread on the shared 2-core CPU.
     """
     import sample
 
-    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "STEPS_XATTN",
+    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "700",
                            "--conditioning", "xattn", "--run_name", "learn", "--n_per_class", "1"])
     model, arch, _ = sample.load_model(str(workdir / "models" / "learn" / "ema_ckpt.pt"))
     assert arch["conditioning"] == "xattn"
@@ -289,5 +289,5 @@ def test_cross_attention_conditioning_learns_the_shapes_classes(workdir):
     diffusion = Diffusion(img_size=16, clip_x0=True)  # the scripts' sampler
     images = diffusion.sample(model, 100, labels, cfg_scale=3, sampler="dpm++", seed=1, progress=False)
     accuracy = shape_accuracy(images, labels)
-    print(f"shape accuracy of 100 guided samples of xattn after STEPS_XATTN steps: {accuracy:.2f} (chance 0.10)")
-    assert accuracy >= THRESHOLD_XATTN
+    print(f"shape accuracy of 100 guided samples of xattn after 700 steps: {accuracy:.2f} (chance 0.10)")
+    assert accuracy >= 0.2
