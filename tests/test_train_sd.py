@@ -344,11 +344,11 @@ def test_unloadable_models_are_one_line_errors(tiny, monkeypatch):
 # ----------------------------------------------------------------------------- learning
 
 def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
-    """Pixel space at 8 px with the tiny random CLIP: the prompt's colour must win far above chance (0.1).
+    """Pixel space at 8 px with the tiny random CLIP: the colour word of the prompt must win far above chance (0.1).
 
-    About 2 minutes on 2 busy CPU cores. With the script's recipe (Min-SNR-5, EMA warm-up, x_0 clipped in pixel
-    space) and its dpm++ sampler, 600 steps measured 0.62 at cfg 3 (0.66 unclipped; ddim 20 gave only 0.18).
-    configs/sd_quick_cpu.json runs the full demo at 16 px (0.975 by evaluate.py's shapes judge).
+    Colour and shape are independent in the data, so the colour can only come from reading the colour word. The
+    shape is not asserted here: at 8 px and 600 steps it stays near chance; configs/sd_quick_cpu.json measures it
+    (README). About 2 minutes on 2 busy CPU cores; measured 0.81 (100 samples, seed 0).
     """
     monkeypatch.chdir(tmp_path)
     overrides = {"vae": "none", "image_size": 8, "dataset_size": 2000, "base_channels": 16, "batch_size": 32,
@@ -361,10 +361,10 @@ def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
     latents, text = train_sd.load_frozen(cfg, "cpu")
     net = train_sd.build_unet(cfg, latents, text)
     net.load_state_dict(torch.load("models/learn/ema_ckpt.pt", weights_only=True))
-    prompts = data.default_prompts(data.get_caption_dataset("shapes", "", 8))
+    prompts = [data.shape_caption(c, (3 * c) % 10) for c in range(10)]  # every colour once
     diffusion = train_sd.make_diffusion(cfg, latents, "cpu")
     images = train_sd.sample_grid(cfg, diffusion, net, latents, text, prompts, "learned.png")
     expected = torch.arange(10).repeat_interleave(10)
-    accuracy = (classify_shapes(images) == expected).float().mean().item()
+    accuracy = (classify_colors(images) == expected).float().mean().item()
     print(f"learning test: {seconds:.0f} s of training, colour accuracy {accuracy:.2f} (chance 0.1)")
-    assert accuracy >= 0.4
+    assert accuracy >= 0.5
