@@ -275,13 +275,14 @@ def color_judge_accuracy(image_size, n=1000, seed=12345):
 
 
 def attribute_figures(shape_judge, images, colors, shapes):
-    """color_acc, shape_acc and prompt_acc (both right) of images (N, 3, S, S) asked for (colors, shapes) (N,).
+    """color_acc, shape_acc and prompt_acc (both right) of images (N, 3, S, S), uint8 or float in [-1, 1], asked for
+    (colors, shapes) (N,).
 
     The colour is read by data.classify_colors, the shape by the learned judge of the shapes data set, whose
     training images have every colour with every shape, so it cannot read the shape from the colour.
     """
     color_ok = classify_colors(images).cpu() == colors.cpu()
-    shape_ok = shape_judge.predict(to_uint8(images)) == shapes.cpu()
+    shape_ok = shape_judge.predict(images if images.dtype == torch.uint8 else to_uint8(images)) == shapes.cpu()
     return {"color_acc": float(color_ok.float().mean()), "shape_acc": float(shape_ok.float().mean()),
             "prompt_acc": float((color_ok & shape_ok).float().mean()), "n": len(images)}
 
