@@ -197,6 +197,13 @@ class TransformerBlock(nn.Module):
         return from_tokens(tokens, x)
 
 
+class NoAttention(nn.Module):
+    """The identity, in the place of an attention block that a U-Net leaves out (see UNet's attn_factors)."""
+
+    def forward(self, x, context=None):
+        return x
+
+
 def check_image_size(x):
     """The U-Net halves H and W three times, so both must be divisible by 8."""
     height, width = x.shape[-2:]
@@ -210,30 +217,45 @@ class UNet(nn.Module):
     """The reference U-Net: 3 downsamplings, each followed by attention; widths scale with base_channels.
 
     `attention(channels)` builds the block that follows each Down and Up; the default is the reference's
-    SelfAttention. `norm_emb_dim` gives every DoubleConv an AdaGN modulation (see DoubleConv).
+    SelfAttention. `attn_factors` lists the downsampling factors that keep their attention blocks (1: the one
+    at full resolution, after the last Up; 2: the two at 1/2; 4: the two at 1/4; 8: the one at 1/8); the others
+    become NoAttention, with no weights. The reference has all four. Attention over the H*W pixels of a full-size
+    map is the costliest block at small widths, and the one that small images need least.
+    `norm_emb_dim` gives every DoubleConv an AdaGN modulation (see DoubleConv).
     forward(x, t): x (B, c_in, H, W), t (B,) integer timesteps -> eps (B, c_out, H, W).
     """
 
-    def __init__(self, c_in=3, c_out=3, time_dim=256, base_channels=64, attention=SelfAttention, norm_emb_dim=None):
+    ATTN_FACTORS = (1, 2, 4, 8)  # the downsampling factors of the attention blocks: the reference has all four
+
+    def __init__(self, c_in=3, c_out=3, time_dim=256, base_channels=64, attention=SelfAttention, norm_emb_dim=None,
+                 attn_factors=ATTN_FACTORS):
         super().__init__()
+        unknown = set(attn_factors) - set(self.ATTN_FACTORS)
+        if unknown:
+            raise ValueError(f"attn_factors {sorted(unknown)} are not downsampling factors of the U-Net: use some "
+                             f"of {', '.join(map(str, self.ATTN_FACTORS))}")
         self.time_dim = time_dim
         c, n = base_channels, norm_emb_dim
+
+        def attention_at(factor, channels):  # a block without parameters where the factor has no attention
+            return attention(channels) if factor in attn_factors else NoAttention()
+
         self.inc = DoubleConv(c_in, c, norm_emb_dim=n)
         self.down1 = Down(c, 2 * c, time_dim, n)
-        self.sa1 = attention(2 * c)
+        self.sa1 = attention_at(2, 2 * c)
         self.down2 = Down(2 * c, 4 * c, time_dim, n)
-        self.sa2 = attention(4 * c)
+        self.sa2 = attention_at(4, 4 * c)
         self.down3 = Down(4 * c, 4 * c, time_dim, n)
-        self.sa3 = attention(4 * c)
+        self.sa3 = attention_at(8, 4 * c)
         self.bot1 = DoubleConv(4 * c, 8 * c, norm_emb_dim=n)
         self.bot2 = DoubleConv(8 * c, 8 * c, norm_emb_dim=n)
         self.bot3 = DoubleConv(8 * c, 4 * c, norm_emb_dim=n)
         self.up1 = Up(8 * c, 2 * c, time_dim, n)
-        self.sa4 = attention(2 * c)
+        self.sa4 = attention_at(4, 2 * c)
         self.up2 = Up(4 * c, c, time_dim, n)
-        self.sa5 = attention(c)
+        self.sa5 = attention_at(2, c)
         self.up3 = Up(2 * c, c, time_dim, n)
-        self.sa6 = attention(c)
+        self.sa6 = attention_at(1, c)
         self.outc = nn.Conv2d(c, c_out, kernel_size=1)
 
     def time_embedding(self, t):
@@ -277,7 +299,7 @@ class UNet_conditional(UNet):
     CONDITIONINGS = ("add", "concat", "xattn", "adanorm")
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, base_channels=64, conditioning="add",
-                 concat_channels=8, context_tokens=4, heads=4):
+                 concat_channels=8, context_tokens=4, heads=4, attn_factors=UNet.ATTN_FACTORS):
         if conditioning not in self.CONDITIONINGS:
             raise ValueError(f"conditioning {conditioning!r} is unknown: use one of {', '.join(self.CONDITIONINGS)}")
         if conditioning != "add" and num_classes is None:
@@ -287,7 +309,7 @@ class UNet_conditional(UNet):
         if conditioning == "xattn":
             attention = functools.partial(TransformerBlock, context_dim=time_dim, heads=heads)
         norm_emb_dim = time_dim if conditioning == "adanorm" else None
-        super().__init__(c_in + extra_channels, c_out, time_dim, base_channels, attention, norm_emb_dim)
+        super().__init__(c_in + extra_channels, c_out, time_dim, base_channels, attention, norm_emb_dim, attn_factors)
         self.num_classes = num_classes
         self.conditioning = conditioning
         if conditioning in ("add", "adanorm") and num_classes is not None:
@@ -337,7 +359,8 @@ class UNet_text(UNet):
     CONDITIONINGS = ("cross_attention", "add")
 
     def __init__(
-        self, c_in=4, c_out=4, time_dim=256, base_channels=64, context_dim=768, heads=4, conditioning="cross_attention"
+        self, c_in=4, c_out=4, time_dim=256, base_channels=64, context_dim=768, heads=4, conditioning="cross_attention",
+        attn_factors=UNet.ATTN_FACTORS,
     ):
         if conditioning not in self.CONDITIONINGS:
             raise ValueError(f"conditioning {conditioning!r} is unknown: use one of {', '.join(self.CONDITIONINGS)}")
@@ -345,7 +368,7 @@ class UNet_text(UNet):
             attention = functools.partial(TransformerBlock, context_dim=context_dim, heads=heads)
         else:
             attention = functools.partial(SelfAttention, heads=heads)
-        super().__init__(c_in, c_out, time_dim, base_channels, attention=attention)
+        super().__init__(c_in, c_out, time_dim, base_channels, attention=attention, attn_factors=attn_factors)
         self.conditioning = conditioning
         if conditioning == "add":
             self.text_proj = nn.Linear(context_dim, time_dim)

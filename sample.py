@@ -147,16 +147,20 @@ def infer_network(state_dict, path="checkpoint", saved=None):
         arch["num_classes"], arch["time_dim"] = state_dict["label_emb.weight"].shape
     if arch["num_classes"] is not None:
         arch["conditioning"] = conditioning
+    # An attention block left out (UNet's attn_factors) has no weights: factor 1 is sa6, 2 sa1/sa5, 4 sa2/sa4, 8 sa3.
+    blocks = {1: "sa6", 2: "sa1", 4: "sa2", 8: "sa3"}
+    arch["attn_factors"] = tuple(f for f, block in blocks.items() if any(k.startswith(block + ".") for k in state_dict))
     return arch
 
 
 def build_network(arch):
     """UNet_conditional (in the checkpoint's conditioning mode) when it has classes, else UNet."""
     if arch["num_classes"] is None:
-        return UNet(arch["c_in"], arch["c_out"], arch["time_dim"], arch["base_channels"])
+        return UNet(arch["c_in"], arch["c_out"], arch["time_dim"], arch["base_channels"],
+                    attn_factors=arch["attn_factors"])
     options = {key: arch[key] for key in ("concat_channels", "context_tokens") if key in arch}
     return UNet_conditional(arch["c_in"], arch["c_out"], arch["time_dim"], arch["num_classes"], arch["base_channels"],
-                            arch["conditioning"], **options)
+                            arch["conditioning"], attn_factors=arch["attn_factors"], **options)
 
 
 def class_names(ckpt, num_classes):

@@ -21,7 +21,7 @@ from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, cache_key, defau
                   load_or_build_cache, normalize_caption, parse_shape_caption, without_captions)
 from ddpm import Diffusion, broadcast
 from modules import UNet_text
-from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, train, validate
+from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, parse_attn_factors, train, validate
 from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device,
                    read_json_object, run_cli, save_images, save_individual, short_reason, with_defaults)
 
@@ -41,6 +41,8 @@ class Config:
     cache_latents: bool = arg(False, "encode images and captions once, then train from the cache (no augmentation)")
     cache_dir: str = arg("data/latent_cache", "folder of the latent caches, one file per cache key")
     base_channels: int = arg(64, "U-Net width")
+    attn_factors: str = arg("1,2,4,8", "attention (self and cross) after the U-Net blocks at these downsampling "
+                                       "factors (1: full resolution, 8: the lowest)")
     batch_size: int = arg(64, "images per optimizer step")
     epochs: int = arg(50, "passes over the data set")
     max_steps: int | None = arg(None, "stop after this many optimizer steps, whatever the epochs")
@@ -182,7 +184,8 @@ def check(cfg):
 
 def build_unet(cfg, latents, text):
     return UNet_text(c_in=latents.channels, c_out=latents.channels, base_channels=cfg.base_channels,
-                     context_dim=text.dim, conditioning=cfg.conditioning)
+                     context_dim=text.dim, conditioning=cfg.conditioning,
+                     attn_factors=parse_attn_factors(cfg.attn_factors))
 
 
 def make_diffusion(cfg, latents, device):

@@ -72,6 +72,8 @@ def validate(cfg):
         raise UsageError(f"lr_decay '{cfg.lr_decay}' is unknown: use one of {', '.join(LR_DECAYS)}")
     if cfg.lr_warmup < 0:
         raise UsageError(f"lr_warmup {cfg.lr_warmup} is negative: use 0 (no warm-up) or a number of steps")
+    if hasattr(cfg, "attn_factors"):
+        parse_attn_factors(cfg.attn_factors)
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise UsageError(f"grad_clip {cfg.grad_clip} must be positive: use e.g. 1.0, or None for no clipping")
     for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps", "gradient_accumulation_steps",
@@ -195,14 +197,28 @@ class Task:
     classes: list[str] | None = None
 
 
+def parse_attn_factors(text):
+    """'2,4,8' -> (2, 4, 8): the U-Net's attn_factors; anything else is a UsageError."""
+    try:
+        factors = tuple(int(item) for item in str(text).split(","))
+    except ValueError:
+        factors = ()
+    if not factors or set(factors) - set(UNet.ATTN_FACTORS):
+        raise UsageError(f"attn_factors '{text}' is not a list of the U-Net's downsampling factors: use some of "
+                         f"{','.join(map(str, UNet.ATTN_FACTORS))}, e.g. 2,4,8")
+    return factors
+
+
 def build_model(cfg, num_classes):
+    attn_factors = parse_attn_factors(getattr(cfg, "attn_factors", "1,2,4,8"))
     if num_classes is None:
-        return UNet(base_channels=cfg.base_channels)
+        return UNet(base_channels=cfg.base_channels, attn_factors=attn_factors)
     conditioning = getattr(cfg, "conditioning", "add")
     if conditioning not in UNet_conditional.CONDITIONINGS:
         raise UsageError(f"conditioning '{conditioning}' is unknown: use one of "
                          f"{', '.join(UNet_conditional.CONDITIONINGS)}")
-    return UNet_conditional(num_classes=num_classes, base_channels=cfg.base_channels, conditioning=conditioning)
+    return UNet_conditional(num_classes=num_classes, base_channels=cfg.base_channels, conditioning=conditioning,
+                            attn_factors=attn_factors)
 
 
 def grid_labels(cfg, num_classes, device):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import (EMA, NULL_LABEL, CrossAttention, DoubleConv, SelfAttention, UNet, UNet_conditional, UNet_text,
-                     timestep_encoding)
+from modules import (EMA, NULL_LABEL, CrossAttention, DoubleConv, NoAttention, SelfAttention, UNet, UNet_conditional,
+                     UNet_text, timestep_encoding)
 
 REFERENCE_LAYOUT = pathlib.Path(__file__).parent / "data" / "reference_state_dict.txt"
 
@@ -111,6 +111,27 @@ def test_base_channels_scales_every_width_by_the_same_ratio():
             expected.append(size if kernel or time_dim or (key, dim) in unscaled else size // 2)
         expected = tuple(expected)
         assert tuple(half[key]) == expected, key
+
+
+@pytest.mark.parametrize("factors, left_out", [((2, 4, 8), {"sa6"}), ((4, 8), {"sa1", "sa5", "sa6"}),
+                                                ((1, 2, 4), {"sa3"}), ((8,), {"sa1", "sa2", "sa4", "sa5", "sa6"})])
+def test_attn_factors_leave_out_the_attention_blocks_of_the_other_factors(factors, left_out):
+    full = UNet_conditional(num_classes=3, base_channels=8)
+    net = UNet_conditional(num_classes=3, base_channels=8, attn_factors=factors)
+    blocks = {key.split(".")[0] for key in full.state_dict()} - {key.split(".")[0] for key in net.state_dict()}
+    assert blocks == left_out
+    assert all(isinstance(getattr(net, name), NoAttention) for name in left_out)
+    shared = {k: v for k, v in full.state_dict().items() if k.split(".")[0] not in left_out}
+    net.load_state_dict(shared)  # strict: every other weight is where the full network has it
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([0, 2])
+    for name in left_out:  # the full network with those blocks replaced by the identity computes the same
+        setattr(full, name, NoAttention())
+    assert torch.equal(net(x, t, y), full(x, t, y))
+
+
+def test_unknown_attn_factor_is_a_value_error():
+    with pytest.raises(ValueError, match=r"attn_factors \[3\] are not downsampling factors of the U-Net"):
+        UNet(base_channels=8, attn_factors=(2, 3))
 
 
 def test_no_device_is_stored_on_the_model():

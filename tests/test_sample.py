@@ -16,7 +16,7 @@ sys.path.insert(0, REPO)
 import ddpm_conditional  # noqa: E402
 import sample  # noqa: E402
 from modules import UNet, UNet_conditional  # noqa: E402
-from utils import parse_config, run_cli, save_config  # noqa: E402
+from utils import load_state_dict_strict, parse_config, run_cli, save_config  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "2"]
 
@@ -100,14 +100,26 @@ def image_size_of(path):
 # ----------------------------------------------------------------------------- the network from the weights
 def test_infer_network_conditional():
     arch = sample.infer_network(tiny_conditional().state_dict())
-    assert arch == {"c_in": 3, "c_out": 3, "base_channels": 8, "time_dim": 256, "num_classes": 3, "conditioning": "add"}
+    assert arch == {"c_in": 3, "c_out": 3, "base_channels": 8, "time_dim": 256, "num_classes": 3, "conditioning": "add",
+                    "attn_factors": (1, 2, 4, 8)}
 
 
 def test_infer_network_unconditional_and_other_widths():
     arch = sample.infer_network(UNet(c_in=1, c_out=1, time_dim=64, base_channels=16).state_dict())
     assert arch == {"c_in": 1, "c_out": 1, "base_channels": 16, "time_dim": 64, "num_classes": None,
-                    "conditioning": None}
+                    "conditioning": None, "attn_factors": (1, 2, 4, 8)}
     assert type(sample.build_network(arch)) is UNet
+
+
+@pytest.mark.parametrize("factors", [(2, 4, 8), (8,), (1, 4)])
+def test_infer_network_reads_the_attention_blocks_left_out(factors):
+    net = UNet_conditional(num_classes=3, base_channels=8, conditioning="xattn", attn_factors=factors)
+    arch = sample.infer_network(net.state_dict(), saved={"conditioning": "xattn"})
+    assert arch["attn_factors"] == factors
+    rebuilt = sample.build_network(arch)
+    load_state_dict_strict(rebuilt, net.state_dict())  # every weight has its place, and no place lacks one
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 500]), torch.tensor([0, 2])
+    assert torch.equal(rebuilt(x, t, y), net(x, t, y))
 
 
 def test_load_model_gives_the_saved_weights(ref_cond):

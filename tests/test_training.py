@@ -193,6 +193,9 @@ def test_a_run_never_overwrites_another_runs_checkpoints(workdir):
     (["--dataset", "imagefolder", "--dataset_path", "missing"], r"'missing' does not exist"),
     (["--mixed_precision", "fp16"], r"fp16 needs a GPU: use --mixed_precision bf16"),
     (["--sampler", "plms"], r"sampler 'plms' is unknown"),
+    (["--attn_factors", "2,3"], r"attn_factors '2,3' is not a list of the U-Net's downsampling factors: use some of "
+                                r"1,2,4,8"),
+    (["--attn_factors", "x"], r"attn_factors 'x' is not a list"),
 ])
 def test_bad_input_is_one_readable_error(workdir, args, message):
     with pytest.raises(UsageError, match=message):
