@@ -204,8 +204,13 @@ def test_bad_input_is_one_line_naming_the_fix(offline, args, message, capsys):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_judge_is_cached_and_reloaded(offline):
+def test_judge_is_cached_and_reloaded(offline, monkeypatch):
     first = evaluate.get_judge("shapes", None, 16, 500, 3)
+
+    def train_again(*args, **kwargs):
+        raise AssertionError("get_judge trained a judge that it had cached")
+
+    monkeypatch.setattr(evaluate, "train_judge", train_again)
     again = evaluate.get_judge("shapes", None, 16, 500, 3)
     assert os.path.isfile(first.path) and again.path == first.path
     assert again.heldout_accuracy == first.heldout_accuracy
