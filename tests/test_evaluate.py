@@ -236,7 +236,11 @@ def test_training_eval_every_logs_the_offline_figures_beside_the_loss(tmp_path, 
 
 @pytest.fixture(scope="module")
 def stand_in_inception(tmp_path_factory):
-    """Random InceptionV3 weights in torch-fidelity's layout: the network is built without loading any weights."""
+    """Random InceptionV3 weights in torch-fidelity's layout: the network is built without loading any weights.
+
+    PyTorch's default initialisation shrinks the activations about 6-fold per layer, to features of 1e-8 whose
+    distances are all 0; He initialisation keeps them of order 1, so the distances tell images apart.
+    """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     folder = tmp_path_factory.mktemp("inception")
@@ -246,17 +250,30 @@ def stand_in_inception(tmp_path_factory):
         torch.manual_seed(0)
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                           feature_extractor_weights_path=str(folder / "empty.pth"))
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     torch.save(net.state_dict(), folder / evaluate.INCEPTION_FILE)
     return str(folder / evaluate.INCEPTION_FILE)
 
 
-def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception):
-    args = ["--ckpt", "models/U/ema_ckpt.pt", "--num_samples", "4", "--num_real", "20", "--judge_epochs", "1",
-            "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--inception_weights", stand_in_inception]
-    metrics = evaluate.main(args)
-    (row,) = metrics["rows"]
-    assert np.isfinite(row["fid"]) and row["fid"] > 0 and np.isfinite(row["kid"]) and np.isfinite(row["kid_std"])
-    assert not any("FID and KID skipped" in note for note in metrics["notes"])
+def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception, monkeypatch):
+    """evaluate.py's FID and KID, with the samples replaced: the real images themselves are at distance 0,
+    uniform noise far from them."""
+    real = evaluate.real_images("shapes", None, 16, 10)[0]  # the real images evaluate.main compares with
+    noise = torch.randint(0, 256, (4, *real.shape[1:]), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    rows = {}
+    for name, samples in (("real", real), ("noise", noise)):
+        monkeypatch.setattr(evaluate, "generate", lambda *args, samples=samples, **kwargs: (samples, None))
+        metrics = evaluate.main(["--ckpt", "models/U/ema_ckpt.pt", "--num_samples", str(len(samples)), "--num_real",
+                                 "10", "--judge_epochs", "1", "--device", "cpu",
+                                 "--inception_weights", stand_in_inception])
+        assert not any("FID and KID skipped" in note for note in metrics["notes"])
+        (rows[name],) = metrics["rows"]
+    real, noise = rows["real"], rows["noise"]  # measured: FID -1e-5 and 68, KID -0.005 and 0.195
+    assert noise["fid"] > 1 and abs(real["fid"]) < 1e-3 * noise["fid"]
+    assert noise["kid"] > 0.01 and abs(real["kid"]) < 0.1 * noise["kid"]  # KID of a set to itself is slightly < 0
+    assert all(np.isfinite(row["kid_std"]) for row in rows.values())
     assert list((offline / "data" / "fidelity_cache").iterdir())  # the real statistics, cached for the next run
 
 
