@@ -258,17 +258,24 @@ def test_the_conditional_model_learns_the_shapes_classes(workdir):
 def test_each_conditioning_mode_trains_resumes_and_samples_with_and_without_guidance(workdir, conditioning):
     import sample
 
-    args = TINY[:-10] + TINY[-8:] + ["--run_name", "M", "--n_per_class", "1", "--conditioning", conditioning]
-    ddpm_conditional.main(args + ["--max_steps", "2"])
-    ddpm_conditional.main(args + ["--max_steps", "3", "--resume"])
+    args = TINY[:-10] + TINY[-8:] + ["--n_per_class", "1", "--conditioning", conditioning]
+    ddpm_conditional.main(args + ["--run_name", "M", "--max_steps", "2"])
+    ddpm_conditional.main(args + ["--run_name", "M", "--max_steps", "3", "--resume"])
+    ddpm_conditional.main(args + ["--run_name", "whole", "--max_steps", "3"])  # the same run, uninterrupted
     state = load_checkpoint(workdir / "models" / "M" / "training_state.pt")
     assert state["step"] == 3 and state["config"]["conditioning"] == conditioning
+    for name in ("ckpt.pt", "ema_ckpt.pt"):
+        resumed, whole = (load_checkpoint(workdir / "models" / run / name) for run in ("M", "whole"))
+        for key, tensor in resumed.items():
+            assert torch.equal(tensor, whole[key]), f"{name} {key}: the resumed run's weights differ"
+    samples = {}
     for cfg_scale in ("3", "0"):
         out = workdir / f"grid_{cfg_scale}.png"
-        images = sample.main(["--ckpt", str(workdir / "models" / "M" / "ema_ckpt.pt"), "--labels", "0,9",
-                              "--n_per_label", "2", "--cfg_scale", cfg_scale, "--sampler", "ddim", "--steps", "2",
-                              "--out", str(out)])
-        assert images.shape == (4, 3, 16, 16) and out.is_file()
+        samples[cfg_scale] = sample.main(["--ckpt", str(workdir / "models" / "M" / "ema_ckpt.pt"), "--labels", "0,9",
+                                          "--n_per_label", "2", "--cfg_scale", cfg_scale, "--sampler", "ddim",
+                                          "--steps", "2", "--out", str(out)])
+        assert samples[cfg_scale].shape == (4, 3, 16, 16) and out.is_file()
+    assert not torch.equal(samples["3"], samples["0"])  # the label reaches the network, and guidance uses it
 
 
 def test_an_unknown_conditioning_is_one_readable_error(workdir):
