@@ -7,6 +7,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -279,7 +280,12 @@ def test_cli_trains_then_samples_a_captioned_grid(tiny, tmp_path):
     done = run_script(args, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.width > 0
+        pixels = np.asarray(grid.convert("L"))
+    strip, row = 14, 66  # each prompt's caption strip, then its row: top padding and 2 images of 16 px shown at 64
+    assert pixels.shape == (2 * (strip + row) + 2, 2 * 66 + 2)
+    for top in (0, strip + row):
+        assert (pixels[top:top + strip] < 128).any() and (pixels[top:top + strip] == 255).mean() > 0.5  # dark text
+        assert (pixels[top + strip:top + strip + 2] == 0).all()  # the row's black top padding
 
 
 # ----------------------------------------------------------------------------- bad inputs
