@@ -1,6 +1,9 @@
 """The training scripts end to end (ddpm.py, ddpm_conditional.py through training.py), on tiny data."""
+import dataclasses
+import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -37,15 +40,34 @@ def write_image_folder(root, per_class=6):
     return root
 
 
-def test_help_lists_every_field_with_its_default(capsys):
+def help_entries(text):
+    """{flag name: its entry} of an argparse --help, each entry with its whitespace removed (the text wraps)."""
+    entries, name = {}, None
+    for line in text.splitlines():
+        match = re.match(r"  (-\w, )?--(\w+)", line)
+        if match:
+            name = match.group(2)
+            entries[name] = ""
+        if name is not None:
+            entries[name] += "".join(line.split())
+    return entries
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddpm_conditional", "train_sd", "sample", "evaluate", "visualize",
+                                    "bench", "compare"])
+def test_help_lists_every_field_with_its_default(capsys, script):
+    """Each Config field's flag, and its own entry ends with that field's default."""
+    module = importlib.import_module(script)
     with pytest.raises(SystemExit) as exit_info:
-        ddpm_conditional.main(["--help"])
+        module.main(["--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for name, default in [("--p_uncond", "0.1"), ("--cfg_scale", "3.0"), ("--ema_beta", "0.995"),
-                          ("--max_steps", "None"), ("--log_every", "10"), ("--dataset", "cifar10")]:
-        assert name in text and default in text
-    assert "--resume" in text and "--overwrite" in text and "--config" in text
+    entries = help_entries(capsys.readouterr().out)
+    for field in dataclasses.fields(module.Config):
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        assert field.name in entries, f"--{field.name} is missing"
+        assert entries[field.name].endswith("".join(f"(default: {default})".split())), (field.name, default)
+    if script in ("ddpm", "ddpm_conditional"):
+        assert {"resume", "overwrite", "config"} <= set(entries)
 
 
 def test_conditional_run_writes_grids_plots_checkpoints_and_config(workdir):
