@@ -25,6 +25,9 @@ TINY = ["--dataset", "shapes", "--dataset_size", "32", "--image_size", "16", "--
         "--num_workers", "0", "--device", "cpu"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the learning tests measured on one thread
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """Run each script inside a fresh folder, where it writes results/ and models/."""
