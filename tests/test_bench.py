@@ -32,24 +32,43 @@ def test_tiny_benchmark_writes_positive_finite_fields(tmp_path, capsys):
     for part, rate in (("train", "images_per_s"), ("forward", "evals_per_s")):
         for key in (rate, "flops_per_s", "peak_mem_mib"):
             assert positive_finite(result[part][key]), (part, key)
-        assert 0 < result[part]["fraction_of_peak"] <= 5  # a tiny network can beat a small matmul, not by 5x
+    # the rates are the counted FLOPs over the measured seconds, the fractions those over the matmul's
+    train, forward, peak = result["train"], result["forward"], result["matmul_peak"]["flops_per_s"]
+    assert train["flops_per_s"] == pytest.approx(train["flops_per_step"] / train["step_s"])
+    assert forward["flops_per_s"] == pytest.approx(forward["flops_per_call"] / forward["call_s"])
+    assert forward["evals_per_s"] == pytest.approx(2 / forward["call_s"])  # --batch 2
+    for part in (train, forward):
+        assert part["fraction_of_peak"] == pytest.approx(part["flops_per_s"] / peak)
     # forward + backward is about 3 forwards: counted per image, the training step costs 2..4 times a forward
     ratio = (result["train"]["flops_per_step"] / 2) / (result["forward"]["flops_per_call"] / 2)
     assert 2 < ratio < 4
     grid = result["grid"]
     assert grid["images"] == 4 and set(grid["samplers"]) == {"ddpm", "dpm++"}
     assert grid["samplers"]["ddpm"]["steps"] == 999 and grid["samplers"]["dpm++"]["steps"] == 20
-    for entry in grid["samplers"].values():
-        assert positive_finite(entry["estimated_s"]) and entry["estimated_s"] >= entry["overhead_s"] > 0
-    assert grid["speedup_dpmpp_vs_ddpm"] > 10
+    for entry in grid["samplers"].values():  # steps x 8 rows (4 images, guided) at the measured evaluations/s
+        assert entry["network_s"] == pytest.approx(entry["steps"] * 8 / forward["evals_per_s"])
+        assert entry["estimated_s"] == pytest.approx(entry["network_s"] + entry["overhead_s"])
+        assert positive_finite(entry["overhead_s"])
+    estimated = {name: entry["estimated_s"] for name, entry in grid["samplers"].items()}
+    assert grid["speedup_dpmpp_vs_ddpm"] == pytest.approx(estimated["ddpm"] / estimated["dpm++"])
     assert "estimated" in capsys.readouterr().out
 
 
-def test_grid_full_times_complete_runs(tmp_path):
+def test_grid_full_times_complete_runs(monkeypatch):
+    """The free network's run and the real one's are both complete: 20 calls of 8 rows (4 images, guided)."""
+    rows = {"ZeroEps": [], "Runner": []}
+    for name in rows:
+        forward = getattr(bench, name).forward
+
+        def counted(self, x, *args, forward=forward, name=name):
+            rows[name].append(x.shape[0])
+            return forward(self, x, *args)
+        monkeypatch.setattr(getattr(bench, name), "forward", counted)
     cfg = bench.parse_config(bench.Config, TINY + ["--grid_samplers", "dpm++ode", "--grid_full", "true"])
     grid = bench.measure_grid(cfg, torch.device("cpu"))
     entry = grid["samplers"]["dpm++ode"]
-    assert positive_finite(entry["measured_s"]) and entry["measured_s"] > entry["overhead_s"]
+    assert positive_finite(entry["measured_s"]) and positive_finite(entry["overhead_s"])
+    assert entry["steps"] == 20 and rows == {"ZeroEps": [8] * 20, "Runner": [8] * 20}
 
 
 def test_count_flops_linear_conv_and_attention_match_hand_counts():

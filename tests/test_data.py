@@ -194,10 +194,14 @@ def test_cifar10_offline_is_a_usage_error(monkeypatch, tmp_path):
 
 
 def test_make_dataloader_seeded_and_too_small():
-    dataset = data.ShapesDataset(16, size=20)
-    first = [y.tolist() for _, y in data.make_dataloader(dataset, 4, seed=1)]
-    again = [y.tolist() for _, y in data.make_dataloader(dataset, 4, seed=1)]
-    assert first == again and len(first) == 5
+    dataset = torch.utils.data.TensorDataset(torch.arange(20))  # each item is its index
+
+    def order(seed):
+        return [index for (batch,) in data.make_dataloader(dataset, 4, seed=seed) for index in batch.tolist()]
+
+    first, again, other = order(1), order(1), order(2)
+    assert first == again and sorted(first) == list(range(20))  # 5 batches of 4: every item once
+    assert first != list(range(20)) and other != first  # shuffled, by the seed
     with pytest.raises(UsageError, match="batch_size 32"):
         data.make_dataloader(dataset, 32)
 

@@ -143,13 +143,20 @@ def test_seed_makes_sampling_reproducible():
 
 
 def test_loss_is_the_mse_to_the_drawn_noise():
-    class Constant(torch.nn.Module):
+    """The plain loss is mean((model(x_t, t) - eps)^2) for the t and eps it drew: replay them under the same seed.
+    The model returns x_t / 2, so a loss whose target were x_0 or x_t, or whose t differed, would differ too."""
+    class Half(torch.nn.Module):
         def forward(self, x, t):
-            return torch.zeros_like(x)
+            return x / 2
 
+    diffusion = Diffusion(img_size=8)
+    x_0 = torch.randn(16, 3, 8, 8)
     torch.manual_seed(0)
-    loss = Diffusion(img_size=8).loss(Constant(), torch.randn(64, 3, 8, 8))
-    assert loss.item() == pytest.approx(1.0, abs=0.05)  # E[eps^2] = 1
+    loss = diffusion.loss(Half(), x_0)
+    torch.manual_seed(0)  # the same t and eps, drawn again
+    t = diffusion.sample_timesteps(16)
+    x_t, eps = diffusion.noise_images(x_0, t)
+    assert loss.item() == pytest.approx((x_t / 2 - eps).pow(2).mean().item(), rel=1e-5)
 
 
 def test_min_snr_loss_weighs_each_row_by_min_snr_gamma_over_snr():

@@ -10,6 +10,7 @@ from modules import NULL_LABEL, UNet_conditional
 
 NUM_CLASSES = 3
 POINT = torch.tensor([0.5, -0.25, 0.1]).view(1, 3, 1, 1)  # the data point c, one value per channel
+LABEL_OFFSET = torch.tensor([-0.05, 0.05, 0.05]).view(1, 3, 1, 1)  # class y's point is c + (y + 1) LABEL_OFFSET
 
 
 def default_steps(sampler, diffusion):
@@ -20,12 +21,13 @@ class PointMassEps(nn.Module):
     """The exact eps-prediction for data x_0 = c: eps* = (x_t - sqrt(alpha_hat_t) c) / sqrt(1 - alpha_hat_t).
 
     label_shift > 0 adds label_shift * (y + 1) to rows with a label (NULL_LABEL rows get 0), so conditional and
-    unconditional predictions differ. Every call's rows, timesteps and inputs are recorded.
+    unconditional predictions differ. label_offset makes each class a point of its own: class y's data is
+    c + (y + 1) label_offset, the unconditional data c. Every call's rows, timesteps and inputs are recorded.
     """
 
-    def __init__(self, alpha_hat, c=POINT, label_shift=0.0, num_classes=NUM_CLASSES):
+    def __init__(self, alpha_hat, c=POINT, label_shift=0.0, num_classes=NUM_CLASSES, label_offset=0.0):
         super().__init__()
-        self.alpha_hat, self.c, self.label_shift = alpha_hat, c, label_shift
+        self.alpha_hat, self.c, self.label_shift, self.label_offset = alpha_hat, c, label_shift, label_offset
         self.num_classes = num_classes
         self.rows, self.timesteps, self.inputs = [], [], []
 
@@ -34,10 +36,19 @@ class PointMassEps(nn.Module):
         self.timesteps.append(t.detach().clone())
         self.inputs.append(x.detach().clone())
         alpha_hat = self.alpha_hat[t.long()].view(-1, 1, 1, 1)
-        eps = (x - alpha_hat.sqrt() * self.c) / (1.0 - alpha_hat).sqrt()
+        c = self.c if y is None else self.c + (y + 1).float().view(-1, 1, 1, 1) * self.label_offset
+        eps = (x - alpha_hat.sqrt() * c) / (1.0 - alpha_hat).sqrt()
         if y is not None:
             eps = eps + self.label_shift * (y + 1).float().view(-1, 1, 1, 1)
         return eps
+
+
+def guided_point(labels, cfg_scale):
+    """Where guidance takes PointMassEps(label_offset=LABEL_OFFSET): eps is linear in the point, so
+    lerp(eps_uncond, eps_cond, s) is the exact eps of the point lerp(c, c_y, s) = c + s (y + 1) LABEL_OFFSET."""
+    if labels is None:
+        return POINT
+    return POINT + cfg_scale * (labels + 1).float().view(-1, 1, 1, 1) * LABEL_OFFSET
 
 
 class SeparateGuidance(nn.Module):
@@ -169,20 +180,22 @@ def test_invalid_arguments_raise_value_error_naming_the_value(diffusion, kwargs,
 # ----------------------------------------------------------------------------- analytic oracle
 # Exact eps for a point mass: deterministic samplers land on c; the stochastic ones too, since the posterior
 # is a point mass. ddpm's Alg. 2 ends at the index-0 sample (noise std sqrt(1 - alpha_hat_0) = 0.01 around c).
+# Guided, each class is a point of its own and the samplers land on guided_point.
 ORACLE_TOLERANCE = {"ddpm": 0.06, "ddim": 1e-4, "dpm++": 1e-4, "dpm++ode": 1e-4, "euler_a": 1e-4}
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("guided", [False, True])
 def test_point_mass_oracle_every_sampler_returns_the_point(diffusion, sampler, guided):
-    model = PointMassEps(diffusion.alpha_hat)
     labels, cfg_scale = (labels_for(4), 3.0) if guided else (None, 0.0)
-    x_0 = diffusion.sample_x0(model, 4, labels, cfg_scale, sampler=sampler, seed=3, progress=False)
-    error = (x_0 - POINT).abs().max().item()
+    point = guided_point(labels, cfg_scale)
+    x_0 = diffusion.sample_x0(PointMassEps(diffusion.alpha_hat, label_offset=LABEL_OFFSET), 4, labels, cfg_scale,
+                              sampler=sampler, seed=3, progress=False)
+    error = (x_0 - point).abs().max().item()
     assert error < ORACLE_TOLERANCE[sampler], f"{sampler}: max |x_0 - c| = {error:.3g}"
-    images = diffusion.sample(PointMassEps(diffusion.alpha_hat), 4, labels, cfg_scale, sampler=sampler, seed=3,
-                              progress=False)
-    expected = ((POINT + 1) / 2 * 255).round().expand_as(images)
+    images = diffusion.sample(PointMassEps(diffusion.alpha_hat, label_offset=LABEL_OFFSET), 4, labels, cfg_scale,
+                              sampler=sampler, seed=3, progress=False)
+    expected = ((point + 1) / 2 * 255).round().expand_as(images)
     assert (images.float() - expected).abs().max() <= 255 * ORACLE_TOLERANCE[sampler] / 2 + 1
 
 
@@ -344,7 +357,7 @@ def test_point_mass_oracle_on_the_cosine_schedule(sampler, clip_x0):
     """The samplers build their schedulers from the model's betas, so any schedule works: here the cosine one,
     whose alpha_hat at T-1 is nearly 0 (beta clipped at 0.999)."""
     diffusion = Diffusion(img_size=8, schedule="cosine", clip_x0=clip_x0)
-    x_0 = diffusion.sample_x0(PointMassEps(diffusion.alpha_hat), 4, labels_for(4), 3.0, sampler=sampler,
-                              seed=3, progress=False)
-    error = (x_0 - POINT).abs().max().item()
+    x_0 = diffusion.sample_x0(PointMassEps(diffusion.alpha_hat, label_offset=LABEL_OFFSET), 4, labels_for(4), 3.0,
+                              sampler=sampler, seed=3, progress=False)
+    error = (x_0 - guided_point(labels_for(4), 3.0)).abs().max().item()
     assert error < ORACLE_TOLERANCE[sampler], f"{sampler}: max |x_0 - c| = {error:.3g}"

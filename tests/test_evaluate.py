@@ -204,8 +204,13 @@ def test_bad_input_is_one_line_naming_the_fix(offline, args, message, capsys):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_judge_is_cached_and_reloaded(offline):
+def test_judge_is_cached_and_reloaded(offline, monkeypatch):
     first = evaluate.get_judge("shapes", None, 16, 500, 3)
+
+    def train_again(*args, **kwargs):
+        raise AssertionError("get_judge trained a judge that it had cached")
+
+    monkeypatch.setattr(evaluate, "train_judge", train_again)
     again = evaluate.get_judge("shapes", None, 16, 500, 3)
     assert os.path.isfile(first.path) and again.path == first.path
     assert again.heldout_accuracy == first.heldout_accuracy
@@ -231,7 +236,12 @@ def test_training_eval_every_logs_the_offline_figures_beside_the_loss(tmp_path, 
 
 @pytest.fixture(scope="module")
 def stand_in_inception(tmp_path_factory):
-    """Random InceptionV3 weights in torch-fidelity's layout: the network is built without loading any weights."""
+    """Random InceptionV3 weights in torch-fidelity's layout: the network is built without loading any weights.
+
+    PyTorch's default initialisation shrinks the activations layer after layer, to features of about 1e-8 whose
+    FID is about 1e-13 whatever the images; He initialisation keeps them of order 1, so the distances tell images
+    apart.
+    """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     folder = tmp_path_factory.mktemp("inception")
@@ -241,17 +251,28 @@ def stand_in_inception(tmp_path_factory):
         torch.manual_seed(0)
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                           feature_extractor_weights_path=str(folder / "empty.pth"))
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     torch.save(net.state_dict(), folder / evaluate.INCEPTION_FILE)
     return str(folder / evaluate.INCEPTION_FILE)
 
 
-def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception):
-    args = ["--ckpt", "models/U/ema_ckpt.pt", "--num_samples", "4", "--num_real", "20", "--judge_epochs", "1",
-            "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--inception_weights", stand_in_inception]
-    metrics = evaluate.main(args)
-    (row,) = metrics["rows"]
-    assert np.isfinite(row["fid"]) and row["fid"] > 0 and np.isfinite(row["kid"]) and np.isfinite(row["kid_std"])
+def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception, monkeypatch):
+    """evaluate.py's FID and KID, with the samples of its two rows (--steps 1,2) replaced: the real images themselves
+    are at distance 0, uniform noise far from them."""
+    real = evaluate.real_images("shapes", None, 16, 10)[0]  # the real images evaluate.main compares with
+    noise = torch.randint(0, 256, (4, *real.shape[1:]), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    samples = [real, noise]
+    monkeypatch.setattr(evaluate, "generate", lambda *args, **kwargs: (samples.pop(0), None))
+    metrics = evaluate.main(["--ckpt", "models/U/ema_ckpt.pt", "--num_samples", "10", "--num_real", "10",
+                             "--judge_epochs", "1", "--steps", "1,2", "--device", "cpu",
+                             "--inception_weights", stand_in_inception])
     assert not any("FID and KID skipped" in note for note in metrics["notes"])
+    real, noise = metrics["rows"]  # measured: FID -1e-5 and 68, KID -0.005 and 0.195
+    assert noise["fid"] > 1 and abs(real["fid"]) < 1e-3 * noise["fid"]
+    assert noise["kid"] > 0.01 and abs(real["kid"]) < 0.1 * noise["kid"]  # KID of a set to itself is slightly < 0
+    assert np.isfinite(real["kid_std"]) and np.isfinite(noise["kid_std"])
     assert list((offline / "data" / "fidelity_cache").iterdir())  # the real statistics, cached for the next run
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -279,7 +280,12 @@ def test_cli_trains_then_samples_a_captioned_grid(tiny, tmp_path):
     done = run_script(args, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.width > 0
+        pixels = np.asarray(grid.convert("L"))
+    strip, row = 14, 66  # each prompt's caption strip, then its row: top padding and 2 images of 16 px shown at 64
+    assert pixels.shape == (2 * (strip + row) + 2, 2 * 66 + 2)
+    for top in (0, strip + row):
+        assert (pixels[top:top + strip] < 128).any() and (pixels[top:top + strip] == 255).mean() > 0.5  # dark text
+        assert (pixels[top + strip:top + strip + 2] == 0).all()  # the row's black top padding
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -330,15 +336,45 @@ def test_too_long_prompt_is_truncated_with_a_warning(tiny):
 
 
 def test_unloadable_models_are_one_line_errors(tiny, monkeypatch):
+    """Offline, a missing model fails at once: no connection is tried, and no loader is retried (a missing local
+    folder is refused before any loader runs)."""
+    import socket
+
     import huggingface_hub.constants
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    for overrides in ({"vae": "./no/such/vae"}, {"text_encoder": "nobody-xyz/no-such-clip"}):
-        start = time.time()
+    connections, loads = [], []
+
+    def no_network(*args, **kwargs):
+        connections.append(args)
+        raise OSError("no network in this test")
+
+    def counted(cls):
+        load = cls.from_pretrained
+
+        def from_pretrained(name, *args, **kwargs):
+            loads.append((cls.__name__, name))
+            return load(name, *args, **kwargs)
+        return from_pretrained
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    for cls in (AutoencoderKL, CLIPTokenizer, CLIPTextModel):
+        monkeypatch.setattr(cls, "from_pretrained", counted(cls))
+
+    def load_fails(**overrides):
+        loads.clear()
         with pytest.raises(UsageError, match="could not load .*downloaded once with internet access") as info:
             train_sd.load_frozen(tiny_cfg(tiny, **overrides), "cpu")
-        assert "\n" not in str(info.value) and time.time() - start < 10
+        assert "\n" not in str(info.value) and connections == []
+        return loads
+
+    assert load_fails(vae="./no/such/vae") == []
+    tried = load_fails(text_encoder="nobody-xyz/no-such-clip")
+    assert ("CLIPTextModel", "nobody-xyz/no-such-clip") in tried and len(set(tried)) == len(tried), tried
 
 
 # ----------------------------------------------------------------------------- learning

@@ -1,6 +1,9 @@
 """The training scripts end to end (ddpm.py, ddpm_conditional.py through training.py), on tiny data."""
+import dataclasses
+import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -22,6 +25,9 @@ TINY = ["--dataset", "shapes", "--dataset_size", "32", "--image_size", "16", "--
         "--num_workers", "0", "--device", "cpu"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the learning tests measured on one thread
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """Run each script inside a fresh folder, where it writes results/ and models/."""
@@ -37,15 +43,34 @@ def write_image_folder(root, per_class=6):
     return root
 
 
-def test_help_lists_every_field_with_its_default(capsys):
+def help_entries(text):
+    """{flag name: its entry} of an argparse --help, each entry with its whitespace removed (the text wraps)."""
+    entries, name = {}, None
+    for line in text.splitlines():
+        match = re.match(r"  (-\w, )?--(\w+)", line)
+        if match:
+            name = match.group(2)
+            entries[name] = ""
+        if name is not None:
+            entries[name] += "".join(line.split())
+    return entries
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddpm_conditional", "train_sd", "sample", "evaluate", "visualize",
+                                    "bench", "compare"])
+def test_help_lists_every_field_with_its_default(capsys, script):
+    """Each Config field's flag, and its own entry ends with that field's default."""
+    module = importlib.import_module(script)
     with pytest.raises(SystemExit) as exit_info:
-        ddpm_conditional.main(["--help"])
+        module.main(["--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for name, default in [("--p_uncond", "0.1"), ("--cfg_scale", "3.0"), ("--ema_beta", "0.995"),
-                          ("--max_steps", "None"), ("--log_every", "10"), ("--dataset", "cifar10")]:
-        assert name in text and default in text
-    assert "--resume" in text and "--overwrite" in text and "--config" in text
+    entries = help_entries(capsys.readouterr().out)
+    for field in dataclasses.fields(module.Config):
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        assert field.name in entries, f"--{field.name} is missing"
+        assert entries[field.name].endswith("".join(f"(default: {default})".split())), (field.name, default)
+    if script in ("ddpm", "ddpm_conditional"):
+        assert {"resume", "overwrite", "config"} <= set(entries)
 
 
 def test_conditional_run_writes_grids_plots_checkpoints_and_config(workdir):
@@ -261,17 +286,24 @@ def test_the_conditional_model_learns_the_shapes_classes(workdir):
 def test_each_conditioning_mode_trains_resumes_and_samples_with_and_without_guidance(workdir, conditioning):
     import sample
 
-    args = TINY[:-10] + TINY[-8:] + ["--run_name", "M", "--n_per_class", "1", "--conditioning", conditioning]
-    ddpm_conditional.main(args + ["--max_steps", "2"])
-    ddpm_conditional.main(args + ["--max_steps", "3", "--resume"])
+    args = TINY[:-10] + TINY[-8:] + ["--n_per_class", "1", "--conditioning", conditioning]
+    ddpm_conditional.main(args + ["--run_name", "M", "--max_steps", "2"])
+    ddpm_conditional.main(args + ["--run_name", "M", "--max_steps", "3", "--resume"])
+    ddpm_conditional.main(args + ["--run_name", "whole", "--max_steps", "3"])  # the same run, uninterrupted
     state = load_checkpoint(workdir / "models" / "M" / "training_state.pt")
     assert state["step"] == 3 and state["config"]["conditioning"] == conditioning
+    for name in ("ckpt.pt", "ema_ckpt.pt"):
+        resumed, whole = (load_checkpoint(workdir / "models" / run / name) for run in ("M", "whole"))
+        for key, tensor in resumed.items():
+            assert torch.equal(tensor, whole[key]), f"{name} {key}: the resumed run's weights differ"
+    samples = {}
     for cfg_scale in ("3", "0"):
         out = workdir / f"grid_{cfg_scale}.png"
-        images = sample.main(["--ckpt", str(workdir / "models" / "M" / "ema_ckpt.pt"), "--labels", "0,9",
-                              "--n_per_label", "2", "--cfg_scale", cfg_scale, "--sampler", "ddim", "--steps", "2",
-                              "--out", str(out)])
-        assert images.shape == (4, 3, 16, 16) and out.is_file()
+        samples[cfg_scale] = sample.main(["--ckpt", str(workdir / "models" / "M" / "ema_ckpt.pt"), "--labels", "0,9",
+                                          "--n_per_label", "2", "--cfg_scale", cfg_scale, "--sampler", "ddim",
+                                          "--steps", "2", "--out", str(out)])
+        assert samples[cfg_scale].shape == (4, 3, 16, 16) and out.is_file()
+    assert not torch.equal(samples["3"], samples["0"])  # the label reaches the network, and guidance uses it
 
 
 def test_an_unknown_conditioning_is_one_readable_error(workdir):

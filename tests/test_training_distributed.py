@@ -2,11 +2,11 @@
 failed checkpoint writes. The runs are tiny (8 base channels, 16 px shapes) and use one thread each.
 
 Most runs go through a small launcher, written to tmp, that runs ddpm_conditional.py's real command line with
-test instruments around `training.image_task`: it records which samples each rank trained on, how often each
-rank saved or drew a grid, and its final weights; it can send its own process a signal at a given loss call;
-and with PER_SAMPLE_NOISE it draws each sample's t and eps from a generator seeded by the sample's index, so
-that the loss of a batch does not depend on how the batch is split over processes (see
-test_two_processes_match_one_process_with_twice_the_batch).
+test instruments around `training.image_task`: it records which samples each rank trained on, the t and eps of
+each of its noisings, how often each rank saved or drew a grid, and its final weights; it can send its own
+process a signal at a given loss call; and with PER_SAMPLE_NOISE it draws each sample's t and eps from a
+generator seeded by the sample's index, so that the loss of a batch does not depend on how the batch is split
+over processes (see test_two_processes_match_one_process_with_twice_the_batch).
 """
 import json
 import math
@@ -36,7 +36,7 @@ import training, utils, ddpm_conditional
 
 ACTION = json.loads(os.environ.get("TEST_ACTION", "{}"))  # {"at_call": n, "signal": "SIGKILL"}
 RANK = int(os.environ.get("RANK", "0"))
-record = {"seen": [], "saves": 0, "grids": 0, "weights": None}
+record = {"seen": [], "noise": [], "saves": 0, "grids": 0, "weights": None}
 calls = [0]
 image_task, save_run = training.image_task, training.save_run
 
@@ -55,6 +55,7 @@ def instrumented_task(cfg, accelerator, conditional):
     task = image_task(cfg, accelerator, conditional)
     task.dataset = Indexed(task.dataset)
     make_batch, loss, draw_grid, diffusion = task.make_batch, task.diffusion.loss, task.draw_grid, task.diffusion
+    noise_images = diffusion.noise_images
 
     def indexed_batch(batch):
         images, labels, index = batch
@@ -75,11 +76,17 @@ def instrumented_task(cfg, accelerator, conditional):
         x_t, eps = diffusion.noise_images(x_0, t, eps)
         return torch.nn.functional.mse_loss(model(x_t, t, labels), eps)
 
+    def recorded_noise(x_0, t, eps=None):
+        x_t, eps = noise_images(x_0, t, eps)
+        record["noise"].append((t.clone(), eps.clone()))
+        return x_t, eps
+
     def counted_grid(module, path):
         record["grids"] += 1
         draw_grid(module, path)
 
     task.make_batch, task.diffusion.loss, task.draw_grid = indexed_batch, instrumented_loss, counted_grid
+    diffusion.noise_images = recorded_noise
     record["net"] = task.net
     return task
 
@@ -170,6 +177,17 @@ def test_two_processes_match_one_process_with_twice_the_batch(launcher, tmp_path
         differences = [abs(a - b) / b for a, b in zip(losses[name], losses["one"], strict=True)]
         print(f"{name} vs one process at batch 16: largest relative loss difference {max(differences):.2e}")
         assert max(differences) < 1e-5  # measured: 9e-8, float32 rounding
+
+
+def test_each_rank_draws_its_own_noise_through_the_real_loss(launcher, tmp_path):
+    """Without PER_SAMPLE_NOISE the ranks run Diffusion.loss itself (Min-SNR, the default), after
+    torch.manual_seed(noise_seed(..., process_index)): the two ranks draw different t and eps at every step."""
+    done, (rank0, rank1) = launch(launcher, tmp_path, flags(max_steps=2, checkpoint_every=2), processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(rank0["noise"]) == len(rank1["noise"]) == 2
+    for step, ((t0, eps0), (t1, eps1)) in enumerate(zip(rank0["noise"], rank1["noise"])):
+        assert not torch.equal(t0, t1), f"step {step}: both ranks drew the same t"
+        assert not torch.equal(eps0, eps1), f"step {step}: both ranks drew the same eps"
 
 
 # ----------------------------------------------------------------------------- SIGKILL, SIGTERM and --resume

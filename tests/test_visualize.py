@@ -17,7 +17,7 @@ import train_sd  # noqa: E402
 import visualize  # noqa: E402
 from ddpm import SAMPLERS  # noqa: E402
 from modules import UNet, UNet_conditional  # noqa: E402
-from utils import parse_config, run_cli, save_config  # noqa: E402
+from utils import parse_config, run_cli, save_config, to_uint8  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "3"]
 CELL = round(visualize.CELL_INCHES * visualize.DPI)
@@ -81,18 +81,41 @@ def expected_size(rows, cols):
     return cols * CELL, rows * CELL + round(visualize.HEADER_INCHES * visualize.DPI)
 
 
+def shown_image(figure, index, pixels, size):
+    """The size x size image that axes `index` of the drawn figure shows, read from the PNG's pixels (H, W, 3) at
+    the centre of each image pixel (the figure's display coordinates are the PNG's pixels, from the bottom)."""
+    box = figure.axes[index].get_window_extent()
+    columns = (box.x0 + (np.arange(size) + 0.5) * box.width / size).astype(int)
+    rows = (pixels.shape[0] - (box.y1 - (np.arange(size) + 0.5) * box.height / size)).astype(int)
+    return pixels[np.ix_(rows, columns)]
+
+
 # ----------------------------------------------------------------------------- each mode writes its picture
 @pytest.mark.parametrize("mode, argv, rows, cols", [
     ("noising", ["--n", "2", "--frames", "4"], 2, 4),  # x_0 and 3 timesteps
     ("trajectory", FAST + ["--frames", "3", "--label", "2", "--gif", "true"], 2, 4),  # 3 steps, then the result
     ("guidance", FAST + ["--scales", "1,3", "--n", "2", "--compare_raw", "true"], 4, 3),  # EMA and raw rows
 ])
-def test_each_mode_writes_a_png_of_its_grid_size_with_content(cond_ckpt, tmp_path, mode, argv, rows, cols):
+def test_each_mode_writes_a_png_of_its_grid_size_with_content(cond_ckpt, tmp_path, monkeypatch, mode, argv, rows,
+                                                               cols):
+    drawn = []
+
+    def recorded_draw(cells, *args):
+        drawn.append((cells, real_draw(cells, *args)))
+        return drawn[-1][1]
+
+    real_draw = visualize.draw
+    monkeypatch.setattr(visualize, "draw", recorded_draw)
     out = str(tmp_path / f"{mode}.png")
     assert visualize.main([mode, "--ckpt", cond_ckpt, "--out", out, "--device", "cpu", *argv]) == out
     size, pixels = png(out)
     assert size == expected_size(rows, cols)
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    ((cells, figure),) = drawn
+    assert len(cells) == rows and all(len(row) == cols for row in cells)
+    image = to_uint8(cells[0][-1]).permute(1, 2, 0).numpy()  # the top right cell, (C, H, W) -> (H, W, C)
+    assert image.std() > 10  # the cell holds an image
+    np.testing.assert_array_equal(shown_image(figure, cols - 1, pixels, 16), image)
     if mode == "trajectory":  # --gif: one frame per step, x_t beside x0_pred, the last held for a second
         frames, durations = [], []
         with Image.open(tmp_path / "trajectory.gif") as gif:
