@@ -7,6 +7,7 @@ the device, mixed precision and multi-GPU, so the same script runs under `python
 `torchrun`.
 """
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -57,7 +58,7 @@ def validate(cfg):
         raise UsageError(f"cfg_scale {cfg.cfg_scale} is negative: use 0 (no guidance) or e.g. 3")
     if cfg.sampler not in SAMPLERS:
         raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+    if cfg.mixed_precision not in (None, *PRECISIONS):
         raise UsageError(f"mixed_precision '{cfg.mixed_precision}' is unknown: use no, fp16 or bf16")
     if getattr(cfg, "eval_every", None) is not None and (cfg.eval_every <= 0 or cfg.eval_samples < 2):
         raise UsageError(f"eval_every {cfg.eval_every} / eval_samples {cfg.eval_samples}: use a positive --eval_every "
@@ -80,17 +81,36 @@ def validate(cfg):
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
 
 
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def mixed_precision(cfg):
+    """(precision, where it comes from): --mixed_precision when given, else the launcher's choice (`accelerate launch
+    --mixed_precision` or `accelerate config` set ACCELERATE_MIXED_PRECISION, which Accelerate reads only when it
+    is given no precision), else no."""
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision, "--mixed_precision"
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher is None:
+        return "no", "the default"
+    if launcher.lower() not in PRECISIONS:
+        raise UsageError(f"the launcher's mixed precision '{launcher}' (ACCELERATE_MIXED_PRECISION) is not supported "
+                         "here: pass --mixed_precision no, fp16 or bf16")
+    return launcher.lower(), "the launcher"
+
+
 def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
     device = pick_device(cfg.device)
-    if cfg.mixed_precision == "fp16" and device == "cpu":
+    precision, _ = mixed_precision(cfg)
+    if precision == "fp16" and device == "cpu":
         raise UsageError("mixed_precision fp16 needs a GPU: use --mixed_precision bf16 on the CPU")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls and convolutions
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision,
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision,
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
 
@@ -357,6 +377,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     validate(cfg)
     results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
     accelerator = make_accelerator(cfg)
+    precision_source = mixed_precision(cfg)[1]
+    cfg = dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision)  # the config saved says what ran
     device = accelerator.device
     seed_everything(cfg.seed)  # the same initial weights on every process
 
@@ -388,7 +410,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     n = accelerator.num_processes
     accelerator.print(f"{n} process(es) on {device.type}: batch {cfg.batch_size} per device x {n} x "
                       f"{cfg.gradient_accumulation_steps} accumulated = "
-                      f"{cfg.batch_size * n * cfg.gradient_accumulation_steps} images per optimizer step; lr {cfg.lr}")
+                      f"{cfg.batch_size * n * cfg.gradient_accumulation_steps} images per optimizer step; lr {cfg.lr}; "
+                      f"mixed precision {cfg.mixed_precision} ({precision_source})")
     step, start_epoch, losses = run["step"], run["epoch"], run["losses"]
     log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite)
 

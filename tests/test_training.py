@@ -1,5 +1,6 @@
 """The training scripts end to end (ddpm.py, ddpm_conditional.py through training.py), on tiny data."""
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -223,6 +224,27 @@ def test_cli_subprocess_run_and_errors_exit_non_zero_with_one_line(tmp_path):
         assert failed.returncode == code
         error_lines = [line for line in failed.stderr.splitlines() if "error:" in line]
         assert len(error_lines) == 1 and needle in error_lines[0], failed.stderr[-2000:]
+
+
+def test_the_launchers_mixed_precision_stands_unless_the_flag_is_given(tmp_path):
+    """`accelerate launch --mixed_precision bf16` (or `accelerate config`) reaches the script as
+    ACCELERATE_MIXED_PRECISION; the run uses it, says so, and saves it in its config, unless --mixed_precision wins."""
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "OMP_NUM_THREADS": "1"}
+    for args, expected in [([], "bf16 (the launcher)"), (["--mixed_precision", "no"], "no (--mixed_precision)")]:
+        run_name = expected.split()[0]
+        done = subprocess.run([sys.executable, str(REPO / "ddpm_conditional.py"), *TINY, "--run_name", run_name,
+                               "--n_per_class", "1", "--max_steps", "1", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"mixed precision {expected}" in done.stdout
+        config = json.loads((tmp_path / "results" / run_name / "config.json").read_text())
+        assert config["mixed_precision"] == run_name
+
+
+def test_the_launchers_fp16_on_the_cpu_is_one_readable_error(workdir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(UsageError, match="fp16 needs a GPU"):
+        ddpm_conditional.main(TINY)
 
 
 def shape_accuracy(images, labels):
