@@ -94,7 +94,7 @@ SD_FLAGS = RUN_FLAGS + [
 ]
 SD_RESUMABLE = RESUMABLE_FIELDS + ("prompt", "cfg_scale", "n_per_prompt", "cache_latents", "cache_dir")
 SAMPLING_FIELDS = ("prompt", "cfg_scale", "sampler", "sample_steps", "n_per_prompt", "seed", "device", "clip_x0")
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, None: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: not resolved
 
 
 # ----------------------------------------------------------------------------- frozen VAE and text encoder
@@ -247,9 +247,11 @@ def sample_grid(cfg, diffusion, net, latents, text, prompts, path):
 def text_task(cfg, accelerator):
     """What training.train trains here: captions through the frozen VAE and CLIP, or through their cache."""
     device = accelerator.device
-    latents, text = load_frozen(cfg, device)
+    with accelerator.main_process_first():  # one process downloads (the Hub's models, CIFAR-10); the others read them
+        latents, text = load_frozen(cfg, device)
+        dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed,
+                                      size=cfg.dataset_size)
     diffusion = make_diffusion(cfg, latents, device)
-    dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size)
     dataset = without_captions(dataset, cfg.holdout_prompts)  # the held-out prompts never occur in an epoch
     if cfg.holdout_prompts:
         accelerator.print(f"{len(cfg.holdout_prompts)} held-out prompts: training on the other {len(dataset)} items")

@@ -8,6 +8,7 @@ the device, mixed precision and multi-GPU, so the same script runs under `python
 """
 import copy
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -29,7 +30,7 @@ from evaluate import get_judge, offline_figures
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
                    parse_config, pick_device, plot_loss, rng_state, save_config, save_images, save_kept,
-                   seed_everything, set_rng_state, with_defaults, write_json)
+                   seed_everything, set_rng_state, use_tf32, with_defaults, write_json)
 
 STATE_FILE = "training_state.pt"  # model, EMA, optimizer, step, epoch, RNG states, config, losses
 KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the last keep_checkpoints states
@@ -99,20 +100,41 @@ def mixed_precision(cfg):
     return launcher.lower(), "the launcher"
 
 
+# How long a process waits in a collective (a barrier, DDP's all-reduce) before NCCL gives up; its default, 10
+# minutes, is shorter than the main process's solo work: the latent cache of a large data set, the judge, grids.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def claim_gpu(device):
+    """--device cuda:N in a single process: make GPU N the current one, which a single-process Accelerator uses
+    (it takes plain 'cuda'). Under a launcher each process takes the GPU of its local rank, so an index is refused."""
+    if not device.startswith("cuda:"):
+        return
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        raise UsageError(f"--device {device} with {processes} processes: each process uses the GPU of its local rank; "
+                         "pass --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    torch.cuda.set_device(int(device.split(":")[1]))
+
+
 def make_accelerator(cfg):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     device = pick_device(cfg.device)
     precision, _ = mixed_precision(cfg)
     if precision == "fp16" and device == "cpu":
         raise UsageError("mixed_precision fp16 needs a GPU: use --mixed_precision bf16 on the CPU")
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls and convolutions
-        torch.backends.cudnn.allow_tf32 = True
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        use_tf32(True)
+        claim_gpu(device)
+    # non_blocking: the copy of a (pinned) batch to the GPU does not wait for the GPU to finish its work
     return Accelerator(cpu=device == "cpu", mixed_precision=precision,
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+                                                                 non_blocking=on_gpu),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
 
 
 def run_dirs(cfg, resume, overwrite):
@@ -245,8 +267,9 @@ def image_task(cfg, accelerator, conditional):
     if device.type == "cpu" and cfg.max_steps is None and cfg.base_channels >= 64 and cfg.image_size >= 32:
         warnings.warn("this full-size config takes days on the CPU: try --config configs/quick_cpu.json "
                       "(shapes at 16 px, a few minutes)", stacklevel=2)
-    dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
-                          augment=cfg.augment)
+    with accelerator.main_process_first():  # one process downloads (CIFAR-10); the others then read its files
+        dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
+                              augment=cfg.augment)
     num_classes = len(dataset.classes) if conditional else None
     diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device,
                           clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma)

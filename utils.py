@@ -283,6 +283,13 @@ def set_rng_state(state):
             torch.cuda.set_rng_state(cuda_state, index)
 
 
+def use_tf32(enabled):
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA (cuDNN's convolutions default to on, cuBLAS's
+    matmuls to off): both on, as training runs, or both off for IEEE float32."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def pick_device(name="auto"):
     """'auto' -> cuda, else mps, else cpu; otherwise check that the requested device exists."""
     mps_ok = torch.backends.mps.is_available()

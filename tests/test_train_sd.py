@@ -145,6 +145,20 @@ def test_held_out_prompts_never_occur_in_a_training_epoch(tiny, tmp_path, monkey
     assert len(seen) == 400 and not set(seen) & set(holdout)
 
 
+def test_models_and_data_set_are_loaded_by_the_main_process_first(tiny, monkeypatch):
+    """Every process loads the Hub's models and the data set, which download into the same files: main first."""
+    from test_training import RecordingAccelerator
+
+    accelerator, opened = RecordingAccelerator(), []
+    for name in ("load_frozen", "get_caption_dataset"):
+        def recording(*args, original=getattr(train_sd, name), **kwargs):
+            opened.append(accelerator.inside)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(train_sd, name, recording)
+    train_sd.text_task(tiny_cfg(tiny), accelerator)
+    assert opened == [True, True]
+
+
 # ----------------------------------------------------------------------------- caption dropout and guidance
 
 def test_caption_dropout_rate_on_both_paths():

@@ -1,4 +1,6 @@
 """The training scripts end to end (ddpm.py, ddpm_conditional.py through training.py), on tiny data."""
+import contextlib
+import datetime
 import json
 import os
 import pathlib
@@ -245,6 +247,55 @@ def test_the_launchers_fp16_on_the_cpu_is_one_readable_error(workdir, monkeypatc
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     with pytest.raises(UsageError, match="fp16 needs a GPU"):
         ddpm_conditional.main(TINY)
+
+
+class RecordingAccelerator:
+    """The parts of an Accelerator that image_task uses; records whether main_process_first is open."""
+    device, is_main_process, inside = torch.device("cpu"), True, False
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        self.inside = True
+        yield
+        self.inside = False
+
+
+def test_the_data_set_is_built_by_the_main_process_first(monkeypatch):
+    """Every process builds the data set, and CIFAR-10 downloads into the same files: the main process goes first."""
+    accelerator, opened = RecordingAccelerator(), []
+    get_dataset = training.get_dataset
+
+    def recording(*args, **kwargs):
+        opened.append(accelerator.inside)
+        return get_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(training, "get_dataset", recording)
+    cfg = training.parse_config(ddpm_conditional.Config, TINY)
+    training.image_task(cfg, accelerator, conditional=True)
+    assert opened == [True]
+
+
+def test_on_a_gpu_batches_copy_without_waiting_and_collectives_wait_for_the_main_process(monkeypatch):
+    monkeypatch.setattr(training, "pick_device", lambda name: "cuda")  # the Accelerator still finds no GPU here
+    monkeypatch.setattr(training, "use_tf32", lambda enabled: None)
+    cfg = training.parse_config(ddpm_conditional.Config, TINY)
+    accelerator = training.make_accelerator(cfg)
+    assert accelerator.dataloader_config.non_blocking  # with make_dataloader's pinned memory: no sync per batch
+    assert accelerator.init_handler.timeout == training.COLLECTIVE_TIMEOUT > datetime.timedelta(minutes=10)
+    monkeypatch.setattr(training, "pick_device", lambda name: "cpu")
+    assert not training.make_accelerator(cfg).dataloader_config.non_blocking
+
+
+def test_device_cuda_n_makes_gpu_n_current_in_one_process_and_is_refused_under_a_launcher(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    training.claim_gpu("cuda")
+    training.claim_gpu("cuda:1")
+    assert current == [1]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--device cuda:1 with 2 processes: .* CUDA_VISIBLE_DEVICES"):
+        training.claim_gpu("cuda:1")
 
 
 def shape_accuracy(images, labels):
