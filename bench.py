@@ -16,6 +16,7 @@ Grid times (num_classes x grid_per_class images, guided, each sampler at its def
 steps x (rows per step / measured network evaluations per second) + the sampler's own work, timed by a full
 run with a network that costs nothing. --grid_full true times complete runs with the real network as well.
 """
+import copy
 import json
 import os
 import resource
@@ -30,7 +31,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
-from modules import UNet_conditional
+from modules import EMA, UNet_conditional
 from utils import UsageError, arg, config_to_dict, parse_config, pick_device, run_cli
 
 
@@ -57,7 +58,7 @@ class Config:
     out: str = arg("bench.json", "JSON file of the results")
 
 
-MEASUREMENTS = ("peak", "train", "forward", "grid")
+MEASUREMENTS = ("peak", "train", "forward", "grid", "ema")
 EXTRA_FLAGS = [("--only", {"choices": MEASUREMENTS, "default": None,
                            "help": "run this one measurement in this process and write its JSON to --out"})]
 
@@ -265,7 +266,16 @@ def measure_grid(cfg, device):
     return {"samplers": results, "images": int(labels.shape[0]), "peak_mem_mib": peak_memory_mib(device)}
 
 
-MEASURE = {"peak": measure_peak, "train": measure_train, "forward": measure_forward, "grid": measure_grid}
+def measure_ema(cfg, device):
+    """Milliseconds of one EMA update of the network's weights (modules.EMA, as training calls it every step)."""
+    net, _, _ = build(cfg, device)
+    ema_net, ema = copy.deepcopy(net).requires_grad_(False), EMA(start_step=0)
+    calls = median(time_calls(lambda: ema.step_ema(ema_net, net), device, cfg.warmup, 10 * cfg.steps))
+    return {"ms_per_step": 1000 * calls, "tensors": len(list(net.parameters()))}
+
+
+MEASURE = {"peak": measure_peak, "train": measure_train, "forward": measure_forward, "grid": measure_grid,
+           "ema": measure_ema}
 
 
 def run_isolated(name, cfg):
@@ -299,7 +309,7 @@ def summarize(cfg, device, parts):
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"cpu, {torch.get_num_threads()} threads"
-    measured = {k: parts[k] for k in ("train", "forward", "grid")}
+    measured = {k: parts[k] for k in ("train", "forward", "grid", "ema")}
     return {"config": config_to_dict(cfg), "device": device_name, "torch": torch.__version__,
             "isolated": cfg.isolate, "matmul_peak": parts["peak"], **measured}
 
@@ -331,6 +341,8 @@ def format_table(result):
                      f"(estimated){measured}")
     if "speedup_dpmpp_vs_ddpm" in grid:
         lines.append(f"  dpm++ vs ddpm: {grid['speedup_dpmpp_vs_ddpm']:.0f}x faster")
+    ema = result["ema"]
+    lines.append(f"{'EMA update':<26}{ema['ms_per_step']:10.2f} ms per step ({ema['tensors']} tensors)")
     return "\n".join(lines)
 
 
