@@ -10,7 +10,8 @@ process-lifetime peak on the CPU; on CUDA it is torch.cuda.max_memory_allocated.
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode (convolutions, matmuls and, through
 `count_flops`, the CPU attention kernel): one training step is forward + backward, the optimizer is not
 counted. "% of peak" divides the achieved FLOP/s by the best of a few large square matmuls in the same
-precision, measured in the same run.
+precision, measured in the same run. On CUDA both run with TF32 on, as training does (--tf32 false: both in IEEE
+float32; cuDNN's convolutions would otherwise use TF32 against an IEEE matmul peak); the table names the mode.
 
 Grid times (num_classes x grid_per_class images, guided, each sampler at its default steps) are estimated:
 steps x (rows per step / measured network evaluations per second) + the sampler's own work, timed by a full
@@ -32,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
 from modules import EMA, UNet_conditional
-from utils import UsageError, arg, config_to_dict, parse_config, pick_device, run_cli
+from utils import UsageError, arg, config_to_dict, parse_config, pick_device, run_cli, use_tf32
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -43,6 +44,8 @@ class Config:
     image_size: int = arg(64, "pixels, divisible by 8")
     batch: int = arg(8, "images per training step and per timed network evaluation")
     precision: str = arg("fp32", "fp32 | bf16 (torch.autocast; the matmul peak is measured in the same dtype)")
+    tf32: bool = arg(True, "on CUDA, TF32 tensor cores for float32 matmuls and convolutions, as training uses them "
+                           "(false: IEEE float32); network and peak are measured in the same mode")
     device: str = arg("auto", "auto (cuda if available, else cpu) | cpu | cuda")
     compile: bool = arg(False, "torch.compile the network before timing")
     warmup: int = arg(2, "untimed steps before each timing")
@@ -91,6 +94,15 @@ def default_steps(sampler, noise_steps=1000):
 
 
 # ----------------------------------------------------------------------------- helpers
+def numeric_mode(cfg, device):
+    """Set TF32 on CUDA as --tf32 says, for the network and the peak alike; returns the mode in words."""
+    if device.type != "cuda":
+        return cfg.precision
+    use_tf32(cfg.tf32)
+    fp32 = "TF32" if cfg.tf32 else "IEEE fp32"
+    return f"{fp32}" if cfg.precision == "fp32" else f"{cfg.precision} autocast, other float32 ops in {fp32}"
+
+
 def autocast_dtype(precision):
     return torch.bfloat16 if precision == "bf16" else None
 
@@ -325,7 +337,7 @@ def format_seconds(seconds):
 def format_table(result):
     """The results as a small plain-text table."""
     cfg, train, forward = result["config"], result["train"], result["forward"]
-    lines = [f"{result['device']}, {cfg['precision']}, {cfg['image_size']} px, batch {cfg['batch']}, "
+    lines = [f"{result['device']}, {result['mode']}, {cfg['image_size']} px, batch {cfg['batch']}, "
              f"base {cfg['base_channels']}, {cfg['num_classes']} classes",
              f"{'matmul peak':<26}{result['matmul_peak']['flops_per_s'] / 1e9:10.1f} GFLOP/s "
              f"({result['matmul_peak']['size']}^2)"]
@@ -357,13 +369,14 @@ def main(argv=None):
     cfg, flags = parse_config(Config, argv, __doc__, extra=EXTRA_FLAGS)
     validate(cfg)
     device = resolve_device(cfg.device)
+    mode = numeric_mode(cfg, device)
     if flags.only is not None:
         write_json(MEASURE[flags.only](cfg, device), cfg.out)
         return None
     parts = {}
     for name in MEASUREMENTS:
         parts[name] = run_isolated(name, cfg) if cfg.isolate else MEASURE[name](cfg, device)
-    result = summarize(cfg, device, parts)
+    result = {**summarize(cfg, device, parts), "mode": mode}
     print(format_table(result))
     write_json(result, cfg.out)
     return result

@@ -81,3 +81,22 @@ def test_validate_names_the_bad_value(flag, value):
     cfg = bench.parse_config(bench.Config, [flag, value])
     with pytest.raises(bench.UsageError, match=value):
         bench.validate(cfg)
+
+
+@pytest.fixture
+def tf32_flags():
+    """Restore the global TF32 switches that a test sets."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("tf32, precision, mode", [("true", "fp32", "TF32"), ("false", "fp32", "IEEE fp32"),
+                                                   ("true", "bf16", "bf16 autocast, other float32 ops in TF32")])
+def test_on_cuda_the_network_and_the_peak_share_one_tf32_mode(tf32_flags, tf32, precision, mode):
+    """cuDNN convolutions default to TF32 and cuBLAS matmuls to IEEE: both are set alike, and the mode is named."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+    cfg = bench.parse_config(bench.Config, ["--tf32", tf32, "--precision", precision])
+    assert bench.numeric_mode(cfg, torch.device("cuda")) == mode
+    assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == (tf32 == "true")
+    assert bench.numeric_mode(cfg, torch.device("cpu")) == precision
