@@ -341,9 +341,13 @@ class LossLog:
     transfer, averaged over the processes, and appends one loss per step to `losses`.
     """
 
-    def __init__(self, accelerator, losses, skipped, max_nonfinite):
+    def __init__(self, accelerator, losses, skipped, max_nonfinite, fp16=False):
         self.accelerator, self.losses, self.skipped, self.max_nonfinite = accelerator, losses, skipped, max_nonfinite
         self.micro, self.pending, self.in_a_row = [], [], 0
+        # fp16: GradScaler starts at a loss scale of 2^16 and halves it after each step whose gradients overflow,
+        # so the first steps of a run are skipped as a rule; they are overflow, not a loss that is not finite
+        self.fp16 = fp16
+        self.reason = "fp16 overflow" if fp16 else "non-finite loss"
 
     def add(self, loss):
         self.micro.append(loss.detach().float())
@@ -363,9 +367,12 @@ class LossLog:
                 self.skipped += skip > 0.5
                 self.in_a_row = self.in_a_row + 1 if skip > 0.5 else 0
                 if self.in_a_row >= self.max_nonfinite:
-                    raise TrainingError(f"the loss was not finite for {self.in_a_row} steps in a row (up to step "
-                                        f"{len(self.losses)}); their updates were skipped and the last checkpoint is "
-                                        "intact: --resume with a lower --lr, or --mixed_precision bf16 / no")
+                    what = (f"the fp16 gradients overflowed for {self.in_a_row} steps in a row, although GradScaler "
+                            "halved the loss scale after each" if self.fp16 else
+                            f"the loss was not finite for {self.in_a_row} steps in a row")
+                    raise TrainingError(f"{what} (up to step {len(self.losses)}); their updates were skipped and the "
+                                        "last checkpoint is intact: --resume with a lower --lr, or --mixed_precision "
+                                        "bf16 / no")
         stop = torch.tensor(float(stop_signal is not None), device=self.accelerator.device)
         return self.accelerator.reduce(stop, "sum").item() > 0
 
@@ -384,10 +391,12 @@ def learning_rate(lr, step, warmup, decay="none", total=None):
     return lr
 
 
-def nonfinite_gradients(net):
-    """1.0 on the device when any gradient is inf or NaN (after averaging over processes, so all agree), else 0.0."""
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    return (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+def gradient_norm(accelerator, model, grad_clip):
+    """The total gradient norm (after averaging over processes, so all agree), computed once: clipped to grad_clip
+    through Accelerate (which unscales fp16 gradients first) when it is set, as the DDPM paper does."""
+    if grad_clip is not None:
+        return accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -436,7 +445,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                       f"{cfg.batch_size * n * cfg.gradient_accumulation_steps} images per optimizer step; lr {cfg.lr}; "
                       f"mixed precision {cfg.mixed_precision} ({precision_source})")
     step, start_epoch, losses = run["step"], run["epoch"], run["losses"]
-    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite)
+    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite, fp16=cfg.mixed_precision == "fp16")
 
     def save(epoch, batches_done):
         if accelerator.is_main_process:
@@ -461,9 +470,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                     loss = task.diffusion.loss(model, x_0, conditioning)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        skip = nonfinite_gradients(net)
-                        if cfg.grad_clip is not None:  # clip the gradient norm, as the DDPM paper does
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        skip = (~torch.isfinite(gradient_norm(accelerator, model, cfg.grad_clip))).float()
                         adamw.found_inf = skip  # fused AdamW leaves weights and moments as they are when 1
                         for group in adamw.param_groups:
                             group["lr"] = learning_rate(cfg.lr, step, cfg.lr_warmup, decay, total_steps)
@@ -507,7 +514,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 save(epoch, batches_done)
             if last:
                 break
-    accelerator.print(f"done: {step} steps ({log.skipped} skipped: non-finite loss); grids in {results_dir}/, "
+    accelerator.print(f"done: {step} steps ({log.skipped} skipped: {log.reason}); grids in {results_dir}/, "
                       f"checkpoints in {models_dir}/")
     return {"step": step, "epoch": epoch, "losses": losses, "skipped": log.skipped, "stopped": stopped,
             "results_dir": results_dir, "models_dir": models_dir, "quality": quality,

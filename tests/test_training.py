@@ -93,6 +93,45 @@ def test_gradients_are_clipped_to_grad_clip_before_each_step(workdir, monkeypatc
         assert max_norm == grad_clip and norm_before > grad_clip and norm_after <= grad_clip * 1.001
 
 
+@pytest.mark.parametrize("grad_clip", ["1.0", "none"])
+def test_the_gradient_norm_is_computed_once_per_step(workdir, monkeypatch, grad_clip):
+    """The non-finite check reads the norm that clipping returns, rather than computing it a second time."""
+    calls, total_norm = [], torch.nn.utils.get_total_norm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return total_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted)
+    ddpm_conditional.main(TINY + ["--run_name", "N", "--n_per_class", "1", "--grad_clip", grad_clip])
+    assert len(calls) == 2  # max_steps 2
+
+
+class SummingAccelerator:
+    """The parts of an Accelerator that LossLog uses, in one process."""
+    device = torch.device("cpu")
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+@pytest.mark.parametrize("fp16, reason, message", [
+    (False, "non-finite loss", r"the loss was not finite for 2 steps in a row \(up to step 4\)"),
+    (True, "fp16 overflow", r"the fp16 gradients overflowed for 2 steps in a row, although GradScaler halved the loss "
+                            r"scale after each \(up to step 4\)")])
+def test_skipped_steps_are_counted_and_worded_as_fp16_overflow_under_fp16(fp16, reason, message):
+    log = training.LossLog(SummingAccelerator(), [], 0, max_nonfinite=2, fp16=fp16)
+    for skip in (1.0, 0.0, 1.0):
+        log.add(torch.tensor(0.5))
+        log.end_step(torch.tensor(skip))
+    log.read()
+    assert (log.skipped, log.reason) == (2, reason)
+    log.add(torch.tensor(float("inf")))
+    log.end_step(torch.tensor(1.0))
+    with pytest.raises(training.TrainingError, match=message):
+        log.read()
+
+
 def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_cosine_to_zero():
     assert [training.learning_rate(1e-3, step, 4) for step in range(6)] == pytest.approx(
         [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
