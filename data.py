@@ -161,7 +161,7 @@ def classify_colors(images, colors=SHAPE_COLORS):
     level = torch.quantile(brightness, 0.98, dim=1, keepdim=True)  # (N, 1)
     core = (brightness >= 0.7 * level).float()  # (N, H * W)
     mean = (pixels.flatten(2) * core[:, None]).sum(dim=2) / core.sum(dim=1, keepdim=True)  # (N, 3)
-    palette = torch.tensor(colors, dtype=torch.float32)  # (K, 3)
+    palette = torch.tensor(colors, dtype=torch.float32, device=images.device)  # (K, 3), where the images are
     labels = torch.cdist(mean, palette).argmin(dim=1)
     return torch.where(level[:, 0] > 0.25 * 255, labels, torch.full_like(labels, -1))
 
