@@ -185,6 +185,26 @@ def test_caption_dropout_rate_on_both_paths():
     assert abs(dropped.float().mean().item() - 0.1) < 0.02 and torch.equal(x_0, images)
 
 
+def test_each_distinct_caption_is_encoded_once():
+    class CountingText:
+        def __init__(self):
+            self.encoded = []
+
+        def __call__(self, captions):
+            self.encoded += captions
+            return torch.tensor([[float(len(c)), float(c.count("a"))] for c in captions])
+
+    text = CountingText()
+    states = train_sd.CaptionStates(text, limit=3)
+    first = states(["a red circle", "", "a red circle", "a blue bar"])
+    assert text.encoded == ["a red circle", "", "a blue bar"]
+    assert torch.equal(first, CountingText()(["a red circle", "", "a red circle", "a blue bar"]))
+    again = states(["a blue bar", "", "a gray plus", "a gray plus"])  # beyond the limit of 3: encoded, not kept
+    assert text.encoded[3:] == ["a gray plus"] and again.shape == (4, 2)
+    states(["a gray plus"])
+    assert text.encoded[4:] == ["a gray plus"]
+
+
 class Counting(torch.nn.Module):
     """Wraps a network and records the batch size of each forward call."""
 
