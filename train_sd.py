@@ -78,7 +78,10 @@ class Config:
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     mixed_precision: str | None = arg(None, "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to "
                                             "it); None: the launcher's (accelerate launch / config), else no")
-    num_workers: int = arg(2, "DataLoader worker processes")
+    num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")
+    data_on_device: bool | None = arg(None, "hold the data set on the training device and index batches there, no "
+                                            "DataLoader workers; None: when it takes at most a quarter of the free "
+                                            "memory")
 
 
 SD_FLAGS = RUN_FLAGS + [

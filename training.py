@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data import AUGMENTATIONS, get_dataset, make_dataloader
+from data import AUGMENTATIONS, data_on_device, get_dataset, make_dataloader
 from ddpm import SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
@@ -37,7 +37,7 @@ KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the la
 # Fields that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
                     "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
-                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0")
+                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0", "data_on_device")
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
@@ -415,7 +415,10 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     seed_everything(cfg.seed)  # the same initial weights on every process
 
     task = make_task(cfg, accelerator)
-    dataloader = make_dataloader(task.dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
+    # --data_on_device: the DataLoader yields batches of indices, in the order it would yield the data set's
+    held, data_note = data_on_device(task.dataset, device, cfg.data_on_device, cfg.num_workers)
+    dataloader = make_dataloader(task.dataset if held is None else held, cfg.batch_size,
+                                 cfg.num_workers if held is None else 0, seed=cfg.seed,
                                  pin_memory=device.type == "cuda")
     net = task.net
     if getattr(cfg, "channels_last", False):
@@ -430,7 +433,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     quality_path = os.path.join(results_dir, "quality.json")  # --eval_every: [{"step", "seconds", ...figures}]
     quality = read_quality(quality_path, run["step"]) if flags.resume else []
     model = torch.compile(net) if getattr(cfg, "compile", False) else net
-    model, optimizer, dataloader = accelerator.prepare(model, adamw, dataloader)
+    model, optimizer = accelerator.prepare(model, adamw)
+    dataloader = accelerator.prepare_data_loader(dataloader, device_placement=held is None)  # indices stay on the host
 
     os.makedirs(results_dir, exist_ok=True)
     if accelerator.is_main_process:
@@ -444,6 +448,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                       f"{cfg.gradient_accumulation_steps} accumulated = "
                       f"{cfg.batch_size * n * cfg.gradient_accumulation_steps} images per optimizer step; lr {cfg.lr}; "
                       f"mixed precision {cfg.mixed_precision} ({precision_source})")
+    accelerator.print(data_note)
     step, start_epoch, losses = run["step"], run["epoch"], run["losses"]
     log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite, fp16=cfg.mixed_precision == "fp16")
 
@@ -465,7 +470,10 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
             pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
             for batch in pbar:
                 with accelerator.accumulate(model):
-                    torch.manual_seed(noise_seed(cfg.seed, epoch, batches_done, accelerator.process_index))
+                    seed = noise_seed(cfg.seed, epoch, batches_done, accelerator.process_index)
+                    if held is not None:  # a batch of indices; its random flips are drawn from another seed
+                        batch = held.fetch(batch, seed + 1)
+                    torch.manual_seed(seed)
                     x_0, conditioning = task.make_batch(batch)
                     loss = task.diffusion.loss(model, x_0, conditioning)
                     accelerator.backward(loss)

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -196,6 +197,46 @@ def test_unconditional_run_on_an_image_folder(workdir):
     assert grid.size == (2 * 66 + 2, 2 * 66 + 2)  # no captions; 16 px shown at 64
     assert not (workdir / "models" / "U" / "classes.json").exists()
     assert "label_emb.weight" not in load_checkpoint(workdir / "models" / "U" / "ckpt.pt")
+
+
+def noise_folder(root, per_class=6):
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return ["--dataset", "imagefolder", "--dataset_path", str(root), "--dataset_size", "none"]
+
+
+@pytest.mark.parametrize("dataset", ["shapes", "imagefolder"])
+def test_data_on_the_device_trains_exactly_as_the_dataloader(workdir, dataset, capsys):
+    """The same batches in the same order, the same pixels (8-bit images held as uint8): the same losses and weights,
+    so the default (on the device where it fits) leaves every earlier result as it was."""
+    data_args = [] if dataset == "shapes" else noise_folder(workdir / "pets")
+    runs = {}
+    for on_device in ("false", "true"):
+        ddpm_conditional.main(TINY + data_args + ["--run_name", on_device, "--n_per_class", "1", "--max_steps", "5",
+                                                  "--data_on_device", on_device])
+        runs[on_device] = load_checkpoint(workdir / "models" / on_device / "training_state.pt")
+    assert runs["true"]["losses"] == runs["false"]["losses"] and len(runs["true"]["losses"]) == 5
+    assert all(torch.equal(v, runs["false"]["model"][k]) for k, v in runs["true"]["model"].items())
+    printed = capsys.readouterr().out
+    assert "(--data_on_device false)" in printed and "items held on cpu" in printed
+
+
+FLIPS_ON_DEVICE = ["--augment", "flip", "--n_per_class", "1", "--data_on_device", "true"]
+
+
+def test_data_on_the_device_resumes_exactly_with_its_random_flips(workdir):
+    """Flips drawn on the device come from each batch's seed: a resumed run draws the flips the first run drew."""
+    args = TINY + noise_folder(workdir / "pets") + FLIPS_ON_DEVICE
+    ddpm_conditional.main(args + ["--run_name", "straight", "--max_steps", "4"])
+    ddpm_conditional.main(args + ["--run_name", "resumed", "--max_steps", "2"])
+    ddpm_conditional.main(args + ["--run_name", "resumed", "--max_steps", "4", "--resume"])
+    straight, resumed = (load_checkpoint(workdir / "models" / name / "training_state.pt")
+                         for name in ("straight", "resumed"))
+    assert resumed["losses"] == straight["losses"] and resumed["step"] == 4
+    assert all(torch.equal(v, straight["model"][k]) for k, v in resumed["model"].items())
 
 
 def test_max_steps_stops_mid_epoch_and_resume_continues_step_and_optimizer(workdir):
