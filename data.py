@@ -584,8 +584,8 @@ class DeviceData(Dataset):
     @torch.no_grad()
     def load(cls, dataset, device, flips=False, num_workers=0, batch_size=500):
         """Read every item of a deterministic data set once (through a DataLoader with `num_workers`)."""
-        if isinstance(dataset, TensorDataset):
-            return cls([t.to(device) for t in dataset.tensors], device, flips)
+        if isinstance(dataset, TensorDataset):  # contiguous as the DataLoader's batches are: randn_like follows layouts
+            return cls([t.to(device).contiguous() for t in dataset.tensors], device, flips)
         columns = None
         for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
             columns = columns or [[] for _ in batch]
@@ -663,4 +663,4 @@ def data_on_device(dataset, device, wanted=None, num_workers=0):
     kinds = ", ".join(str(f.dtype).replace("torch.", "") if torch.is_tensor(f) else "captions" for f in held.fields)
     return held, (f"data: {len(held)} items held on {device} ({held.nbytes / 2**20:.0f} MiB: {kinds}"
                   f"{'; flips drawn there' if flips else ''}), batches indexed there without DataLoader workers "
-                  f"(--data_on_device {wanted}; false: the DataLoader)")
+                  f"(--data_on_device {str(wanted).lower()}; false: the DataLoader)")

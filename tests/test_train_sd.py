@@ -277,6 +277,16 @@ def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monke
     assert len(keys) == 5
 
 
+@pytest.mark.parametrize("cache_latents", ["true", "false"])
+def test_data_on_the_device_trains_exactly_as_the_dataloader(tiny, tmp_path, monkeypatch, cache_latents):
+    """The latent cache (the preset sd_quick_cpu) or the captioned images, held on the device: the same losses.
+    (Each run builds its own cache: building draws from the global RNG before the U-Net is initialised.)"""
+    monkeypatch.chdir(tmp_path)
+    losses = [train_sd.main(tiny_argv(tiny, f"on_{on}", cache_latents=cache_latents, max_steps=3,
+                                      data_on_device=on, cache_dir=f"cache_{on}"))["losses"] for on in ("false", "true")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
 def test_resume_continues_step_and_optimizer(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first = train_sd.main(tiny_argv(tiny, "resumed", max_steps=2))
