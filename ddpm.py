@@ -360,7 +360,7 @@ class Diffusion:
 def main(argv=None):
     from training import train_images
 
-    train_images(Config, argv, conditional=False, description=__doc__)
+    return train_images(Config, argv, conditional=False, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class Config:
     print_every: int = arg(10, "optimizer steps between reads of the loss from the device (progress bar, losses)")
     seed: int = arg(0, "seed of the data order, the noise and the grids")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    compile: bool = arg(False, "torch.compile the U-Net")
     mixed_precision: str | None = arg(None, "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to "
                                             "it); None: the launcher's (accelerate launch / config), else no")
     num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")

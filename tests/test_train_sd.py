@@ -27,10 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """Paths of a tiny random AutoencoderKL (factor 2, 4 latent channels) and CLIP text encoder (D = 32, L = 16)."""
-    vae_dir, text_dir = train_sd.make_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
-    return {"vae": vae_dir, "text_encoder": text_dir}
+def tiny(tiny_sd_models):
+    """The tiny random VAE and CLIP of tests/conftest.py."""
+    return tiny_sd_models
 
 
 def tiny_argv(tiny, run_name="run", **overrides):
