@@ -1,4 +1,4 @@
-"""Everything a GPU can show and a CPU cannot, in one run of at most 8 minutes on one GPU; one table, one JSON file.
+"""Everything a GPU can show and a CPU cannot, in one run sized for 8 minutes on one GPU; one table, one JSON file.
 
     bash scripts/gpu_check.sh                                   # on a GPU: prints the table, writes gpu_check.json
     python scripts/gpu_check.py --device cpu --tiny --precisions no --compile false --isolate false   # CI: seconds
