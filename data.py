@@ -1,10 +1,12 @@
-"""Every data set, the augmentation, the data loader and the latent cache.
+"""Every data set, the augmentation, the data loader, the latent cache and the data set held on the device.
 
 Class data sets (shapes, imagefolder, cifar10) yield (image, int label); caption data sets yield (image,
 caption string). Images are float (3, S, S) tensors in [-1, 1], and every data set has `caption(i)`, so
 captions can be read without decoding an image. The latent cache stores what train_sd.py's frozen VAE and
-text encoder make of a data set, so training can skip both networks.
+text encoder make of a data set, so training can skip both networks. `DeviceData` holds a data set that fits as
+tensors on the training device (--data_on_device), so batches need no DataLoader workers.
 """
+import copy
 import hashlib
 import json
 import math
@@ -14,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms
 
 from utils import UsageError, atomic_save, is_readable_image, load_checkpoint, load_rgb, short_reason
@@ -161,7 +163,7 @@ def classify_colors(images, colors=SHAPE_COLORS):
     level = torch.quantile(brightness, 0.98, dim=1, keepdim=True)  # (N, 1)
     core = (brightness >= 0.7 * level).float()  # (N, H * W)
     mean = (pixels.flatten(2) * core[:, None]).sum(dim=2) / core.sum(dim=1, keepdim=True)  # (N, 3)
-    palette = torch.tensor(colors, dtype=torch.float32)  # (K, 3)
+    palette = torch.tensor(colors, dtype=torch.float32, device=images.device)  # (K, 3), where the images are
     labels = torch.cdist(mean, palette).argmin(dim=1)
     return torch.where(level[:, 0] > 0.25 * 255, labels, torch.full_like(labels, -1))
 
@@ -171,11 +173,12 @@ def classify_colors(images, colors=SHAPE_COLORS):
 class ClassDataset(Dataset):
     """Wraps a torchvision class data set (CIFAR10, ImageFolder) to add `caption(index)`.
 
-    With `size`, only a random subset of `size` items (drawn with `seed`) is kept.
+    With `size`, only a random subset of `size` items (drawn with `seed`) is kept. `augment` names the mode of
+    `augmentation` that the base's transform applies at `image_size`.
     """
 
-    def __init__(self, base, size=None, seed=0):
-        self.base = base
+    def __init__(self, base, size=None, seed=0, image_size=None, augment=None):
+        self.base, self.image_size, self.augment = base, image_size, augment
         self.classes = list(base.classes)
         self.indices = list(range(len(base)))
         if size is not None and size < len(base):
@@ -298,9 +301,11 @@ def get_dataset(name, path, image_size, seed=0, train=True, size=None, augment=N
     if name == "shapes":
         return ShapesDataset(image_size=image_size, size=5000 if size is None else size, seed=seed)
     if name == "cifar10":
-        return ClassDataset(_cifar10(path, train, augmentation(image_size, augment or "flip")), size, seed)
+        augment = augment or "flip"
+        return ClassDataset(_cifar10(path, train, augmentation(image_size, augment)), size, seed, image_size, augment)
     if name == "imagefolder":
-        return ClassDataset(_image_folder(path, augmentation(image_size, augment or "resize")), size, seed)
+        augment = augment or "resize"
+        return ClassDataset(_image_folder(path, augmentation(image_size, augment)), size, seed, image_size, augment)
     raise UsageError(f"unknown dataset '{name}': choose cifar10, imagefolder or shapes")
 
 
@@ -504,3 +509,158 @@ def load_or_build_cache(path, dataset, encode_images, encode_prompts, batch_size
     cache = build_cache(dataset, encode_images, encode_prompts, batch_size, num_workers)
     atomic_save(cache, path)
     return cache, False
+
+
+# ----------------------------------------------------------------------------- the data set on the device
+
+def without_random_augmentation(dataset):
+    """(the data set with its random augmentation taken out, whether that was a random horizontal flip), or (None,
+    False) when it cannot be (the reference's random crops). A flip commutes with ToTensor and Normalize, so
+    DeviceData draws it on the device instead."""
+    if isinstance(dataset, ClassDataset) and dataset.augment in ("flip", "reference"):
+        if dataset.augment == "reference":
+            return None, False
+        fixed = copy.copy(dataset)
+        fixed.base = copy.copy(dataset.base)
+        fixed.base.transform = augmentation(dataset.image_size, "resize")
+        return fixed, True
+    if isinstance(dataset, (Captioned, CaptionSubset)):
+        base, flips = without_random_augmentation(dataset.base)
+        if base is None:
+            return None, False
+        fixed = copy.copy(dataset)
+        fixed.base = base
+        return fixed, flips
+    return dataset, False
+
+
+def decode_pixels(pixels):
+    """uint8 pixels -> float32 in [-1, 1] by the very operations of ToTensor and Normalize(0.5, 0.5): the same bits."""
+    return pixels.float().div(255).sub(0.5).div(0.5)
+
+
+def as_pixels(images):
+    """Float images as uint8 pixels when decode_pixels gives them back bit for bit (8-bit files), else None."""
+    if not images.is_floating_point() or images.dim() != 4:
+        return None
+    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels if torch.equal(decode_pixels(pixels), images) else None
+
+
+def _item_bytes(item):
+    """Bytes that one item takes in DeviceData: 8-bit images as uint8, other tensors as they are, ints as int64."""
+    total = 0
+    for value in item:
+        if torch.is_tensor(value):
+            pixels = as_pixels(value[None])
+            total += value.numel() * (1 if pixels is not None else value.element_size())
+        elif isinstance(value, int):
+            total += 8
+    return total
+
+
+def estimated_bytes(dataset):
+    """What `DeviceData.load(dataset)` will take on the device, from its first item."""
+    if isinstance(dataset, TensorDataset):
+        return sum(t.numel() * t.element_size() for t in dataset.tensors)
+    return len(dataset) * _item_bytes(dataset[0])
+
+
+class DeviceData(Dataset):
+    """A data set held on one device as tensors, whose batches are indexed there: no DataLoader workers.
+
+    Its items are their own indices, so a DataLoader over it, prepared by Accelerate like the data set's own (seeded
+    order, shards per process, skipped batches on --resume), yields the very batches of indices that the data set's
+    would have yielded; `fetch` turns one into the batch. Images that are 8-bit pixels (files through ToTensor and
+    Normalize) are stored as uint8, 4x smaller, and decoded to the same float32 values. With `flips`, each image is
+    mirrored with probability 1/2, drawn on the device from the seed `fetch` is given. Captions stay on the host.
+    """
+
+    def __init__(self, fields, device, flips=False):
+        self.fields, self.device, self.flips = fields, torch.device(device), flips  # tensors on device, or str lists
+        self.generator = torch.Generator(self.device) if flips else None
+
+    @classmethod
+    @torch.no_grad()
+    def load(cls, dataset, device, flips=False, num_workers=0, batch_size=500):
+        """Read every item of a deterministic data set once (through a DataLoader with `num_workers`)."""
+        if isinstance(dataset, TensorDataset):  # contiguous as the DataLoader's batches are: randn_like follows layouts
+            return cls([t.to(device).contiguous() for t in dataset.tensors], device, flips)
+        columns = None
+        for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+            columns = columns or [[] for _ in batch]
+            for column, values in zip(columns, batch):
+                column.append(values)
+        fields = []
+        for column in columns:
+            if not torch.is_tensor(column[0]):
+                fields.append([value for values in column for value in values])  # captions
+                continue
+            pixels = [as_pixels(values) for values in column]
+            if all(p is not None for p in pixels):
+                column = pixels
+            fields.append(torch.cat(column).to(device))
+        return cls(fields, device, flips)
+
+    def __len__(self):
+        return len(self.fields[0])
+
+    def __getitem__(self, index):
+        return index
+
+    @property
+    def nbytes(self):
+        return sum(f.numel() * f.element_size() for f in self.fields if torch.is_tensor(f))
+
+    def fetch(self, indices, seed):
+        """The batch of the (host) `indices`, as the data set's DataLoader gives it, on the device."""
+        on_device = indices.to(self.device, non_blocking=True)
+        batch = []
+        for field in self.fields:
+            if not torch.is_tensor(field):
+                batch.append([field[i] for i in indices.tolist()])
+                continue
+            values = field[on_device]
+            batch.append(decode_pixels(values) if values.dtype == torch.uint8 else values)
+        if self.flips:
+            self.generator.manual_seed(seed)
+            flip = torch.rand(len(indices), generator=self.generator, device=self.device) < 0.5
+            batch[0] = torch.where(flip.view(-1, 1, 1, 1), batch[0].flip(-1), batch[0])
+        return batch
+
+
+def free_memory(device):
+    """Bytes free on `device`: the GPU's for cuda, the host's otherwise (8 GiB where the system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def data_on_device(dataset, device, wanted=None, num_workers=0):
+    """(DeviceData, or None for the DataLoader, and a line saying which and why, for the start of the run).
+
+    wanted None: on the device when the data set takes at most a quarter of the device's free memory and its
+    augmentation can be drawn there; True: on the device in any case (a UsageError where it cannot); False: never.
+    """
+    device = torch.device(device)
+    loader = f"data: a DataLoader with {num_workers} worker processes"
+    if wanted is False:
+        return None, f"{loader} (--data_on_device false)"
+    fixed, flips = without_random_augmentation(dataset)
+    if fixed is None:
+        if wanted:
+            raise UsageError("--data_on_device true cannot draw the reference's random crops on the device: use "
+                             "--augment flip or resize, or --data_on_device false")
+        return None, f"{loader}: the reference's random crops (--augment reference) are drawn there"
+    needed, budget = estimated_bytes(fixed), free_memory(device) // 4
+    if wanted is None and needed > budget:
+        return None, (f"{loader}: the data set needs {needed / 2**30:.1f} GiB, more than a quarter of the free "
+                      f"memory on {device} ({budget / 2**30:.1f} GiB); --data_on_device true holds it there anyway")
+    held = DeviceData.load(fixed, device, flips, num_workers)
+    kinds = ", ".join(str(f.dtype).replace("torch.", "") if torch.is_tensor(f) else "captions" for f in held.fields)
+    return held, (f"data: {len(held)} items held on {device} ({held.nbytes / 2**20:.0f} MiB: {kinds}"
+                  f"{'; flips drawn there' if flips else ''}), batches indexed there without DataLoader workers "
+                  f"(--data_on_device {str(wanted).lower()}; false: the DataLoader)")

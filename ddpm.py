@@ -60,10 +60,15 @@ class Config:
     print_every: int = arg(10, "optimizer steps between reads of the loss from the device (progress bar, losses)")
     seed: int = arg(0, "seed of the data order, the noise and the grids")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
-    mixed_precision: str = arg("no", "no | fp16 | bf16 (through Accelerate)")
+    mixed_precision: str | None = arg(None, "no | fp16 | bf16 (through Accelerate); None: the launcher's "
+                                            "(accelerate launch --mixed_precision, accelerate config), else no")
     compile: bool = arg(False, "torch.compile the network")
-    channels_last: bool = arg(False, "channels_last memory format (measure before using it)")
-    num_workers: int = arg(2, "DataLoader worker processes")
+    channels_last: bool = arg(False, "channels_last memory format (slower on the CPU; unmeasured on a GPU: see the "
+                                     "layout row of scripts/gpu_check.sh)")
+    num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")
+    data_on_device: bool | None = arg(None, "hold the data set on the training device and index batches there, no "
+                                            "DataLoader workers; None: when it takes at most a quarter of the free "
+                                            "memory")
 
 
 # ----------------------------------------------------------------------------- the math
@@ -358,7 +363,7 @@ class Diffusion:
 def main(argv=None):
     from training import train_images
 
-    train_images(Config, argv, conditional=False, description=__doc__)
+    return train_images(Config, argv, conditional=False, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Figures, one row per (cfg_scale, steps) combination:
 The judge is a small CNN trained once on the real training images and cached in data/judges/; its accuracy on
 held-out real images is printed beside the figures, so a weak judge is visible.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -325,15 +326,20 @@ def file_digest(path):
     return digest.hexdigest()[:12]
 
 
-def inception_figures(samples, real, real_name, weights_path, cuda, cache_root="data/fidelity_cache"):
-    """FID and KID of uint8 samples against uint8 real images; the real statistics are cached under `real_name`."""
+def inception_figures(samples, real, real_name, weights_path, device, cache_root="data/fidelity_cache"):
+    """FID and KID of uint8 samples against uint8 real images; the real statistics are cached under `real_name`.
+
+    torch-fidelity takes only cuda=True/False and then uses the current GPU: cuda:N is made the current one.
+    """
     import torch_fidelity
 
     weights_tag = "default" if weights_path is None else file_digest(weights_path)
-    metrics = torch_fidelity.calculate_metrics(
-        input1=Uint8Images(samples), input2=Uint8Images(real), input2_cache_name=f"{real_name}-{weights_tag}",
-        cache_root=cache_root, fid=True, kid=True, kid_subset_size=min(1000, len(samples), len(real)),
-        feature_extractor_weights_path=weights_path, cuda=cuda, save_cpu_ram=True, verbose=False)
+    cuda = device.startswith("cuda")
+    with torch.cuda.device(torch.device(device)) if cuda else contextlib.nullcontext():
+        metrics = torch_fidelity.calculate_metrics(
+            input1=Uint8Images(samples), input2=Uint8Images(real), input2_cache_name=f"{real_name}-{weights_tag}",
+            cache_root=cache_root, fid=True, kid=True, kid_subset_size=min(1000, len(samples), len(real)),
+            feature_extractor_weights_path=weights_path, cuda=cuda, save_cpu_ram=True, verbose=False)
     return {"fid": metrics["frechet_inception_distance"], "kid": metrics["kernel_inception_distance_mean"],
             "kid_std": metrics["kernel_inception_distance_std"]}
 
@@ -440,7 +446,7 @@ def main(argv=None):
             if skip is None:
                 try:
                     row.update(inception_figures(samples, real, real_name,
-                                                 cfg.inception_weights, device.startswith("cuda")))
+                                                 cfg.inception_weights, device))
                 except OSError as exc:  # a download that fails after all
                     skip = (f"FID and KID skipped: torch-fidelity could not get {INCEPTION_FILE} ({exc}); pass "
                             "--inception_weights PATH")

@@ -78,8 +78,13 @@ class Config:
     print_every: int = arg(10, "optimizer steps between reads of the loss from the device (progress bar, losses)")
     seed: int = arg(0, "seed of the data order, the noise and the grids")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
-    mixed_precision: str = arg("no", "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to it)")
-    num_workers: int = arg(2, "DataLoader worker processes")
+    compile: bool = arg(False, "torch.compile the U-Net")
+    mixed_precision: str | None = arg(None, "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to "
+                                            "it); None: the launcher's (accelerate launch / config), else no")
+    num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")
+    data_on_device: bool | None = arg(None, "hold the data set on the training device and index batches there, no "
+                                            "DataLoader workers; None: when it takes at most a quarter of the free "
+                                            "memory")
 
 
 SD_FLAGS = RUN_FLAGS + [
@@ -95,7 +100,7 @@ SD_FLAGS = RUN_FLAGS + [
 ]
 SD_RESUMABLE = RESUMABLE_FIELDS + ("prompt", "cfg_scale", "n_per_prompt", "cache_latents", "cache_dir")
 SAMPLING_FIELDS = ("prompt", "cfg_scale", "sampler", "sample_steps", "n_per_prompt", "seed", "device", "clip_x0")
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, None: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: not resolved
 
 
 # ----------------------------------------------------------------------------- frozen VAE and text encoder
@@ -200,6 +205,24 @@ def make_diffusion(cfg, latents, device):
                      min_snr_gamma=cfg.min_snr_gamma)
 
 
+class CaptionStates:
+    """The text encoder, remembering the states of each caption it encodes (up to `limit` captions), so that a batch
+    encodes only the captions it is the first to hold: CIFAR-10 has 10, and the tokenizer is slow.
+
+    Called with B captions, it returns the (B, ...) states that `text` would, in one encoder call for the new ones.
+    """
+
+    def __init__(self, text, limit=1024):
+        self.text, self.limit, self.states = text, limit, {}  # CLIP-L: 1024 captions' states take 240 MB
+
+    def __call__(self, captions):
+        new = [c for c in dict.fromkeys(captions) if c not in self.states]
+        encoded = dict(zip(new, self.text(new))) if new else {}  # the new captions' states, one row each
+        for caption in new[:max(0, self.limit - len(self.states))]:
+            self.states[caption] = encoded[caption]
+        return torch.stack([encoded[c] if c in encoded else self.states[c] for c in captions])
+
+
 # ----------------------------------------------------------------------------- data
 def drop_mask(n, p_uncond, device=None):
     """Rows (n,) whose caption is replaced by the empty prompt, each with probability p_uncond."""
@@ -249,9 +272,11 @@ def sample_grid(cfg, diffusion, net, latents, text, prompts, path):
 def text_task(cfg, accelerator):
     """What training.train trains here: captions through the frozen VAE and CLIP, or through their cache."""
     device = accelerator.device
-    latents, text = load_frozen(cfg, device)
+    with accelerator.main_process_first():  # one process downloads (the Hub's models, CIFAR-10); the others read them
+        latents, text = load_frozen(cfg, device)
+        dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed,
+                                      size=cfg.dataset_size)
     diffusion = make_diffusion(cfg, latents, device)
-    dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size)
     dataset = without_captions(dataset, cfg.holdout_prompts)  # the held-out prompts never occur in an epoch
     if cfg.holdout_prompts:
         accelerator.print(f"{len(cfg.holdout_prompts)} held-out prompts: training on the other {len(dataset)} items")
@@ -266,8 +291,10 @@ def text_task(cfg, accelerator):
         contexts = cache["contexts"].to(device)
         dataset = TensorDataset(cache["mean"], cache["std"], cache["caption_index"])
 
+    caption_states = CaptionStates(text)  # without the cache, each distinct caption is encoded once
+
     def make_batch(batch):
-        return training_batch(batch, latents, text, contexts, null_context, cfg.p_uncond)
+        return training_batch(batch, latents, caption_states, contexts, null_context, cfg.p_uncond)
 
     def draw_grid(module, path):
         sample_grid(cfg, diffusion, module, latents, text, prompts, path)

@@ -7,6 +7,8 @@ the device, mixed precision and multi-GPU, so the same script runs under `python
 `torchrun`.
 """
 import copy
+import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -22,20 +24,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data import AUGMENTATIONS, get_dataset, make_dataloader
+from data import AUGMENTATIONS, data_on_device, get_dataset, make_dataloader
 from ddpm import SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
                    parse_config, pick_device, plot_loss, rng_state, save_config, save_images, save_kept,
-                   seed_everything, set_rng_state, with_defaults, write_json)
+                   seed_everything, set_rng_state, use_tf32, with_defaults, write_json)
 
 STATE_FILE = "training_state.pt"  # model, EMA, optimizer, step, epoch, RNG states, config, losses
 KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the last keep_checkpoints states
 # Fields that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
                     "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
-                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0")
+                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0", "data_on_device")
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
@@ -57,7 +59,7 @@ def validate(cfg):
         raise UsageError(f"cfg_scale {cfg.cfg_scale} is negative: use 0 (no guidance) or e.g. 3")
     if cfg.sampler not in SAMPLERS:
         raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+    if cfg.mixed_precision not in (None, *PRECISIONS):
         raise UsageError(f"mixed_precision '{cfg.mixed_precision}' is unknown: use no, fp16 or bf16")
     if getattr(cfg, "eval_every", None) is not None and (cfg.eval_every <= 0 or cfg.eval_samples < 2):
         raise UsageError(f"eval_every {cfg.eval_every} / eval_samples {cfg.eval_samples}: use a positive --eval_every "
@@ -82,19 +84,59 @@ def validate(cfg):
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
 
 
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def mixed_precision(cfg):
+    """(precision, where it comes from): --mixed_precision when given, else the launcher's choice (`accelerate launch
+    --mixed_precision` or `accelerate config` set ACCELERATE_MIXED_PRECISION, which Accelerate reads only when it
+    is given no precision), else no."""
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision, "--mixed_precision"
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher is None:
+        return "no", "the default"
+    if launcher.lower() not in PRECISIONS:
+        raise UsageError(f"the launcher's mixed precision '{launcher}' (ACCELERATE_MIXED_PRECISION) is not supported "
+                         "here: pass --mixed_precision no, fp16 or bf16")
+    return launcher.lower(), "the launcher"
+
+
+# How long a process waits in a collective (a barrier, DDP's all-reduce) before NCCL gives up; its default, 10
+# minutes, is shorter than the main process's solo work: the latent cache of a large data set, the judge, grids.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def claim_gpu(device):
+    """--device cuda:N in a single process: make GPU N the current one, which a single-process Accelerator uses
+    (it takes plain 'cuda'). Under a launcher each process takes the GPU of its local rank, so an index is refused."""
+    if not device.startswith("cuda:"):
+        return
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        raise UsageError(f"--device {device} with {processes} processes: each process uses the GPU of its local rank; "
+                         "pass --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    torch.cuda.set_device(int(device.split(":")[1]))
+
+
 def make_accelerator(cfg):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     device = pick_device(cfg.device)
-    if cfg.mixed_precision == "fp16" and device == "cpu":
+    precision, _ = mixed_precision(cfg)
+    if precision == "fp16" and device == "cpu":
         raise UsageError("mixed_precision fp16 needs a GPU: use --mixed_precision bf16 on the CPU")
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls and convolutions
-        torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision,
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        use_tf32(True)
+        claim_gpu(device)
+    # non_blocking: the copy of a (pinned) batch to the GPU does not wait for the GPU to finish its work
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision,
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+                                                                 non_blocking=on_gpu),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
 
 
 def run_dirs(cfg, resume, overwrite):
@@ -241,8 +283,9 @@ def image_task(cfg, accelerator, conditional):
     if device.type == "cpu" and cfg.max_steps is None and cfg.base_channels >= 64 and cfg.image_size >= 32:
         warnings.warn("this full-size config takes days on the CPU: try --config configs/quick_cpu.json "
                       "(shapes at 16 px, a few minutes)", stacklevel=2)
-    dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
-                          augment=cfg.augment)
+    with accelerator.main_process_first():  # one process downloads (CIFAR-10); the others then read its files
+        dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
+                              augment=cfg.augment)
     num_classes = len(dataset.classes) if conditional else None
     diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device,
                           clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma)
@@ -314,9 +357,13 @@ class LossLog:
     transfer, averaged over the processes, and appends one loss per step to `losses`.
     """
 
-    def __init__(self, accelerator, losses, skipped, max_nonfinite):
+    def __init__(self, accelerator, losses, skipped, max_nonfinite, fp16=False):
         self.accelerator, self.losses, self.skipped, self.max_nonfinite = accelerator, losses, skipped, max_nonfinite
         self.micro, self.pending, self.in_a_row = [], [], 0
+        # fp16: GradScaler starts at a loss scale of 2^16 and halves it after each step whose gradients overflow,
+        # so the first steps of a run are skipped as a rule; they are overflow, not a loss that is not finite
+        self.fp16 = fp16
+        self.reason = "fp16 overflow" if fp16 else "non-finite loss"
 
     def add(self, loss):
         self.micro.append(loss.detach().float())
@@ -336,9 +383,12 @@ class LossLog:
                 self.skipped += skip > 0.5
                 self.in_a_row = self.in_a_row + 1 if skip > 0.5 else 0
                 if self.in_a_row >= self.max_nonfinite:
-                    raise TrainingError(f"the loss was not finite for {self.in_a_row} steps in a row (up to step "
-                                        f"{len(self.losses)}); their updates were skipped and the last checkpoint is "
-                                        "intact: --resume with a lower --lr, or --mixed_precision bf16 / no")
+                    what = (f"the fp16 gradients overflowed for {self.in_a_row} steps in a row, although GradScaler "
+                            "halved the loss scale after each" if self.fp16 else
+                            f"the loss was not finite for {self.in_a_row} steps in a row")
+                    raise TrainingError(f"{what} (up to step {len(self.losses)}); their updates were skipped and the "
+                                        "last checkpoint is intact: --resume with a lower --lr, or --mixed_precision "
+                                        "bf16 / no")
         stop = torch.tensor(float(stop_signal is not None), device=self.accelerator.device)
         return self.accelerator.reduce(stop, "sum").item() > 0
 
@@ -357,10 +407,12 @@ def learning_rate(lr, step, warmup, decay="none", total=None):
     return lr
 
 
-def nonfinite_gradients(net):
-    """1.0 on the device when any gradient is inf or NaN (after averaging over processes, so all agree), else 0.0."""
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    return (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+def gradient_norm(accelerator, model, grad_clip):
+    """The total gradient norm (after averaging over processes, so all agree), computed once: clipped to grad_clip
+    through Accelerate (which unscales fp16 gradients first) when it is set, as the DDPM paper does."""
+    if grad_clip is not None:
+        return accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -373,11 +425,16 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     validate(cfg)
     results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
     accelerator = make_accelerator(cfg)
+    precision_source = mixed_precision(cfg)[1]
+    cfg = dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision)  # the config saved says what ran
     device = accelerator.device
     seed_everything(cfg.seed)  # the same initial weights on every process
 
     task = make_task(cfg, accelerator)
-    dataloader = make_dataloader(task.dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
+    # --data_on_device: the DataLoader yields batches of indices, in the order it would yield the data set's
+    held, data_note = data_on_device(task.dataset, device, cfg.data_on_device, cfg.num_workers)
+    dataloader = make_dataloader(task.dataset if held is None else held, cfg.batch_size,
+                                 cfg.num_workers if held is None else 0, seed=cfg.seed,
                                  pin_memory=device.type == "cuda")
     net = task.net
     if getattr(cfg, "channels_last", False):
@@ -392,7 +449,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     quality_path = os.path.join(results_dir, "quality.json")  # --eval_every: [{"step", "seconds", ...figures}]
     quality = read_quality(quality_path, run["step"]) if flags.resume else []
     model = torch.compile(net) if getattr(cfg, "compile", False) else net
-    model, optimizer, dataloader = accelerator.prepare(model, adamw, dataloader)
+    model, optimizer = accelerator.prepare(model, adamw)
+    dataloader = accelerator.prepare_data_loader(dataloader, device_placement=held is None)  # indices stay on the host
 
     os.makedirs(results_dir, exist_ok=True)
     if accelerator.is_main_process:
@@ -404,9 +462,11 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     n = accelerator.num_processes
     accelerator.print(f"{n} process(es) on {device.type}: batch {cfg.batch_size} per device x {n} x "
                       f"{cfg.gradient_accumulation_steps} accumulated = "
-                      f"{cfg.batch_size * n * cfg.gradient_accumulation_steps} images per optimizer step; lr {cfg.lr}")
+                      f"{cfg.batch_size * n * cfg.gradient_accumulation_steps} images per optimizer step; lr {cfg.lr}; "
+                      f"mixed precision {cfg.mixed_precision} ({precision_source})")
+    accelerator.print(data_note)
     step, start_epoch, losses = run["step"], run["epoch"], run["losses"]
-    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite)
+    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite, fp16=cfg.mixed_precision == "fp16")
 
     def save(epoch, batches_done):
         if accelerator.is_main_process:
@@ -426,14 +486,15 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
             pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
             for batch in pbar:
                 with accelerator.accumulate(model):
-                    torch.manual_seed(noise_seed(cfg.seed, epoch, batches_done, accelerator.process_index))
+                    seed = noise_seed(cfg.seed, epoch, batches_done, accelerator.process_index)
+                    if held is not None:  # a batch of indices; its random flips are drawn from another seed
+                        batch = held.fetch(batch, seed + 1)
+                    torch.manual_seed(seed)
                     x_0, conditioning = task.make_batch(batch)
                     loss = task.diffusion.loss(model, x_0, conditioning)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        skip = nonfinite_gradients(net)
-                        if cfg.grad_clip is not None:  # clip the gradient norm, as the DDPM paper does
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        skip = (~torch.isfinite(gradient_norm(accelerator, model, cfg.grad_clip))).float()
                         adamw.found_inf = skip  # fused AdamW leaves weights and moments as they are when 1
                         for group in adamw.param_groups:
                             group["lr"] = learning_rate(cfg.lr, step, cfg.lr_warmup, decay, total_steps)
@@ -477,7 +538,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 save(epoch, batches_done)
             if last:
                 break
-    accelerator.print(f"done: {step} steps ({log.skipped} skipped: non-finite loss); grids in {results_dir}/, "
+    accelerator.print(f"done: {step} steps ({log.skipped} skipped: {log.reason}); grids in {results_dir}/, "
                       f"checkpoints in {models_dir}/")
     return {"step": step, "epoch": epoch, "losses": losses, "skipped": log.skipped, "stopped": stopped,
             "results_dir": results_dir, "models_dir": models_dir, "quality": quality,

@@ -308,3 +308,87 @@ def test_augmentation_defaults_flip_cifar_only_and_refuses_unknown_modes(tmp_pat
     assert "RandomHorizontalFlip" not in names and "CenterCrop" in names  # digits and text are never flipped
     with pytest.raises(UsageError, match="augment 'zoom' is unknown"):
         data.augmentation(16, "zoom")
+
+
+# ----------------------------------------------------------------------------- the data set on the device
+
+def _noise_folder(root, per_class=10, size=20):
+    """Two classes of random RGB PNGs: 8-bit files, as CIFAR-10 and image folders hold."""
+    rng = np.random.default_rng(1)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return data.get_dataset("imagefolder", str(root), 16)
+
+
+def _batches(dataset, held, processes, rank, skip=0, epochs=2):
+    """Every batch of `epochs` epochs of one process, through Accelerate's seeded sharded loader as training
+    prepares it: the data set's own DataLoader, or (held given) the DataLoader of indices and DeviceData.fetch."""
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+
+    loader = data.make_dataloader(dataset if held is None else held, 4, seed=3)
+    loader = prepare_data_loader(loader, num_processes=processes, process_index=rank, use_seedable_sampler=True,
+                                 data_seed=3, put_on_device=False)
+    out = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in skip_first_batches(loader, skip) if epoch == 0 and skip else loader:
+            out.append(list(batch) if held is None else held.fetch(batch, seed=0))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["shapes", "imagefolder"])
+def test_device_data_yields_the_dataloaders_batches_for_each_process_epoch_and_resume(tmp_path, kind):
+    """Same seeded order, same shard per process (2 processes), same batches after a resume's skip."""
+    dataset = data.ShapesDataset(16, size=24) if kind == "shapes" else _noise_folder(tmp_path)
+    held = data.DeviceData.load(dataset, "cpu")
+    for processes, rank, skip in [(1, 0, 0), (2, 0, 0), (2, 1, 0), (2, 1, 1)]:
+        expected, got = _batches(dataset, None, processes, rank, skip), _batches(dataset, held, processes, rank, skip)
+        assert len(got) == len(expected) > 2
+        for (images, labels), (held_images, held_labels) in zip(expected, got):
+            assert torch.equal(images, held_images) and torch.equal(labels, held_labels)
+    first, second = (_batches(dataset, held, 2, rank) for rank in (0, 1))
+    assert not torch.equal(first[0][0], second[0][0])  # each process its own shard
+
+
+def test_eight_bit_images_are_held_as_uint8_and_decode_to_the_same_floats(tmp_path):
+    folder = _noise_folder(tmp_path)
+    held = data.DeviceData.load(folder, "cpu")
+    assert held.fields[0].dtype == torch.uint8 and held.fields[1].dtype == torch.int64
+    assert torch.equal(held.fetch(torch.tensor([3]), seed=0)[0][0], folder[3][0])
+    shapes = data.DeviceData.load(data.ShapesDataset(16, size=4), "cpu")  # anti-aliased floats: kept as they are
+    assert shapes.fields[0].dtype == torch.float32
+    captions = data.DeviceData.load(data.Captioned(data.ShapesDataset(16, size=4)), "cpu")
+    assert captions.fetch(torch.tensor([2, 0]), seed=0)[1] == [captions.fields[1][2], captions.fields[1][0]]
+
+
+def test_flips_are_drawn_on_the_device_from_the_batch_seed(tmp_path):
+    _noise_folder(tmp_path)
+    flipping = data.get_dataset("imagefolder", str(tmp_path), 16, augment="flip")
+    held, note = data.data_on_device(flipping, "cpu")
+    assert held.flips and "flips drawn there" in note
+    plain, indices = data.get_dataset("imagefolder", str(tmp_path), 16), torch.arange(20)
+    images = held.fetch(indices, seed=5)[0]
+    mirrored = [torch.equal(image, plain[i][0].flip(-1)) for i, image in enumerate(images)]
+    assert all(m or torch.equal(image, plain[i][0]) for i, (m, image) in enumerate(zip(mirrored, images)))
+    assert 0 < sum(mirrored) < 20
+    assert torch.equal(held.fetch(indices, seed=5)[0], images)  # the same seed (a resumed run): the same flips
+    assert not torch.equal(held.fetch(indices, seed=6)[0], images)
+
+
+def test_data_on_device_holds_what_fits_and_says_why_not(tmp_path, monkeypatch):
+    folder = _noise_folder(tmp_path)
+    held, note = data.data_on_device(folder, "cpu")
+    assert held is not None and note.startswith("data: 20 items held on cpu") and "uint8, int64" in note
+    assert data.data_on_device(folder, "cpu", wanted=False) == (None, "data: a DataLoader with 0 worker processes "
+                                                                      "(--data_on_device false)")
+    reference = data.get_dataset("imagefolder", str(tmp_path), 16, augment="reference")
+    held, note = data.data_on_device(reference, "cpu")
+    assert held is None and "--augment reference" in note
+    with pytest.raises(UsageError, match="random crops on the device: use --augment flip or resize"):
+        data.data_on_device(reference, "cpu", wanted=True)
+    monkeypatch.setattr(data, "free_memory", lambda device: 4 * 20 * 3 * 16 * 16 - 4)  # a quarter is too small
+    held, note = data.data_on_device(folder, "cpu")
+    assert held is None and "more than a quarter of the free memory on cpu" in note
+    assert data.data_on_device(folder, "cpu", wanted=True)[0] is not None

@@ -1,4 +1,5 @@
 """Tests for evaluate.py: the judge, the Frechet distance, class accuracy, and the CLI on a tiny checkpoint."""
+import contextlib
 import json
 import os
 import socket
@@ -274,6 +275,31 @@ def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception,
     assert noise["kid"] > 0.01 and abs(real["kid"]) < 0.1 * noise["kid"]  # KID of a set to itself is slightly < 0
     assert np.isfinite(real["kid_std"]) and np.isfinite(noise["kid_std"])
     assert list((offline / "data" / "fidelity_cache").iterdir())  # the real statistics, cached for the next run
+
+
+def test_fid_runs_on_the_gpu_that_device_names(monkeypatch):
+    """torch-fidelity takes cuda=True and uses the current GPU, so --device cuda:1 must make GPU 1 current."""
+    import torch_fidelity
+
+    current, calls = [None], []
+
+    @contextlib.contextmanager
+    def select(device):
+        previous, current[0] = current[0], device.index
+        yield
+        current[0] = previous
+
+    def calculate_metrics(**kwargs):
+        calls.append((kwargs["cuda"], current[0]))
+        return {"frechet_inception_distance": 1.0, "kernel_inception_distance_mean": 0.1,
+                "kernel_inception_distance_std": 0.01}
+
+    monkeypatch.setattr(torch.cuda, "device", select)
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    for device in ("cuda:1", "cpu"):
+        assert evaluate.inception_figures(images, images, "real", None, device)["fid"] == 1.0
+    assert calls == [(True, 1), (False, None)]
 
 
 @pytest.mark.parametrize("args, message", [

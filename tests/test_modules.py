@@ -275,6 +275,16 @@ def test_ema_warmup_decay_is_min_beta_and_1_plus_n_over_10_plus_n(start_step):
     assert not restored.warmup and restored.decay() == 0.9
 
 
+def test_ema_multi_tensor_update_equals_the_per_tensor_formula_on_every_tensor_of_the_unet():
+    torch.manual_seed(0)
+    model, ema_model = (UNet_conditional(num_classes=3, base_channels=8) for _ in range(2))
+    expected = [e.detach().lerp(p.detach(), 1 - 0.9) for e, p in zip(ema_model.parameters(), model.parameters())]
+    EMA(beta=0.9, start_step=0).step_ema(ema_model, model)
+    updated = list(ema_model.parameters())
+    assert len(updated) == len(expected) > 100
+    assert all(torch.equal(e, x) for e, x in zip(updated, expected))
+
+
 # ----------------------------------------------------------------------------- the four conditioning modes
 MODES = UNet_conditional.CONDITIONINGS
 MODE_KEYS = {"add": "label_emb.weight", "concat": "label_map.weight", "xattn": "label_tokens.weight",

@@ -1,12 +1,16 @@
 """The training scripts end to end (ddpm.py, ddpm_conditional.py through training.py), on tiny data."""
+import contextlib
 import dataclasses
+import datetime
 import importlib
 import json
+import os
 import pathlib
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -115,6 +119,45 @@ def test_gradients_are_clipped_to_grad_clip_before_each_step(workdir, monkeypatc
         assert max_norm == grad_clip and norm_before > grad_clip and norm_after <= grad_clip * 1.001
 
 
+@pytest.mark.parametrize("grad_clip", ["1.0", "none"])
+def test_the_gradient_norm_is_computed_once_per_step(workdir, monkeypatch, grad_clip):
+    """The non-finite check reads the norm that clipping returns, rather than computing it a second time."""
+    calls, total_norm = [], torch.nn.utils.get_total_norm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return total_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted)
+    ddpm_conditional.main(TINY + ["--run_name", "N", "--n_per_class", "1", "--grad_clip", grad_clip])
+    assert len(calls) == 2  # max_steps 2
+
+
+class SummingAccelerator:
+    """The parts of an Accelerator that LossLog uses, in one process."""
+    device = torch.device("cpu")
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+@pytest.mark.parametrize("fp16, reason, message", [
+    (False, "non-finite loss", r"the loss was not finite for 2 steps in a row \(up to step 4\)"),
+    (True, "fp16 overflow", r"the fp16 gradients overflowed for 2 steps in a row, although GradScaler halved the loss "
+                            r"scale after each \(up to step 4\)")])
+def test_skipped_steps_are_counted_and_worded_as_fp16_overflow_under_fp16(fp16, reason, message):
+    log = training.LossLog(SummingAccelerator(), [], 0, max_nonfinite=2, fp16=fp16)
+    for skip in (1.0, 0.0, 1.0):
+        log.add(torch.tensor(0.5))
+        log.end_step(torch.tensor(skip))
+    log.read()
+    assert (log.skipped, log.reason) == (2, reason)
+    log.add(torch.tensor(float("inf")))
+    log.end_step(torch.tensor(1.0))
+    with pytest.raises(training.TrainingError, match=message):
+        log.read()
+
+
 def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_cosine_to_zero():
     assert [training.learning_rate(1e-3, step, 4) for step in range(6)] == pytest.approx(
         [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
@@ -179,6 +222,46 @@ def test_unconditional_run_on_an_image_folder(workdir):
     assert grid.size == (2 * 66 + 2, 2 * 66 + 2)  # no captions; 16 px shown at 64
     assert not (workdir / "models" / "U" / "classes.json").exists()
     assert "label_emb.weight" not in load_checkpoint(workdir / "models" / "U" / "ckpt.pt")
+
+
+def noise_folder(root, per_class=6):
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return ["--dataset", "imagefolder", "--dataset_path", str(root), "--dataset_size", "none"]
+
+
+@pytest.mark.parametrize("dataset", ["shapes", "imagefolder"])
+def test_data_on_the_device_trains_exactly_as_the_dataloader(workdir, dataset, capsys):
+    """The same batches in the same order, the same pixels (8-bit images held as uint8): the same losses and weights,
+    so the default (on the device where it fits) leaves every earlier result as it was."""
+    data_args = [] if dataset == "shapes" else noise_folder(workdir / "pets")
+    runs = {}
+    for on_device in ("false", "true"):
+        ddpm_conditional.main(TINY + data_args + ["--run_name", on_device, "--n_per_class", "1", "--max_steps", "5",
+                                                  "--data_on_device", on_device])
+        runs[on_device] = load_checkpoint(workdir / "models" / on_device / "training_state.pt")
+    assert runs["true"]["losses"] == runs["false"]["losses"] and len(runs["true"]["losses"]) == 5
+    assert all(torch.equal(v, runs["false"]["model"][k]) for k, v in runs["true"]["model"].items())
+    printed = capsys.readouterr().out
+    assert "(--data_on_device false)" in printed and "items held on cpu" in printed
+
+
+FLIPS_ON_DEVICE = ["--augment", "flip", "--n_per_class", "1", "--data_on_device", "true"]
+
+
+def test_data_on_the_device_resumes_exactly_with_its_random_flips(workdir):
+    """Flips drawn on the device come from each batch's seed: a resumed run draws the flips the first run drew."""
+    args = TINY + noise_folder(workdir / "pets") + FLIPS_ON_DEVICE
+    ddpm_conditional.main(args + ["--run_name", "straight", "--max_steps", "4"])
+    ddpm_conditional.main(args + ["--run_name", "resumed", "--max_steps", "2"])
+    ddpm_conditional.main(args + ["--run_name", "resumed", "--max_steps", "4", "--resume"])
+    straight, resumed = (load_checkpoint(workdir / "models" / name / "training_state.pt")
+                         for name in ("straight", "resumed"))
+    assert resumed["losses"] == straight["losses"] and resumed["step"] == 4
+    assert all(torch.equal(v, straight["model"][k]) for k, v in resumed["model"].items())
 
 
 def test_max_steps_stops_mid_epoch_and_resume_continues_step_and_optimizer(workdir):
@@ -251,6 +334,76 @@ def test_cli_subprocess_run_and_errors_exit_non_zero_with_one_line(tmp_path):
         assert failed.returncode == code
         error_lines = [line for line in failed.stderr.splitlines() if "error:" in line]
         assert len(error_lines) == 1 and needle in error_lines[0], failed.stderr[-2000:]
+
+
+def test_the_launchers_mixed_precision_stands_unless_the_flag_is_given(tmp_path):
+    """`accelerate launch --mixed_precision bf16` (or `accelerate config`) reaches the script as
+    ACCELERATE_MIXED_PRECISION; the run uses it, says so, and saves it in its config, unless --mixed_precision wins."""
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "OMP_NUM_THREADS": "1"}
+    for args, expected in [([], "bf16 (the launcher)"), (["--mixed_precision", "no"], "no (--mixed_precision)")]:
+        run_name = expected.split()[0]
+        done = subprocess.run([sys.executable, str(REPO / "ddpm_conditional.py"), *TINY, "--run_name", run_name,
+                               "--n_per_class", "1", "--max_steps", "1", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"mixed precision {expected}" in done.stdout
+        config = json.loads((tmp_path / "results" / run_name / "config.json").read_text())
+        assert config["mixed_precision"] == run_name
+
+
+def test_the_launchers_fp16_on_the_cpu_is_one_readable_error(workdir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(UsageError, match="fp16 needs a GPU"):
+        ddpm_conditional.main(TINY)
+
+
+class RecordingAccelerator:
+    """The parts of an Accelerator that image_task uses; records whether main_process_first is open."""
+    device, is_main_process, inside = torch.device("cpu"), True, False
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        self.inside = True
+        yield
+        self.inside = False
+
+
+def test_the_data_set_is_built_by_the_main_process_first(monkeypatch):
+    """Every process builds the data set, and CIFAR-10 downloads into the same files: the main process goes first."""
+    accelerator, opened = RecordingAccelerator(), []
+    get_dataset = training.get_dataset
+
+    def recording(*args, **kwargs):
+        opened.append(accelerator.inside)
+        return get_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(training, "get_dataset", recording)
+    cfg = training.parse_config(ddpm_conditional.Config, TINY)
+    training.image_task(cfg, accelerator, conditional=True)
+    assert opened == [True]
+
+
+def test_on_a_gpu_batches_copy_without_waiting_and_collectives_wait_for_the_main_process(monkeypatch):
+    monkeypatch.setattr(training, "pick_device", lambda name: "cuda")  # the Accelerator still finds no GPU here
+    monkeypatch.setattr(training, "use_tf32", lambda enabled: None)
+    cfg = training.parse_config(ddpm_conditional.Config, TINY)
+    accelerator = training.make_accelerator(cfg)
+    assert accelerator.dataloader_config.non_blocking  # with make_dataloader's pinned memory: no sync per batch
+    assert accelerator.init_handler.timeout == training.COLLECTIVE_TIMEOUT > datetime.timedelta(minutes=10)
+    monkeypatch.setattr(training, "pick_device", lambda name: "cpu")
+    assert not training.make_accelerator(cfg).dataloader_config.non_blocking
+
+
+def test_device_cuda_n_makes_gpu_n_current_in_one_process_and_is_refused_under_a_launcher(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    training.claim_gpu("cuda")
+    training.claim_gpu("cuda:1")
+    assert current == [1]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--device cuda:1 with 2 processes: .* CUDA_VISIBLE_DEVICES"):
+        training.claim_gpu("cuda:1")
 
 
 def shape_accuracy(images, labels):
