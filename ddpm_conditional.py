@@ -35,8 +35,12 @@ class Config:
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
     schedule: str = arg("linear", "noise schedule: linear (the DDPM paper's) | cosine (Nichol & Dhariwal 2021)")
-    min_snr_gamma: float | None = arg(5.0, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
-                                           "2023); None: the plain DDPM loss of the reference")
+    min_snr_gamma: float | None = arg(5.0, "Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR_t, gamma) / SNR_t "
+                                           "for epsilon, min(SNR_t, gamma) for sample, min(SNR_t, gamma) / "
+                                           "(SNR_t + 1) for v_prediction; None: the plain DDPM loss of the reference")
+    prediction_type: str = arg("epsilon", "what the network predicts: epsilon (the noise, DDPM) | v_prediction "
+                                          "(v = sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0, Salimans & Ho 2022) | "
+                                          "sample (x_0)")
     lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
     lr_decay: str = arg("none", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, "
                                      "or at the last epoch)")

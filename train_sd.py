@@ -51,8 +51,11 @@ class Config:
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
     schedule: str = arg("linear", "noise schedule: linear (the DDPM paper's) | cosine (Nichol & Dhariwal 2021)")
-    min_snr_gamma: float | None = arg(None, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Hang et al. 2023; "
-                                            "5 in the paper); None: the plain DDPM loss")
+    min_snr_gamma: float | None = arg(None, "Min-SNR-gamma loss weights (Hang et al. 2023; 5 in the paper): "
+                                            "min(SNR_t, gamma) / SNR_t for epsilon, min(SNR_t, gamma) for sample, "
+                                            "min(SNR_t, gamma) / (SNR_t + 1) for v_prediction; None: the plain DDPM loss")
+    prediction_type: str = arg("epsilon", "what the U-Net predicts: epsilon (the noise) | v_prediction (v = "
+                                          "sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0) | sample (x_0)")
     lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
     lr_decay: str = arg("none", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, "
                                      "or at the last epoch)")
@@ -202,7 +205,7 @@ def make_diffusion(cfg, latents, device):
     clip_x0 = latents.vae is None if cfg.clip_x0 is None else cfg.clip_x0
     return Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size // latents.factor,
                      c_in=latents.channels, device=device, clip_x0=clip_x0, schedule=cfg.schedule,
-                     min_snr_gamma=cfg.min_snr_gamma)
+                     min_snr_gamma=cfg.min_snr_gamma, prediction_type=cfg.prediction_type)
 
 
 class CaptionStates:

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data import AUGMENTATIONS, data_on_device, get_dataset, make_dataloader
-from ddpm import SAMPLERS, SCHEDULES, Diffusion
+from ddpm import PREDICTION_TYPES, SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
@@ -68,6 +68,9 @@ def validate(cfg):
         raise UsageError(f"augment '{cfg.augment}' is unknown: use one of {', '.join(AUGMENTATIONS)}, or None")
     if cfg.schedule not in SCHEDULES:
         raise UsageError(f"schedule '{cfg.schedule}' is unknown: use one of {', '.join(SCHEDULES)}")
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise UsageError(f"prediction_type '{cfg.prediction_type}' is unknown: use one of "
+                         f"{', '.join(PREDICTION_TYPES)}")
     if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
         raise UsageError(f"min_snr_gamma {cfg.min_snr_gamma} must be positive: use e.g. 5, or None for the plain loss")
     if getattr(cfg, "lr_decay", "none") not in LR_DECAYS:
@@ -288,7 +291,8 @@ def image_task(cfg, accelerator, conditional):
                               augment=cfg.augment)
     num_classes = len(dataset.classes) if conditional else None
     diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device,
-                          clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma)
+                          clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma,
+                          prediction_type=cfg.prediction_type)
     labels = grid_labels(cfg, num_classes, device)
     n = cfg.n_samples if labels is None else labels.shape[0]
 

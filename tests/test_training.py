@@ -191,6 +191,7 @@ def test_lr_warmup_sets_the_learning_rate_of_each_optimizer_step(workdir, monkey
     ("--min_snr_gamma", "0", "min_snr_gamma 0.0 must be positive"),
     ("--lr_warmup", "-5", "lr_warmup -5 is negative"),
     ("--lr_decay", "step", "lr_decay 'step' is unknown: use one of none, cosine"),
+    ("--prediction_type", "x0", "prediction_type 'x0' is unknown: use one of epsilon, v_prediction, sample"),
 ])
 def test_bad_recipe_values_are_usage_errors(workdir, flag, value, message):
     with pytest.raises(UsageError, match=message):
