@@ -68,6 +68,8 @@ class Config:
     mixed_precision: str | None = arg(None, "no | fp16 | bf16 (through Accelerate); None: the launcher's "
                                             "(accelerate launch --mixed_precision, accelerate config), else no")
     compile: bool = arg(False, "torch.compile the network")
+    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block in the backward pass "
+                                              "(torch.utils.checkpoint): less activation memory, more compute")
     channels_last: bool = arg(False, "channels_last memory format (slower on the CPU; unmeasured on a GPU: see the "
                                      "layout row of scripts/gpu_check.sh)")
     num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")

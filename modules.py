@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 NULL_LABEL = -1  # a row with this label is unconditional: its label embedding is zero
 
@@ -222,6 +223,8 @@ class UNet(nn.Module):
     become NoAttention, with no weights. The reference has all four. Attention over the H*W pixels of a full-size
     map is the costliest block at small widths, and the one that small images need least.
     `norm_emb_dim` gives every DoubleConv an AdaGN modulation (see DoubleConv).
+    `enable_gradient_checkpointing()` keeps only the inputs of each Down, Up and attention block in training and
+    recomputes the block in the backward pass (torch.utils.checkpoint), trading compute for activation memory.
     forward(x, t): x (B, c_in, H, W), t (B,) integer timesteps -> eps (B, c_out, H, W).
     """
 
@@ -257,6 +260,18 @@ class UNet(nn.Module):
         self.up3 = Up(2 * c, c, time_dim, n)
         self.sa6 = attention_at(1, c)
         self.outc = nn.Conv2d(c, c_out, kernel_size=1)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, enabled=True):
+        """Recompute each Down, Up and attention block in the backward pass instead of storing its activations."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def block(self, module, *args):
+        """module(*args), checkpointed when gradient checkpointing is on and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled() and not isinstance(module, NoAttention):
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
 
     def time_embedding(self, t):
         return timestep_encoding(t, self.time_dim)
@@ -266,14 +281,15 @@ class UNet(nn.Module):
         for cross-attention the context (B, L, context_dim); for AdaGN the norm_emb (B, norm_emb_dim)."""
         check_image_size(x)
         e = norm_emb
+        block = self.block
         x1 = self.inc(x, e)  # full resolution
-        x2 = self.sa1(self.down1(x1, emb, e), context)  # 1/2
-        x3 = self.sa2(self.down2(x2, emb, e), context)  # 1/4
-        x4 = self.sa3(self.down3(x3, emb, e), context)  # 1/8
+        x2 = block(self.sa1, block(self.down1, x1, emb, e), context)  # 1/2
+        x3 = block(self.sa2, block(self.down2, x2, emb, e), context)  # 1/4
+        x4 = block(self.sa3, block(self.down3, x3, emb, e), context)  # 1/8
         x4 = self.bot3(self.bot2(self.bot1(x4, e), e), e)
-        y = self.sa4(self.up1(x4, x3, emb, e), context)  # 1/4
-        y = self.sa5(self.up2(y, x2, emb, e), context)  # 1/2
-        y = self.sa6(self.up3(y, x1, emb, e), context)  # full resolution
+        y = block(self.sa4, block(self.up1, x4, x3, emb, e), context)  # 1/4
+        y = block(self.sa5, block(self.up2, y, x2, emb, e), context)  # 1/2
+        y = block(self.sa6, block(self.up3, y, x1, emb, e), context)  # full resolution
         return self.outc(y)
 
     def forward(self, x, t):

@@ -82,6 +82,8 @@ class Config:
     seed: int = arg(0, "seed of the data order, the noise and the grids")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     compile: bool = arg(False, "torch.compile the U-Net")
+    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block in the backward pass "
+                                              "(torch.utils.checkpoint): less activation memory, more compute")
     mixed_precision: str | None = arg(None, "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to "
                                             "it); None: the launcher's (accelerate launch / config), else no")
     num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")

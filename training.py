@@ -37,7 +37,8 @@ KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the la
 # Fields that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
                     "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
-                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0", "data_on_device")
+                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0", "data_on_device",
+                    "gradient_checkpointing")
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
@@ -441,6 +442,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                                  cfg.num_workers if held is None else 0, seed=cfg.seed,
                                  pin_memory=device.type == "cuda")
     net = task.net
+    if getattr(cfg, "gradient_checkpointing", False):
+        net.enable_gradient_checkpointing()
     if getattr(cfg, "channels_last", False):
         net = net.to(memory_format=torch.channels_last)
     ema_net = copy.deepcopy(net).requires_grad_(False).to(device)

@@ -368,3 +368,43 @@ def test_adanorm_scales_and_shifts_each_norm():
 def test_unknown_conditioning_is_a_value_error():
     with pytest.raises(ValueError, match=r"conditioning 'film' is unknown: use one of add, concat, xattn, adanorm"):
         UNet_conditional(num_classes=3, conditioning="film")
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+def loss_and_gradients(model, *inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(*inputs)
+    loss = out.pow(2).mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("conditioning", [*MODES, "text"])
+def test_gradient_checkpointing_recomputes_the_blocks_and_keeps_loss_and_gradients(conditioning):
+    """The same loss and gradients (to float tolerance); each Down, Up and attention block runs twice per step."""
+    torch.manual_seed(0)
+    if conditioning == "text":
+        model = UNet_text(c_in=4, c_out=4, base_channels=8, context_dim=16)
+        inputs = (torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 5, 16))
+    else:
+        model = trained_like(UNet_conditional(num_classes=3, base_channels=8, conditioning=conditioning))
+        inputs = (torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, NULL_LABEL]))
+    model.train()
+    calls = {"down1": 0, "up3": 0, "sa1": 0, "inc": 0}
+    def count(name):
+        return lambda module, args: calls.update({name: calls[name] + 1})
+
+    for name in calls:  # a pre-hook: the recomputation stops as soon as it has what the backward pass needs
+        getattr(model, name).register_forward_pre_hook(count(name))
+    loss, grads = loss_and_gradients(model, *inputs)
+    assert calls == {"down1": 1, "up3": 1, "sa1": 1, "inc": 1}
+    model.enable_gradient_checkpointing()
+    loss_ckpt, grads_ckpt = loss_and_gradients(model, *inputs)
+    assert calls == {"down1": 3, "up3": 3, "sa1": 3, "inc": 2}  # the blocks ran again in the backward pass
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=0)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():  # sampling: nothing to recompute
+        model(*inputs)
+    assert calls["down1"] == 4
