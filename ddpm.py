@@ -25,6 +25,8 @@ class Config:
     augment: str | None = arg(None, "resize (+ centre crop) | flip (+ horizontal flips) | reference (its random crop); "
                                     "None: flip for cifar10, else resize")
     image_size: int = arg(64, "training resolution in pixels, divisible by 8")
+    channels: int | None = arg(None, "image channels: 1 (grey) | 3 (RGB); None: the data set's (1 for a folder of grey "
+                                     "image files, such as the digits; else 3)")
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
     attn_factors: str = arg("1,2,4,8", "self-attention after the U-Net blocks at these downsampling factors (1: full "
                                        "resolution, 8: the lowest); the reference: all four")

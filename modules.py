@@ -397,17 +397,18 @@ class UNet_text(UNet):
 
 
 class JudgeNet(nn.Module):
-    """The judge of evaluate.py, a small CNN classifier: images (B, 3, S, S) in [-1, 1] -> logits (B, K); `features` is its last hidden layer."""
+    """The judge of evaluate.py, a small CNN classifier: images (B, C, S, S) in [-1, 1] -> logits (B, K); `features` is
+    its last hidden layer. C = `channels`: 3 (RGB) or 1 (grey data)."""
 
-    def __init__(self, num_classes, width=32):
+    def __init__(self, num_classes, width=32, channels=3):
         super().__init__()
 
         def block(c_in, c_out):
             return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
 
-        self.body = nn.Sequential(*block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
+        self.body = nn.Sequential(*block(channels, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
                                   *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten())  # (B, 3, S, S) -> (B, 4 * width)
+                                  nn.Flatten())  # (B, C, S, S) -> (B, 4 * width)
         self.head = nn.Linear(4 * width, num_classes)
 
     def features(self, x):

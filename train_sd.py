@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, cache_key, default_prompts, get_caption_dataset,
-                  load_or_build_cache, normalize_caption, parse_shape_caption, without_captions)
+from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, cache_key, dataset_channels, default_prompts,
+                  get_caption_dataset, load_or_build_cache, normalize_caption, parse_shape_caption, without_captions)
 from ddpm import Diffusion, broadcast
 from modules import UNet_text
 from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, parse_attn_factors, train, validate
@@ -35,6 +35,8 @@ class Config:
     dataset_path: str = arg("./data", "folder of the dataset (cifar10 downloads here)")
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
     image_size: int = arg(128, "training resolution in pixels; the latents are image_size / VAE factor")
+    channels: int | None = arg(None, "image channels: 1 (grey: repeated for an RGB VAE, its decoding averaged) | 3 "
+                                     "(RGB); None: the data set's (1 for a folder of grey image files, else 3)")
     vae: str = arg("stabilityai/sd-vae-ft-mse", "frozen AutoencoderKL: Hub id or local folder; none = pixel space")
     text_encoder: str = arg("openai/clip-vit-large-patch14", "Hub id or folder holding CLIPTextModel + tokenizer")
     conditioning: str = arg("cross_attention", "cross_attention (token states) | add (pooled embedding)")
@@ -121,28 +123,36 @@ def from_pretrained(cls, name, **kwargs):
 
 
 class Latents:
-    """The frozen VAE: pixels in [-1, 1] <-> scaled latents. With vae=None it is pixel space (identity)."""
+    """The frozen VAE: pixels in [-1, 1] <-> scaled latents. With vae=None it is pixel space (identity).
 
-    def __init__(self, vae):
+    image_channels: the images' channels. Grey images (1) are repeated to the VAE's input channels for encoding, and
+    its decoded images averaged back to grey.
+    """
+
+    def __init__(self, vae, image_channels=3):
         self.vae = vae
-        self.channels = 3 if vae is None else vae.config.latent_channels
+        self.image_channels = image_channels
+        self.channels = image_channels if vae is None else vae.config.latent_channels
         self.factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         self.scale = 1.0 if vae is None else vae.config.scaling_factor
         self.shift = 0.0 if vae is None else (getattr(vae.config, "shift_factor", None) or 0.0)
 
     @torch.no_grad()
     def encode(self, images):
-        """(B, 3, H, W) -> mean and std of the scaled posterior, (B, C, H/f, W/f) float32."""
+        """(B, image_channels, H, W) -> mean and std of the scaled posterior, (B, C, H/f, W/f) float32."""
         if self.vae is None:
             return images.float(), torch.zeros_like(images, dtype=torch.float32)
+        images = images.expand(-1, self.vae.config.in_channels, -1, -1) if images.shape[1] == 1 else images
         dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
         return (dist.mean.float() - self.shift) * self.scale, dist.std.float() * self.scale
 
     @torch.no_grad()
     def decode(self, latents):
-        """Scaled latents (B, C, h, w) -> pixels (B, 3, h*f, w*f) in [-1, 1]."""
+        """Scaled latents (B, C, h, w) -> pixels (B, image_channels, h*f, w*f) in [-1, 1]."""
         if self.vae is not None:
             latents = self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample
+            if self.image_channels == 1:
+                latents = latents.mean(dim=1, keepdim=True)  # (B, 3, H, W) -> (B, 1, H, W)
         return latents.float().clamp(-1, 1)
 
 
@@ -181,7 +191,7 @@ def load_frozen(cfg, device):
         vae = from_pretrained(AutoencoderKL, cfg.vae, torch_dtype=dtype).to(device).eval().requires_grad_(False)
     tokenizer = from_pretrained(CLIPTokenizer, cfg.text_encoder)
     model = from_pretrained(CLIPTextModel, cfg.text_encoder, dtype=dtype).to(device).eval().requires_grad_(False)
-    return Latents(vae), TextEncoder(tokenizer, model, cfg.conditioning)
+    return Latents(vae, cfg.channels or 3), TextEncoder(tokenizer, model, cfg.conditioning)
 
 
 def check(cfg):
@@ -257,7 +267,8 @@ def cache_path(cfg, dataset):
     key = cache_key(vae=cfg.vae, text_encoder=cfg.text_encoder, image_size=cfg.image_size, dataset=cfg.dataset,
                     dataset_path=os.path.abspath(cfg.dataset_path), dataset_size=len(dataset), seed=cfg.seed,
                     conditioning=cfg.conditioning, precision=cfg.mixed_precision,
-                    holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts))
+                    holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts),
+                    **({"channels": cfg.channels} if cfg.channels != 3 else {}))  # RGB caches keep their keys
     return os.path.join(cfg.cache_dir, f"{key}.pt")
 
 
@@ -277,10 +288,11 @@ def sample_grid(cfg, diffusion, net, latents, text, prompts, path):
 def text_task(cfg, accelerator):
     """What training.train trains here: captions through the frozen VAE and CLIP, or through their cache."""
     device = accelerator.device
+    cfg = dataclasses.replace(cfg, channels=cfg.channels or dataset_channels(cfg.dataset, cfg.dataset_path))
     with accelerator.main_process_first():  # one process downloads (the Hub's models, CIFAR-10); the others read them
         latents, text = load_frozen(cfg, device)
         dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed,
-                                      size=cfg.dataset_size)
+                                      size=cfg.dataset_size, channels=cfg.channels)
     diffusion = make_diffusion(cfg, latents, device)
     dataset = without_captions(dataset, cfg.holdout_prompts)  # the held-out prompts never occur in an epoch
     if cfg.holdout_prompts:
@@ -304,7 +316,7 @@ def text_task(cfg, accelerator):
     def draw_grid(module, path):
         sample_grid(cfg, diffusion, module, latents, text, prompts, path)
 
-    return Task(dataset, build_unet(cfg, latents, text), diffusion, make_batch, draw_grid)
+    return Task(dataset, build_unet(cfg, latents, text), diffusion, make_batch, draw_grid, channels=cfg.channels)
 
 
 # ----------------------------------------------------------------------------- tiny offline models

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data import AUGMENTATIONS, data_on_device, get_dataset, make_dataloader
+from data import AUGMENTATIONS, CHANNELS, data_on_device, dataset_channels, get_dataset, make_dataloader
 from ddpm import PREDICTION_TYPES, SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
 from modules import EMA, NULL_LABEL, UNet, UNet_conditional
@@ -39,6 +39,7 @@ RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device",
                     "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
                     "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0", "data_on_device",
                     "gradient_checkpointing")
+FIELDS_BEFORE = {"channels": 3}  # what the runs saved before a field existed had, where it is not the default
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
@@ -65,6 +66,8 @@ def validate(cfg):
     if getattr(cfg, "eval_every", None) is not None and (cfg.eval_every <= 0 or cfg.eval_samples < 2):
         raise UsageError(f"eval_every {cfg.eval_every} / eval_samples {cfg.eval_samples}: use a positive --eval_every "
                          "(or None: off) and --eval_samples 2 or more, e.g. 100")
+    if getattr(cfg, "channels", None) not in (None, *CHANNELS):
+        raise UsageError(f"channels {cfg.channels} is not supported: use 1 (grey), 3 (RGB) or None (the data set's)")
     if getattr(cfg, "augment", None) not in (None, *AUGMENTATIONS):
         raise UsageError(f"augment '{cfg.augment}' is unknown: use one of {', '.join(AUGMENTATIONS)}, or None")
     if cfg.schedule not in SCHEDULES:
@@ -189,7 +192,9 @@ def restore_run(cfg, models_dir, net, ema_net, ema, optimizer, num_processes=1, 
     A run may resume on another number of processes when the batches done so far split evenly over them.
     """
     state = load_checkpoint(os.path.join(models_dir, STATE_FILE))
-    saved = with_defaults(state["config"], type(cfg))  # a run saved before a field existed used its default
+    # a run saved before a field existed used its default, or for channels (default None: the data set's) RGB
+    before = {key: value for key, value in FIELDS_BEFORE.items() if hasattr(cfg, key)}
+    saved = with_defaults({**before, **state["config"]}, type(cfg))
     changed = diff_configs(saved, config_to_dict(cfg), ignore=resumable)
     if changed:
         raise UsageError(f"--resume with a different config: {'; '.join(changed)}; use the saved values "
@@ -233,6 +238,7 @@ class Task:
     grid of `module`'s samples from fixed noise and conditioning. measure(module), if given, returns the
     offline quality figures of `module`'s samples (evaluate.offline_figures), for --eval_every. classes: the
     class names of a conditional model, saved as models/<run_name>/classes.json for sample.py's grid captions.
+    channels: the images' channels the task resolved (--channels None: the data set's), saved in the run's config.
     """
     dataset: torch.utils.data.Dataset
     net: torch.nn.Module
@@ -241,6 +247,7 @@ class Task:
     draw_grid: Callable
     measure: Callable | None = None
     classes: list[str] | None = None
+    channels: int = 3
 
 
 def parse_attn_factors(text):
@@ -255,16 +262,16 @@ def parse_attn_factors(text):
     return factors
 
 
-def build_model(cfg, num_classes):
+def build_model(cfg, num_classes, channels=3):
     attn_factors = parse_attn_factors(getattr(cfg, "attn_factors", "1,2,4,8"))
     if num_classes is None:
-        return UNet(base_channels=cfg.base_channels, attn_factors=attn_factors)
+        return UNet(channels, channels, base_channels=cfg.base_channels, attn_factors=attn_factors)
     conditioning = getattr(cfg, "conditioning", "add")
     if conditioning not in UNet_conditional.CONDITIONINGS:
         raise UsageError(f"conditioning '{conditioning}' is unknown: use one of "
                          f"{', '.join(UNet_conditional.CONDITIONINGS)}")
-    return UNet_conditional(num_classes=num_classes, base_channels=cfg.base_channels, conditioning=conditioning,
-                            attn_factors=attn_factors)
+    return UNet_conditional(channels, channels, num_classes=num_classes, base_channels=cfg.base_channels,
+                            conditioning=conditioning, attn_factors=attn_factors)
 
 
 def grid_labels(cfg, num_classes, device):
@@ -287,12 +294,13 @@ def image_task(cfg, accelerator, conditional):
     if device.type == "cpu" and cfg.max_steps is None and cfg.base_channels >= 64 and cfg.image_size >= 32:
         warnings.warn("this full-size config takes days on the CPU: try --config configs/quick_cpu.json "
                       "(shapes at 16 px, a few minutes)", stacklevel=2)
+    channels = cfg.channels or dataset_channels(cfg.dataset, cfg.dataset_path)
     with accelerator.main_process_first():  # one process downloads (CIFAR-10); the others then read its files
         dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
-                              augment=cfg.augment)
+                              augment=cfg.augment, channels=channels)
     num_classes = len(dataset.classes) if conditional else None
-    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device,
-                          clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma,
+    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, c_in=channels,
+                          device=device, clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma,
                           prediction_type=cfg.prediction_type)
     labels = grid_labels(cfg, num_classes, device)
     n = cfg.n_samples if labels is None else labels.shape[0]
@@ -311,7 +319,7 @@ def image_task(cfg, accelerator, conditional):
     measure = None
     if cfg.eval_every and accelerator.is_main_process:  # one process trains and caches the judge
         judge = get_judge(cfg.dataset, cfg.dataset_path, cfg.image_size, num_real=min(5000, len(dataset)),
-                          device=device)
+                          device=device, channels=channels)
         print(f"--eval_every {cfg.eval_every}: judge accuracy on held-out real images {judge.heldout_accuracy:.3f}")
         measure = functools.partial(offline_figures, diffusion=diffusion, judge=judge, num_classes=num_classes,
                                     n=cfg.eval_samples, cfg_scale=getattr(cfg, "cfg_scale", 0.0),
@@ -323,7 +331,8 @@ def image_task(cfg, accelerator, conditional):
         def make_batch(batch):
             return batch[0], None
     classes = list(dataset.classes) if conditional else None
-    return Task(dataset, build_model(cfg, num_classes), diffusion, make_batch, draw_grid, measure, classes)
+    return Task(dataset, build_model(cfg, num_classes, channels), diffusion, make_batch, draw_grid, measure, classes,
+                channels)
 
 
 # ----------------------------------------------------------------------------- the loop's bookkeeping
@@ -436,6 +445,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     seed_everything(cfg.seed)  # the same initial weights on every process
 
     task = make_task(cfg, accelerator)
+    if hasattr(cfg, "channels"):
+        cfg = dataclasses.replace(cfg, channels=task.channels)  # the config saved says what ran, as with the precision
     # --data_on_device: the DataLoader yields batches of indices, in the order it would yield the data set's
     held, data_note = data_on_device(task.dataset, device, cfg.data_on_device, cfg.num_workers)
     dataloader = make_dataloader(task.dataset if held is None else held, cfg.batch_size,

@@ -327,3 +327,11 @@ def test_cli_subprocess_writes_metrics_and_exits_2_on_bad_input(workdir):
     bad = subprocess.run([sys.executable, script, "--ckpt", "bare/ckpt.pt"], cwd=workdir, capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--dataset" in bad.stderr
+
+
+def test_grey_images_reach_inception_as_three_equal_channels():
+    grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    rgb = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(evaluate.Uint8Images(grey)[1], grey[1].repeat(3, 1, 1))
+    assert torch.equal(evaluate.Uint8Images(rgb)[1], rgb[1])
+

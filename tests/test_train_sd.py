@@ -67,6 +67,21 @@ def test_shapes_through_every_stage(tiny, conditioning, context_shape):
     assert train_sd.make_diffusion(cfg, latents, "cpu").img_size == 8
 
 
+def test_grey_images_through_an_rgb_vae_and_in_pixel_space(tiny):
+    """Grey images are repeated to the VAE's 3 input channels and its decodings averaged back to grey."""
+    latents, _ = train_sd.load_frozen(tiny_cfg(tiny, channels=1), "cpu")
+    grey = torch.rand(2, 1, 16, 16) * 2 - 1
+    mean, _ = latents.encode(grey)
+    torch.testing.assert_close(mean, latents.encode(grey.repeat(1, 3, 1, 1))[0])
+    decoded = latents.decode(mean)
+    assert decoded.shape == (2, 1, 16, 16)
+    with torch.no_grad():
+        rgb = latents.vae.decode(mean / latents.scale + latents.shift).sample  # (2, 3, 16, 16)
+    torch.testing.assert_close(decoded, rgb.mean(dim=1, keepdim=True).clamp(-1, 1))
+    pixels, _ = train_sd.load_frozen(tiny_cfg(tiny, channels=1, vae="none"), "cpu")
+    assert pixels.channels == 1 and pixels.decode(grey).shape == (2, 1, 16, 16)
+
+
 def test_pixel_space_and_image_size_check(tiny):
     cfg = tiny_cfg(tiny, vae="none")
     latents, _ = train_sd.load_frozen(cfg, "cpu")

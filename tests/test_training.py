@@ -192,6 +192,7 @@ def test_lr_warmup_sets_the_learning_rate_of_each_optimizer_step(workdir, monkey
     ("--lr_warmup", "-5", "lr_warmup -5 is negative"),
     ("--lr_decay", "step", "lr_decay 'step' is unknown: use one of none, cosine"),
     ("--prediction_type", "x0", "prediction_type 'x0' is unknown: use one of epsilon, v_prediction, sample"),
+    ("--channels", "2", r"channels 2 is not supported: use 1 \(grey\), 3 \(RGB\) or None"),
 ])
 def test_bad_recipe_values_are_usage_errors(workdir, flag, value, message):
     with pytest.raises(UsageError, match=message):
@@ -484,3 +485,53 @@ def test_cross_attention_conditioning_learns_the_shapes_classes(workdir):
     accuracy = shape_accuracy(images, labels)
     print(f"shape accuracy of 100 guided samples of xattn after 700 steps: {accuracy:.2f} (chance 0.10)")
     assert accuracy >= 0.2
+
+
+# ----------------------------------------------------------------------------- grey images (--channels)
+def grey_folder(root, per_class=8):
+    for k, name in enumerate(("zero", "one")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.random.default_rng([k, i]).integers(0, 256, (16, 16), dtype=np.uint8)
+            Image.fromarray(pixels, mode="L").save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_grey_folder_trains_a_grey_network_and_sample_and_evaluate_follow(workdir, capsys):
+    """--channels None takes the folder's 1 channel: the network, the saved config, the grids, sample.py's images
+    and evaluate.py's judge are grey; --channels 3 makes the same folder RGB."""
+    import evaluate
+    import sample
+
+    grey_folder(workdir / "digits")
+    folder = ["--dataset", "imagefolder", "--dataset_path", "digits"]
+    ddpm_conditional.main(TINY + folder + ["--run_name", "G", "--n_per_class", "2"])
+    config = json.loads((workdir / "models" / "G" / "config.json").read_text())
+    assert config["channels"] == 1
+    weights = load_checkpoint(workdir / "models" / "G" / "ema_ckpt.pt")
+    assert weights["inc.double_conv.0.weight"].shape[1] == 1 and weights["outc.weight"].shape[0] == 1
+    assert (workdir / "results" / "G" / "0_ema.jpg").is_file()
+    images = sample.main(["--ckpt", "models/G/ema_ckpt.pt", "--n_per_label", "2", "--sampler", "ddim", "--steps", "2",
+                          "--out", "grid.png", "--save_individual", "single", "--device", "cpu"])
+    assert images.shape == (4, 1, 16, 16)
+    with Image.open(workdir / "single" / "0_0.png") as single:
+        assert single.mode == "L" and single.size == (16, 16)
+    metrics = evaluate.main(["--ckpt", "models/G/ema_ckpt.pt", "--num_samples", "4", "--num_real", "16",
+                             "--judge_epochs", "1", "--sampler", "ddim", "--steps", "2", "--inception", "false",
+                             "--device", "cpu"])
+    assert "-grey-" in metrics["judge"]["path"] and 0 <= metrics["rows"][0]["class_accuracy"] <= 1
+    assert load_checkpoint(metrics["judge"]["path"])["channels"] == 1
+    ddpm_conditional.main(TINY + folder + ["--run_name", "C", "--channels", "3"])
+    assert json.loads((workdir / "models" / "C" / "config.json").read_text())["channels"] == 3
+    assert load_checkpoint(workdir / "models" / "C" / "ema_ckpt.pt")["inc.double_conv.0.weight"].shape[1] == 3
+
+
+def test_a_run_saved_before_channels_existed_resumes_as_rgb(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "old", "--max_steps", "1"])
+    path = workdir / "models" / "old" / "training_state.pt"
+    state = load_checkpoint(path)
+    assert state["config"].pop("channels") == 3
+    torch.save(state, path)
+    done = ddpm_conditional.main(TINY + ["--run_name", "old", "--resume"])
+    assert done["step"] == 2
+
