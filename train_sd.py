@@ -76,6 +76,8 @@ class Config:
                                          "sampling them measures composition (repeat the flag)")
     n_per_prompt: int = arg(8, "images in each prompt's row")
     log_every: int = arg(5, "save grids, loss plot and checkpoints every this many epochs")
+    report_to: str = arg("tensorboard", "experiment tracking through Accelerate: none | tensorboard (offline, in "
+                                        "results/<run_name>/logs) | wandb (offline unless logged in) | all")
     gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
     checkpoint_every: int = arg(500, "optimizer steps between checkpoints (training_state.pt for --resume)")
     keep_checkpoints: int = arg(2, "training states kept in models/<run_name>/checkpoints/, the newest included")

@@ -10,8 +10,10 @@ import copy
 import dataclasses
 import datetime
 import functools
+import importlib.util
 import json
 import math
+import netrc
 import os
 import signal
 import threading
@@ -22,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from data import AUGMENTATIONS, CHANNELS, data_on_device, dataset_channels, get_dataset, make_dataloader
@@ -38,7 +41,7 @@ KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the la
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
                     "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
                     "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0", "data_on_device",
-                    "gradient_checkpointing")
+                    "gradient_checkpointing", "report_to")
 FIELDS_BEFORE = {"channels": 3}  # what the runs saved before a field existed had, where it is not the default
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
@@ -66,6 +69,7 @@ def validate(cfg):
     if getattr(cfg, "eval_every", None) is not None and (cfg.eval_every <= 0 or cfg.eval_samples < 2):
         raise UsageError(f"eval_every {cfg.eval_every} / eval_samples {cfg.eval_samples}: use a positive --eval_every "
                          "(or None: off) and --eval_samples 2 or more, e.g. 100")
+    trackers(getattr(cfg, "report_to", "none"))
     if getattr(cfg, "channels", None) not in (None, *CHANNELS):
         raise UsageError(f"channels {cfg.channels} is not supported: use 1 (grey), 3 (RGB) or None (the data set's)")
     if getattr(cfg, "augment", None) not in (None, *AUGMENTATIONS):
@@ -126,7 +130,52 @@ def claim_gpu(device):
     torch.cuda.set_device(int(device.split(":")[1]))
 
 
-def make_accelerator(cfg):
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+WANDB_PROJECT = "Diffusion-Models-pytorch"  # the wandb project of every run, unless WANDB_PROJECT says another
+
+
+def trackers(report_to):
+    """The tracker names of --report_to; a value that is unknown, or whose package is missing, is a UsageError."""
+    if report_to not in REPORT_TO:
+        raise UsageError(f"report_to '{report_to}' is unknown: use one of {', '.join(REPORT_TO)}")
+    names = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"--report_to {report_to} needs the {name} package: pip install {name} (or pass "
+                             "--report_to none)")
+    return names
+
+
+def wandb_logged_in():
+    """Whether `wandb login` (or WANDB_API_KEY) has given this machine a key: its ~/.netrc entry for the wandb host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def make_trackers(cfg, results_dir):
+    """Accelerate's trackers of --report_to: TensorBoard writing to results/<run_name>/logs, wandb in the project
+    WANDB_PROJECT (default Diffusion-Models-pytorch) under the run's name, offline unless logged in (or WANDB_MODE)."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    made = []
+    for name in trackers(getattr(cfg, "report_to", "none")):
+        if name == "tensorboard":
+            made.append(TensorBoardTracker("logs", results_dir))
+        else:
+            mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+            made.append(WandBTracker(os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=cfg.run_name,
+                                     dir=results_dir, mode=mode))
+    return made
+
+
+def make_accelerator(cfg, results_dir=None):
+    """The run's Accelerator: device, precision, accumulation, seeded data order, collective timeout, and the trackers
+    of --report_to (which need `results_dir`)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
@@ -143,7 +192,8 @@ def make_accelerator(cfg):
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                                  non_blocking=on_gpu),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+                       log_with=(make_trackers(cfg, results_dir) if results_dir is not None else None) or None)
 
 
 def run_dirs(cfg, resume, overwrite):
@@ -365,14 +415,16 @@ class StopRequest:
 
 
 class LossLog:
-    """Each optimizer step's loss and whether its update was skipped, kept on the device until `read`.
+    """Each optimizer step's loss, gradient norm and whether its update was skipped, kept on the device until `read`.
 
     `add` and `end_step` never wait for the device; `read` moves what is pending to the host in one
-    transfer, averaged over the processes, and appends one loss per step to `losses`.
+    transfer, averaged over the processes, appends one loss per step to `losses`, and hands each step to
+    `report(step, loss, grad_norm, skipped)` when given (skipped: the steps skipped so far).
     """
 
-    def __init__(self, accelerator, losses, skipped, max_nonfinite, fp16=False):
+    def __init__(self, accelerator, losses, skipped, max_nonfinite, fp16=False, report=None):
         self.accelerator, self.losses, self.skipped, self.max_nonfinite = accelerator, losses, skipped, max_nonfinite
+        self.report = report
         self.micro, self.pending, self.in_a_row = [], [], 0
         # fp16: GradScaler starts at a loss scale of 2^16 and halves it after each step whose gradients overflow,
         # so the first steps of a run are skipped as a rule; they are overflow, not a loss that is not finite
@@ -382,20 +434,23 @@ class LossLog:
     def add(self, loss):
         self.micro.append(loss.detach().float())
 
-    def end_step(self, skip):
-        self.pending.append(torch.stack([torch.stack(self.micro).mean(), skip.float()]))
+    def end_step(self, skip, grad_norm=None):
+        grad_norm = torch.full_like(skip, float("nan")) if grad_norm is None else grad_norm
+        self.pending.append(torch.stack([torch.stack(self.micro).mean(), skip.float(), grad_norm.float()]))
         self.micro = []
 
     def read(self, stop_signal=None):
         """Move the pending values to `losses`; True if any process got a stop signal. A TrainingError after
         `max_nonfinite` skipped steps in a row."""
         if self.pending:
-            values = self.accelerator.reduce(torch.stack(self.pending), "mean").tolist()  # (steps, 2): loss, skipped
+            values = self.accelerator.reduce(torch.stack(self.pending), "mean").tolist()  # (steps, 3)
             self.pending = []
-            for loss, skip in values:
+            for loss, skip, grad_norm in values:
                 self.losses.append(loss)
                 self.skipped += skip > 0.5
                 self.in_a_row = self.in_a_row + 1 if skip > 0.5 else 0
+                if self.report is not None:
+                    self.report(len(self.losses), loss, grad_norm, self.skipped)
                 if self.in_a_row >= self.max_nonfinite:
                     what = (f"the fp16 gradients overflowed for {self.in_a_row} steps in a row, although GradScaler "
                             "halved the loss scale after each" if self.fp16 else
@@ -405,6 +460,43 @@ class LossLog:
                                         "bf16 / no")
         stop = torch.tensor(float(stop_signal is not None), device=self.accelerator.device)
         return self.accelerator.reduce(stop, "sum").item() > 0
+
+
+class Tracking:
+    """--report_to through Accelerate's trackers, started on entry and finished on exit, on the main process only.
+
+    Every value is logged at its optimizer step (1 = the first), so a resumed run continues the curves at the step
+    it resumes from; TensorBoard hides what a stopped run had logged after that step (SummaryWriter's purge_step).
+    """
+
+    def __init__(self, accelerator, cfg, step):
+        self.accelerator, self.cfg, self.step = accelerator, cfg, step
+
+    def __enter__(self):
+        for tracker in self.accelerator.log_with:
+            if tracker.name == "tensorboard" and self.step:
+                tracker.init_kwargs["purge_step"] = self.step + 1  # passed to SummaryWriter
+        config = {key: ", ".join(map(str, value)) if isinstance(value, list) else value
+                  for key, value in config_to_dict(self.cfg).items()}  # trackers take numbers, strings, None
+        self.accelerator.init_trackers(self.cfg.run_name, config=config)
+        return self
+
+    def image(self, tag, path, step):
+        """The grid file `path`, as it was saved, under `tag` at `step`."""
+        if not self.accelerator.trackers:
+            return
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({tag: pixels[None]}, step=step, dataformats="NHWC")
+                tracker.writer.flush()
+            else:
+                tracker.log_images({tag: [pixels]}, step=step)
+
+    def __exit__(self, *exc_info):
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 LR_DECAYS = ("none", "cosine")
@@ -438,7 +530,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     """
     validate(cfg)
     results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, results_dir)
     precision_source = mixed_precision(cfg)[1]
     cfg = dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision)  # the config saved says what ran
     device = accelerator.device
@@ -484,7 +576,18 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                       f"mixed precision {cfg.mixed_precision} ({precision_source})")
     accelerator.print(data_note)
     step, start_epoch, losses = run["step"], run["epoch"], run["losses"]
-    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite, fp16=cfg.mixed_precision == "fp16")
+    decay = getattr(cfg, "lr_decay", "none")
+    steps_per_epoch = len(dataloader) // cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch  # the cosine's end
+    tracking = Tracking(accelerator, cfg, step)
+
+    def report(n, loss, grad_norm, skipped):  # optimizer step n, counted from the run's start: the same on --resume
+        lr = learning_rate(cfg.lr, n - 1, cfg.lr_warmup, decay, total_steps)
+        accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                         "train/skipped_steps": skipped}, step=n)
+
+    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite, fp16=cfg.mixed_precision == "fp16",
+                  report=report)
 
     def save(epoch, batches_done):
         if accelerator.is_main_process:
@@ -493,12 +596,9 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 "num_processes": n, "losses": losses, "skipped": log.skipped}, models_dir)
         accelerator.wait_for_everyone()
 
-    decay = getattr(cfg, "lr_decay", "none")
-    steps_per_epoch = len(dataloader) // cfg.gradient_accumulation_steps
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch  # the cosine's end
     epoch, stopped = start_epoch, None
     start, measuring = time.perf_counter(), 0.0  # train_seconds: the run's wall-clock time less --eval_every's
-    with StopRequest() as stop:
+    with StopRequest() as stop, tracking:
         for epoch in range(start_epoch, cfg.epochs):
             batches_done = run["batches_done"] if epoch == start_epoch else 0
             pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
@@ -512,7 +612,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                     loss = task.diffusion.loss(model, x_0, conditioning)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        skip = (~torch.isfinite(gradient_norm(accelerator, model, cfg.grad_clip))).float()
+                        grad_norm = gradient_norm(accelerator, model, cfg.grad_clip)
+                        skip = (~torch.isfinite(grad_norm)).float()
                         adamw.found_inf = skip  # fused AdamW leaves weights and moments as they are when 1
                         for group in adamw.param_groups:
                             group["lr"] = learning_rate(cfg.lr, step, cfg.lr_warmup, decay, total_steps)
@@ -522,7 +623,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 log.add(loss)
                 if not accelerator.sync_gradients:
                     continue
-                log.end_step(skip)
+                log.end_step(skip, grad_norm)
                 if accelerator.is_main_process:
                     ema.step_ema(ema_net, net)
                 step += 1
@@ -538,6 +639,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                         seconds = round(measure_start - start - measuring, 1)
                         measuring += time.perf_counter() - measure_start
                         quality.append({"step": step, "seconds": seconds, **figures})
+                        accelerator.log({f"eval/{key}": value for key, value in figures.items() if value is not None},
+                                        step=step)
                         write_json(quality, quality_path)
                     accelerator.wait_for_everyone()
                 if stopped or (cfg.max_steps is not None and step >= cfg.max_steps):
@@ -551,6 +654,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
             if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
                 for suffix, module in (("", net), ("_ema", ema_net)):
                     task.draw_grid(module, os.path.join(results_dir, f"{epoch}{suffix}.jpg"))
+                    tracking.image(f"samples{suffix}", os.path.join(results_dir, f"{epoch}{suffix}.jpg"), step)
                 plot_loss(losses, os.path.join(results_dir, "loss.png"), quality=quality)
             if last or (epoch + 1) % cfg.log_every == 0:
                 save(epoch, batches_done)

@@ -535,3 +535,77 @@ def test_a_run_saved_before_channels_existed_resumes_as_rgb(workdir):
     done = ddpm_conditional.main(TINY + ["--run_name", "old", "--resume"])
     assert done["step"] == 2
 
+
+# ----------------------------------------------------------------------------- experiment tracking (--report_to)
+def tensorboard_events(folder):
+    """{tag: [(step, value)]} of the scalars and {tag: [step]} of the images that TensorBoard reads from `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    images = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    return scalars, images
+
+
+def test_tensorboard_gets_every_steps_scalars_the_eval_figures_and_the_grids_and_a_resume_keeps_the_steps(workdir):
+    """A run to step 4, then rewound to its checkpoint of step 2 and resumed: TensorBoard holds each step once, with the
+    losses of the finished run (what the first run logged after step 2 is purged)."""
+    run = TINY + ["--run_name", "TB", "--max_steps", "4", "--print_every", "1", "--checkpoint_every", "2",
+                  "--keep_checkpoints", "3", "--eval_every", "2", "--eval_samples", "10", "--lr_warmup", "4"]
+    ddpm_conditional.main(run)
+    models = workdir / "models" / "TB"
+    scalars, images = tensorboard_events(workdir / "results" / "TB" / "logs")
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "eval/class_accuracy",
+            "eval/judge_fd"} <= set(scalars)
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [value for _, value in scalars["train/lr"]] == pytest.approx([3e-4 * k / 4 for k in (1, 2, 3, 4)])
+    assert [step for step, _ in scalars["eval/judge_fd"]] == [2, 4]
+    assert all(value > 0 for _, value in scalars["train/grad_norm"])
+    assert images == {"samples": [4], "samples_ema": [4]}
+
+    (models / "checkpoints" / "step_000000002.pt").replace(models / "training_state.pt")  # back to step 2
+    ddpm_conditional.main(run + ["--resume"])
+    scalars, images = tensorboard_events(workdir / "results" / "TB" / "logs")
+    losses = load_checkpoint(models / "training_state.pt")["losses"]
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
+    assert [step for step, _ in scalars["eval/judge_fd"]] == [2, 4] and images["samples_ema"] == [4]
+
+
+def test_report_to_none_writes_no_logs(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "N", "--report_to", "none"])
+    assert not (workdir / "results" / "N" / "logs").exists()
+
+
+def test_report_to_errors_name_the_fix(workdir, monkeypatch):
+    with pytest.raises(UsageError, match="report_to 'mlflow' is unknown: use one of none, tensorboard, wandb, all"):
+        ddpm_conditional.main(TINY + ["--report_to", "mlflow"])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    for value in ("wandb", "all"):
+        with pytest.raises(UsageError, match=rf"--report_to {value} needs the wandb package: pip install wandb"):
+            ddpm_conditional.main(TINY + ["--report_to", value])
+
+
+@pytest.mark.parametrize("login, mode", [(None, "offline"), ("netrc", "online"), ("key", "online"), ("env", "disabled")])
+def test_wandb_is_offline_unless_logged_in(workdir, monkeypatch, login, mode):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: True if name == "wandb" else real_find_spec(name))
+    monkeypatch.setenv("HOME", str(workdir))
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_PROJECT", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    if login == "netrc":
+        (workdir / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+        (workdir / ".netrc").chmod(0o600)
+    elif login == "key":
+        monkeypatch.setenv("WANDB_API_KEY", "abc")
+    elif login == "env":
+        monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's own choice stands
+    cfg = training.parse_config(ddpm_conditional.Config, TINY + ["--run_name", "W", "--report_to", "all"])
+    tensorboard, wandb = training.make_trackers(cfg, "results/W")
+    assert tensorboard.name == "tensorboard" and tensorboard.run_name == "logs"
+    assert tensorboard.logging_dir_param == "results/W"
+    assert (wandb.name, wandb.run_name) == ("wandb", training.WANDB_PROJECT)
+    assert wandb.init_kwargs == {"name": "W", "dir": "results/W", "mode": mode}
+
