@@ -181,11 +181,14 @@ def test_min_snr_loss_weighs_each_row_by_min_snr_gamma_over_snr():
 
 
 def replayed_draw(diffusion, x_0, seed=0):
-    """The t, x_t and eps that `diffusion.loss` draws under torch.manual_seed(seed), drawn again."""
+    """The t, x_t and eps that `diffusion.loss` draws under torch.manual_seed(seed), drawn again, and the target of
+    its prediction_type in closed form: eps, x_0, or v = sqrt(alpha_hat_t) eps - sqrt(1 - alpha_hat_t) x_0."""
     torch.manual_seed(seed)
     t = diffusion.sample_timesteps(x_0.shape[0])
     x_t, eps = diffusion.noise_images(x_0, t)
-    return t, x_t, eps
+    a = diffusion.alpha_hat[t].view(-1, 1, 1, 1)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x_0
+    return t, x_t, eps, {"epsilon": eps, "sample": x_0, "v_prediction": v}[diffusion.prediction_type]
 
 
 class Half(torch.nn.Module):
@@ -209,9 +212,7 @@ def test_each_prediction_type_regresses_its_own_target(prediction_type):
     x_0 = torch.randn(16, 3, 8, 8)
     torch.manual_seed(0)
     loss = diffusion.loss(Half(), x_0)
-    t, x_t, eps = replayed_draw(diffusion, x_0)
-    a = diffusion.alpha_hat[t].view(-1, 1, 1, 1)
-    target = {"epsilon": eps, "sample": x_0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x_0}[prediction_type]
+    _, x_t, _, target = replayed_draw(diffusion, x_0)
     assert loss.item() == pytest.approx((x_t / 2 - target).pow(2).mean().item(), rel=1e-5)
 
 
@@ -234,9 +235,7 @@ def test_min_snr_weight_of_each_target_is_its_closed_form(prediction_type, sched
     x_0 = torch.randn(16, 3, 8, 8)
     torch.manual_seed(0)
     loss = diffusion.loss(Zero(), x_0)
-    t, _, eps = replayed_draw(diffusion, x_0)
-    a = diffusion.alpha_hat[t].view(-1, 1, 1, 1)
-    target = {"epsilon": eps, "sample": x_0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x_0}[prediction_type]
+    t, _, _, target = replayed_draw(diffusion, x_0)
     snr_t = (diffusion.alpha_hat[t] / (1 - diffusion.alpha_hat[t])).double()
     expected = (target.pow(2).mean(dim=(1, 2, 3)).double() * CLOSED_FORM_WEIGHTS[prediction_type](snr_t, gamma)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -249,7 +248,7 @@ def test_every_target_weighs_its_x0_error_by_min_snr_gamma():
     costs = []
     for prediction_type in PREDICTION_TYPES:
         diffusion = Diffusion(img_size=8, min_snr_gamma=5.0, prediction_type=prediction_type)
-        t, x_t, eps = replayed_draw(diffusion, x_0)
+        t = replayed_draw(diffusion, x_0)[0]
 
         class OffInX0(torch.nn.Module):  # the exact output of x_0 + 0.1, in this target's kind
             def forward(self, x, t_in, diffusion=diffusion):
