@@ -135,15 +135,10 @@ WANDB_PROJECT = "Diffusion-Models-pytorch"  # the wandb project of every run, un
 
 
 def trackers(report_to):
-    """The tracker names of --report_to; a value that is unknown, or whose package is missing, is a UsageError."""
+    """The tracker names of --report_to; an unknown value is a UsageError."""
     if report_to not in REPORT_TO:
         raise UsageError(f"report_to '{report_to}' is unknown: use one of {', '.join(REPORT_TO)}")
-    names = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
-    for name in names:
-        if importlib.util.find_spec(name) is None:
-            raise UsageError(f"--report_to {report_to} needs the {name} package: pip install {name} (or pass "
-                             "--report_to none)")
-    return names
+    return {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
 
 
 def wandb_logged_in():
@@ -164,6 +159,9 @@ def make_trackers(cfg, results_dir):
 
     made = []
     for name in trackers(getattr(cfg, "report_to", "none")):
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"--report_to {cfg.report_to} needs the {name} package: pip install {name} (or pass "
+                             "--report_to none)")
         if name == "tensorboard":
             made.append(TensorBoardTracker("logs", results_dir))
         else:
