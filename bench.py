@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from data import data_on_device, get_dataset, make_dataloader
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
 from modules import EMA, UNet_conditional
+from training import parse_attn_factors
 from utils import UsageError, arg, config_to_dict, parse_config, pick_device, run_cli, use_tf32
 
 
@@ -48,6 +49,8 @@ from utils import UsageError, arg, config_to_dict, parse_config, pick_device, ru
 @dataclass
 class Config:
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
+    attn_factors: str = arg("1,2,4,8", "downsampling factors whose blocks have self-attention, as in the training "
+                                       "scripts ('2,4,8': none at full resolution; the quick preset's)")
     num_classes: int = arg(10, "classes of the conditional network; the grid has one row per class")
     image_size: int = arg(64, "pixels, divisible by 8")
     batch: int = arg(8, "images per training step and per timed network evaluation")
@@ -93,6 +96,7 @@ def validate(cfg):
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
     if cfg.warmup < 0 or cfg.cfg_scale < 0:
         raise UsageError(f"warmup {cfg.warmup} and cfg_scale {cfg.cfg_scale} must not be negative")
+    parse_attn_factors(cfg.attn_factors)
     unknown = [s for s in grid_samplers(cfg) if s not in SAMPLERS]
     if unknown:
         raise UsageError(f"grid sampler '{unknown[0]}' is unknown: use some of {', '.join(SAMPLERS)}")
@@ -228,7 +232,8 @@ def resolve_device(name):
 def build(cfg, device):
     """(network, its Runner (compiled if asked), Diffusion) for this config."""
     torch.manual_seed(cfg.seed)
-    net = UNet_conditional(num_classes=cfg.num_classes, base_channels=cfg.base_channels).to(device)
+    net = UNet_conditional(num_classes=cfg.num_classes, base_channels=cfg.base_channels,
+                           attn_factors=parse_attn_factors(cfg.attn_factors)).to(device)
     model = torch.compile(net) if cfg.compile else net
     runner = Runner(model, autocast_dtype(cfg.precision), device.type)
     diffusion = Diffusion(img_size=cfg.image_size, device=device)

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bench  # noqa: E402
+from modules import NoAttention  # noqa: E402
 
 TINY = ["--base_channels", "8", "--image_size", "16", "--batch", "2", "--steps", "2", "--warmup", "1",
         "--num_classes", "2", "--grid_per_class", "2", "--peak_size", "256", "--peak_repeats", "2"]
@@ -99,11 +100,22 @@ def test_cli_rejects_a_bad_value_with_one_line():
     assert proc.stderr.startswith("error:") and "fp16" in proc.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--grid_samplers", "plms"), ("--batch", "0"), ("--device", "mps")])
+@pytest.mark.parametrize("flag, value", [("--grid_samplers", "plms"), ("--batch", "0"), ("--device", "mps"),
+                                                ("--attn_factors", "3")])
 def test_validate_names_the_bad_value(flag, value):
     cfg = bench.parse_config(bench.Config, [flag, value])
     with pytest.raises(bench.UsageError, match=value):
         bench.validate(cfg)
+
+
+def test_the_benchmarked_network_has_the_attention_it_is_asked_for():
+    cfg = bench.parse_config(bench.Config, ["--base_channels", "8", "--attn_factors", "2,4,8", "--image_size", "16"])
+    net, _, _ = bench.build(cfg, torch.device("cpu"))
+    full = bench.build(bench.parse_config(bench.Config, ["--base_channels", "8", "--image_size", "16"]),
+                       torch.device("cpu"))[0]
+    assert isinstance(net.sa6, NoAttention) and not isinstance(full.sa6, NoAttention)  # none at 16x16 only
+    assert type(net.sa3) is type(full.sa3)
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in full.parameters())
 
 
 @pytest.fixture

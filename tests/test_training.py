@@ -19,7 +19,6 @@ import ddpm
 import ddpm_conditional
 import training
 from ddpm import Diffusion
-from modules import UNet_conditional
 from evaluate import get_judge
 from utils import UsageError, load_checkpoint
 
@@ -419,22 +418,34 @@ def shape_accuracy(images, labels):
     return (judge.predict(images) == labels).float().mean().item()
 
 
-def test_the_conditional_model_learns_the_shapes_classes(workdir):
-    """The quick CPU preset, half as long: guided samples of the EMA model show their class's shape far above chance.
+LEARN_STEPS = 1300  # half the quick preset
 
-    With the preset's recipe (lr 2e-3), 700 steps measured 0.30 here (0.53 by --eval_every's 100 samples of
-    seed 0). About 5 minutes on one thread.
-    """
-    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "700",
-                           "--run_name", "learn", "--n_per_class", "1"])
-    model = UNet_conditional(num_classes=10, base_channels=32)
-    model.load_state_dict(load_checkpoint(workdir / "models" / "learn" / "ema_ckpt.pt"))
+
+def learned_shape_accuracy(workdir, flags, seed=0):
+    """Train the quick preset for LEARN_STEPS steps with `flags`, then judge 100 guided EMA samples (10 per class)
+    drawn as the scripts draw their grids (dpm++ 20 steps, guidance 3, x_0 clipped)."""
+    import sample
+
+    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", str(LEARN_STEPS),
+                           "--run_name", "learn", "--n_per_class", "1", "--report_to", "none", "--seed", str(seed),
+                           *flags])
+    model, _, _ = sample.load_model(str(workdir / "models" / "learn" / "ema_ckpt.pt"))
     labels = torch.arange(10).repeat_interleave(10)
     diffusion = Diffusion(img_size=16, clip_x0=True)  # the scripts' sampler
     images = diffusion.sample(model, 100, labels, cfg_scale=3, sampler="dpm++", seed=1, progress=False)
-    accuracy = shape_accuracy(images, labels)
-    print(f"shape accuracy of 100 guided samples after 700 steps: {accuracy:.2f} (chance 0.10)")
-    assert accuracy >= 0.2
+    return shape_accuracy(images, labels)
+
+
+def test_the_conditional_model_learns_the_shapes_classes(workdir):
+    """The quick CPU preset, half as long: guided samples of the EMA model show their class's shape far above chance.
+
+    1300 of the preset's 2600 steps measured 0.56 and 0.47 (training seeds 0 and 1, this test's sampling; on the
+    checkpoints of `compare.py --variants configs/compare_conditioning.json --max_steps 1300`, which trains with
+    the same flags); the threshold sits below the lower one. About 5 minutes on one thread.
+    """
+    accuracy = learned_shape_accuracy(workdir, [])
+    print(f"shape accuracy of 100 guided samples after {LEARN_STEPS} steps: {accuracy:.2f} (chance 0.10)")
+    assert accuracy >= 0.3
 
 
 @pytest.mark.parametrize("conditioning", ["concat", "xattn", "adanorm"])
@@ -470,21 +481,12 @@ def test_an_unknown_conditioning_is_one_readable_error(workdir):
 def test_cross_attention_conditioning_learns_the_shapes_classes(workdir):
     """xattn, the quick CPU preset half as long: guided samples show their class's shape far above chance.
 
-    Judged by the learned shape judge, as the test above; 700 steps measured 0.33 (chance 0.10). About 6
-    minutes on one thread.
+    Judged by the learned shape judge, as the test above; LEARN_XATTN measured over training seeds 0 and 1 (chance
+    0.10). About 6 minutes on one thread.
     """
-    import sample
-
-    ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "700",
-                           "--conditioning", "xattn", "--run_name", "learn", "--n_per_class", "1"])
-    model, arch, _ = sample.load_model(str(workdir / "models" / "learn" / "ema_ckpt.pt"))
-    assert arch["conditioning"] == "xattn"
-    labels = torch.arange(10).repeat_interleave(10)
-    diffusion = Diffusion(img_size=16, clip_x0=True)  # the scripts' sampler
-    images = diffusion.sample(model, 100, labels, cfg_scale=3, sampler="dpm++", seed=1, progress=False)
-    accuracy = shape_accuracy(images, labels)
-    print(f"shape accuracy of 100 guided samples of xattn after 700 steps: {accuracy:.2f} (chance 0.10)")
-    assert accuracy >= 0.2
+    accuracy = learned_shape_accuracy(workdir, ["--conditioning", "xattn"])
+    print(f"shape accuracy of 100 guided samples of xattn after {LEARN_STEPS} steps: {accuracy:.2f} (chance 0.10)")
+    assert accuracy >= 0.3
 
 
 # ----------------------------------------------------------------------------- grey images (--channels)
