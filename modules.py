@@ -1,5 +1,5 @@
 """Networks only: the U-Net that predicts the noise eps, its blocks, the judge classifier of evaluate.py, and
-the EMA of its weights.
+the EMA of its weights; the PatchGAN discriminator that train_vae.py may train beside diffusers' AutoencoderKL.
 
 `UNet` and `UNet_conditional` keep the parameter names and shapes of the reference repository
 (dome272/Diffusion-Models-pytorch), so its released 64x64 checkpoints load with `strict=True` and give the
@@ -399,6 +399,53 @@ class JudgeNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix, Isola et al. 2017), the discriminator of LDM's autoencoders: one real-or-fake logit per
+    overlapping patch. `layers` stride-2 convolutions, then two stride-1 ones: (B, 3, S, S) -> (B, 1, s, s) with
+    s = S / 2^layers - 2 (32 px, 2 layers: 6 x 6 patches of 22 px each)."""
+
+    def __init__(self, channels=64, layers=3):
+        super().__init__()
+        blocks = [nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        width = channels
+        for n in range(1, layers + 1):
+            out = channels * min(2 ** n, 8)
+            stride = 2 if n < layers else 1
+            blocks += [nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.LeakyReLU(0.2)]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.body = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Autoencoder(nn.Module):
+    """diffusers' AutoencoderKL as train_vae.py trains it, with an optional PatchDiscriminator.
+
+    forward(x) runs every network of one training step in one call, so that DDP sees all the parameters used:
+    returns the reconstruction of a posterior sample, the posterior (a DiagonalGaussianDistribution), and, with a
+    discriminator, its logits {"real": D(x), "fake": D(x_rec) for D's loss (x_rec detached), "generator": D(x_rec)
+    for the autoencoder's loss, through D's weights detached}, so each loss reaches only its own network.
+    """
+
+    def __init__(self, vae, discriminator=None):
+        super().__init__()
+        self.vae = vae
+        self.discriminator = discriminator
+
+    def forward(self, x):
+        posterior = self.vae.encode(x).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        if self.discriminator is None:
+            return reconstruction, posterior, None
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        logits = {"real": self.discriminator(x.detach()), "fake": self.discriminator(reconstruction.detach()),
+                  "generator": torch.func.functional_call(self.discriminator, frozen, (reconstruction,))}
+        return reconstruction, posterior, logits
 
 
 class EMA:

@@ -8,7 +8,7 @@ The network is rebuilt from the state_dict itself: it is class-conditional iff i
 matches the weights it has, and its widths come from `inc` and `outc`. The schedule and image size come from
 the training config saved with the run (`config.json` beside the checkpoint, or the "config" of a
 `training_state.pt`); the reference's released checkpoints have none and get its 64 px, T = 1000, linear
-betas 1e-4..0.02.
+betas 1e-4..0.02. A run trained in a VAE's latents (--vae) samples latents and decodes them through that VAE.
 """
 import json
 import os
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
+from latents import Latents, run_latents
 from modules import UNet, UNet_conditional
 from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device, run_cli,
-                   read_json_object, save_images, save_individual, strip_wrapper_prefixes)
+                   read_json_object, save_images, save_individual, strip_wrapper_prefixes, to_uint8)
 
 
 # ----------------------------------------------------------------------------- options
@@ -185,14 +186,14 @@ def load_model(path, weights="ema"):
     return model.eval().requires_grad_(False), arch, saved
 
 
-def make_diffusion(cfg, saved, c_in, device):
-    """The schedule of the training run (or the reference's), at --image_size if given."""
+def make_diffusion(cfg, saved, c_in, device, latents=Latents(None)):
+    """The schedule of the training run (or the reference's), at --image_size if given, on the run's latents."""
     image_size = cfg.image_size or saved.get("image_size", REFERENCE_IMAGE_SIZE)
     if not isinstance(image_size, int) or image_size <= 0 or image_size % 8:
         raise UsageError(f"the saved image_size {image_size!r} is not divisible by 8: pass --image_size 64")
     clip_x0 = getattr(cfg, "clip_x0", None)  # visualize.py calls this with a config without the field
-    clip_x0 = saved.get("clip_x0", True) if clip_x0 is None else clip_x0
-    return Diffusion.from_settings(saved, image_size, c_in, device, clip_x0=clip_x0)
+    clip_x0 = latents.clip_x0(saved.get("clip_x0", True) if clip_x0 is None else clip_x0)
+    return Diffusion.from_settings(saved, latents.latent_size(image_size), c_in, device, clip_x0=clip_x0)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -216,19 +217,22 @@ def main(argv=None):
     device = pick_device(cfg.device)
     model, arch, saved = load_model(cfg.ckpt, cfg.weights)
     labels = grid_labels(cfg, arch["num_classes"])
-    diffusion = make_diffusion(cfg, saved, arch["c_in"], device)
+    latents = run_latents(saved, arch["c_in"], device)
+    diffusion = make_diffusion(cfg, saved, arch["c_in"], device, latents)
     n = cfg.n if labels is None else labels.shape[0]
     kind = "unconditional"
     if labels is not None:
         kind = f"conditional ({arch['num_classes']} classes, {arch['conditioning']})"
     steps = cfg.steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
+    space = "" if latents.vae is None else f" ({diffusion.img_size} px latents of --vae {saved['vae']})"
     print(f"{kind} U-Net, base_channels {arch['base_channels']}, from {cfg.ckpt}: {n} images at "
-          f"{diffusion.img_size} px, {cfg.sampler} with {steps} steps, on {device}")
+          f"{diffusion.img_size * latents.factor} px{space}, {cfg.sampler} with {steps} steps, on {device}")
 
     model.to(device)
     labels = None if labels is None else labels.to(device)
     cfg_scale = cfg.cfg_scale if labels is not None else 0.0
-    images = diffusion.sample(model, n, labels, cfg_scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed)
+    x_0 = diffusion.sample_x0(model, n, labels, cfg_scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed)
+    images = to_uint8(latents.decode(x_0))
     if labels is None:
         save_images(images, cfg.out)
     else:

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, cache_key, default_prompts, get_caption_dataset,
-                  load_or_build_cache, normalize_caption, parse_shape_caption, without_captions)
+from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, default_prompts, get_caption_dataset,
+                  normalize_caption, parse_shape_caption, without_captions)
 from ddpm import Diffusion, broadcast
+from latents import DTYPES, draw_latents, latent_cache_path, load_latents, open_cache, vae_digest
 from modules import UNet_text
 from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, parse_attn_factors, train, validate
-from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device,
-                   read_json_object, run_cli, save_images, save_individual, short_reason, with_defaults)
+from utils import (UsageError, arg, from_pretrained, load_checkpoint, load_state_dict_strict, parse_config,
+                   pick_device, read_json_object, run_cli, save_images, save_individual, with_defaults)
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -35,7 +36,8 @@ class Config:
     dataset_path: str = arg("./data", "folder of the dataset (cifar10 downloads here)")
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
     image_size: int = arg(128, "training resolution in pixels; the latents are image_size / VAE factor")
-    vae: str = arg("stabilityai/sd-vae-ft-mse", "frozen AutoencoderKL: Hub id or local folder; none = pixel space")
+    vae: str = arg("stabilityai/sd-vae-ft-mse", "frozen AutoencoderKL: Hub id, or a folder such as models/<run>/vae "
+                                                "of train_vae.py; none = pixel space")
     text_encoder: str = arg("openai/clip-vit-large-patch14", "Hub id or folder holding CLIPTextModel + tokenizer")
     conditioning: str = arg("cross_attention", "cross_attention (token states) | add (pooled embedding)")
     cache_latents: bool = arg(False, "encode images and captions once, then train from the cache (no augmentation)")
@@ -100,47 +102,9 @@ SD_FLAGS = RUN_FLAGS + [
 ]
 SD_RESUMABLE = RESUMABLE_FIELDS + ("prompt", "cfg_scale", "n_per_prompt", "cache_latents", "cache_dir")
 SAMPLING_FIELDS = ("prompt", "cfg_scale", "sampler", "sample_steps", "n_per_prompt", "seed", "device", "clip_x0")
-DTYPES = {"no": torch.float32, None: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: not resolved
 
 
 # ----------------------------------------------------------------------------- frozen VAE and text encoder
-def from_pretrained(cls, name, **kwargs):
-    """`cls.from_pretrained(name)`; failing to load is a one-line UsageError."""
-    advice = "the weights must be downloaded once with internet access, or pass a local folder"
-    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        raise UsageError(f"could not load '{name}' (no such folder): {advice}")
-    try:
-        return cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"could not load '{name}' ({short_reason(exc, 200)}): {advice}") from exc
-
-
-class Latents:
-    """The frozen VAE: pixels in [-1, 1] <-> scaled latents. With vae=None it is pixel space (identity)."""
-
-    def __init__(self, vae):
-        self.vae = vae
-        self.channels = 3 if vae is None else vae.config.latent_channels
-        self.factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
-        self.scale = 1.0 if vae is None else vae.config.scaling_factor
-        self.shift = 0.0 if vae is None else (getattr(vae.config, "shift_factor", None) or 0.0)
-
-    @torch.no_grad()
-    def encode(self, images):
-        """(B, 3, H, W) -> mean and std of the scaled posterior, (B, C, H/f, W/f) float32."""
-        if self.vae is None:
-            return images.float(), torch.zeros_like(images, dtype=torch.float32)
-        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-        return (dist.mean.float() - self.shift) * self.scale, dist.std.float() * self.scale
-
-    @torch.no_grad()
-    def decode(self, latents):
-        """Scaled latents (B, C, h, w) -> pixels (B, 3, h*f, w*f) in [-1, 1]."""
-        if self.vae is not None:
-            latents = self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample
-        return latents.float().clamp(-1, 1)
-
-
 class TextEncoder:
     """The frozen CLIP: prompts -> token states (B, L, D) for cross_attention, or pooled (B, D) for add."""
 
@@ -167,16 +131,12 @@ class TextEncoder:
 
 def load_frozen(cfg, device):
     """(Latents, TextEncoder), in eval mode, without gradients, in the training precision."""
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    dtype = DTYPES[cfg.mixed_precision]
-    vae = None
-    if cfg.vae.lower() != "none":
-        vae = from_pretrained(AutoencoderKL, cfg.vae, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    latents = load_latents(cfg.vae, device, cfg.mixed_precision)
     tokenizer = from_pretrained(CLIPTokenizer, cfg.text_encoder)
-    model = from_pretrained(CLIPTextModel, cfg.text_encoder, dtype=dtype).to(device).eval().requires_grad_(False)
-    return Latents(vae), TextEncoder(tokenizer, model, cfg.conditioning)
+    model = from_pretrained(CLIPTextModel, cfg.text_encoder, dtype=DTYPES[cfg.mixed_precision])
+    return latents, TextEncoder(tokenizer, model.to(device).eval().requires_grad_(False), cfg.conditioning)
 
 
 def check(cfg):
@@ -195,13 +155,8 @@ def build_unet(cfg, latents, text):
 
 def make_diffusion(cfg, latents, device):
     """The DDPM of ddpm.py on latents of size image_size / factor, which the U-Net halves 3 times."""
-    if cfg.image_size % (8 * latents.factor):
-        raise UsageError(f"image_size {cfg.image_size} is not divisible by {8 * latents.factor}: the VAE shrinks it "
-                         f"{latents.factor}x and the U-Net halves it 3 times; use a multiple of {8 * latents.factor}")
-    # A VAE's latents have no [-1, 1] range, so clip_x0 None clips only in pixel space (--vae none).
-    clip_x0 = latents.vae is None if cfg.clip_x0 is None else cfg.clip_x0
-    return Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size // latents.factor,
-                     c_in=latents.channels, device=device, clip_x0=clip_x0, schedule=cfg.schedule,
+    return Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, latents.latent_size(cfg.image_size),
+                     c_in=latents.channels, device=device, clip_x0=latents.clip_x0(cfg.clip_x0), schedule=cfg.schedule,
                      min_snr_gamma=cfg.min_snr_gamma)
 
 
@@ -245,15 +200,12 @@ def training_batch(batch, latents, text, contexts, null_context, p_uncond):
         drop = drop_mask(len(index), p_uncond, index.device)
         context = contexts[index]
         context = torch.where(broadcast(drop, context), null_context, context)
-    return mean + std * torch.randn_like(mean), context
+    return draw_latents(mean, std), context
 
 
 def cache_path(cfg, dataset):
-    key = cache_key(vae=cfg.vae, text_encoder=cfg.text_encoder, image_size=cfg.image_size, dataset=cfg.dataset,
-                    dataset_path=os.path.abspath(cfg.dataset_path), dataset_size=len(dataset), seed=cfg.seed,
-                    conditioning=cfg.conditioning, precision=cfg.mixed_precision,
-                    holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts))
-    return os.path.join(cfg.cache_dir, f"{key}.pt")
+    return latent_cache_path(cfg, dataset, text_encoder=cfg.text_encoder, conditioning=cfg.conditioning,
+                             holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts))
 
 
 # ----------------------------------------------------------------------------- grids
@@ -284,10 +236,8 @@ def text_task(cfg, accelerator):
     null_context = text([""])
     contexts = None
     if cfg.cache_latents:
-        path = cache_path(cfg, dataset)
-        with accelerator.main_process_first():  # one process encodes, the others read its file
-            cache, hit = load_or_build_cache(path, dataset, latents.encode, text, cfg.batch_size, cfg.num_workers)
-        accelerator.print(f"latent cache {path}: {'read' if hit else 'written'}")
+        cache = open_cache(accelerator, cache_path(cfg, dataset), dataset, latents, text, cfg.batch_size,
+                           cfg.num_workers)
         contexts = cache["contexts"].to(device)
         dataset = TensorDataset(cache["mean"], cache["std"], cache["caption_index"])
 
@@ -299,7 +249,8 @@ def text_task(cfg, accelerator):
     def draw_grid(module, path):
         sample_grid(cfg, diffusion, module, latents, text, prompts, path)
 
-    return Task(dataset, build_unet(cfg, latents, text), diffusion, make_batch, draw_grid)
+    return Task(dataset, build_unet(cfg, latents, text), diffusion, make_batch, draw_grid,
+                vae_digest=vae_digest(cfg.vae))
 
 
 # ----------------------------------------------------------------------------- tiny offline models
