@@ -37,14 +37,18 @@ def check_vae_folder(name):
     if folder is None or not os.path.isdir(folder):  # from_pretrained says that a folder is missing
         return
     config_file = os.path.join(folder, "config.json")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            kind = json.load(f).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind != "AutoencoderKL":
-        found = f"its config.json is a {kind}'s" if kind else "it has no config.json of diffusers"
-        raise UsageError(f"--vae '{name}' is not a diffusers VAE folder ({found}, not an AutoencoderKL's): {VAE_FIX}")
+    if not os.path.isfile(config_file):
+        found = "it holds no config.json"
+    else:
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                kind = json.load(f).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind == "AutoencoderKL":
+            return
+        found = f"its config.json is a {kind}'s" if kind else "its config.json is no diffusers model's"
+    raise UsageError(f"--vae '{name}' is not a diffusers VAE folder ({found}, not an AutoencoderKL's): {VAE_FIX}")
 
 
 def load_vae(name, device="cpu", dtype=torch.float32):
@@ -67,7 +71,7 @@ def vae_digest(name):
     if is_pixel_space(name):
         return None
     folder = _local_folder(name)
-    if folder is None:
+    if folder is None or not os.path.isdir(folder):
         return name
     digest = hashlib.sha256()
     for file in sorted(os.listdir(folder)):

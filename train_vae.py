@@ -302,6 +302,9 @@ def main(argv=None):
     start, cpu_start = time.perf_counter(), time.process_time()
     run = train(cfg, flags, functools.partial(vae_task, data=data), resumable=VAE_RESUMABLE)
     cpu_seconds = time.process_time() - cpu_start
+    if run["stopped"]:  # not the run asked for: no VAE is exported from it
+        print("the VAE is exported when the run ends: continue it with --resume")
+        return run
     metrics = export(cfg, run["models_dir"], run["results_dir"], *data, pick_device(cfg.device))
     metrics.update({"steps": run["step"], "skipped_steps": run["skipped"],
                     "train_seconds": round(run["train_seconds"], 1), "wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu_seconds, 1),
