@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latents import run_latents
 from utils import (UsageError, _atomic_write, arg, config_to_dict, load_checkpoint, parse_config, pick_device,
                    read_json_object, run_cli, save_figure, save_images, write_json)
 
@@ -176,11 +177,13 @@ def draw_grid(cfg, ckpt, path):
 
     device = pick_device(cfg.device)
     model, arch, saved = sample.load_model(ckpt)
-    diffusion = sample.make_diffusion(sample.Config(ckpt=ckpt), saved, arch["c_in"], device)
+    latents = run_latents(saved, arch["c_in"], device)  # a run with --vae samples latents: decoded here
+    diffusion = sample.make_diffusion(sample.Config(ckpt=ckpt), saved, arch["c_in"], device, latents)
     labels = torch.arange(arch["num_classes"], device=device).repeat_interleave(cfg.n_per_class)
     start = time.perf_counter()
-    images = diffusion.sample(model.to(device), len(labels), labels, cfg.cfg_scale, sampler=cfg.sampler,
+    x_0 = diffusion.sample_x0(model.to(device), len(labels), labels, cfg.cfg_scale, sampler=cfg.sampler,
                               steps=cfg.steps, seed=0, progress=False)
+    images = latents.decode(x_0)
     seconds = time.perf_counter() - start
     save_images(images, path, nrow=cfg.n_per_class, captions=sample.class_names(ckpt, arch["num_classes"]))
     return round(len(labels) / seconds, 2)

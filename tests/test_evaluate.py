@@ -14,6 +14,7 @@ import torchvision.transforms.functional as TF
 import data
 import ddpm_conditional
 import evaluate
+from latents import Latents
 from modules import UNet, UNet_conditional
 from utils import load_checkpoint, run_cli, save_config, to_uint8
 
@@ -187,6 +188,22 @@ def test_unconditional_checkpoint_skips_accuracy_with_a_note(offline):
     (row,) = metrics["rows"]
     assert row["class_accuracy"] is None and row["judge_fd"] > 0 and row["cfg_scale"] is None
     assert any("class accuracy skipped" in note for note in metrics["notes"])
+
+
+def test_a_latent_run_is_judged_on_its_decoded_samples(offline, latent_run, monkeypatch):
+    decoded = []
+    decode = Latents.decode
+
+    def recorded(self, x):
+        decoded.append(tuple(x.shape))
+        return decode(self, x)
+
+    monkeypatch.setattr(Latents, "decode", recorded)
+    metrics = evaluate.main(["--ckpt", latent_run["ckpt"], "--num_samples", "10", "--inception", "false", "--out",
+                             "latent/metrics.json"] + FAST)
+    assert decoded == [(10, 4, 8, 8)]  # 8 px latents, decoded to the 16 px images the judge reads
+    assert metrics["image_size"] == 16 and 0 <= metrics["rows"][0]["class_accuracy"] <= 1
+    assert metrics["rows"][0]["clip_x0"] is False  # latents have no [-1, 1] range
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,6 +15,7 @@ sys.path.insert(0, REPO)
 
 import ddpm_conditional  # noqa: E402
 import sample  # noqa: E402
+from latents import Latents  # noqa: E402
 from modules import UNet, UNet_conditional  # noqa: E402
 from utils import load_state_dict_strict, parse_config, run_cli, save_config  # noqa: E402
 
@@ -367,6 +368,23 @@ def test_help_lists_defaults(capsys):
 
 
 # ----------------------------------------------------------------------------- the command line
+def test_a_latent_run_samples_latents_and_decodes_them_through_its_vae(latent_run, tmp_path, monkeypatch):
+    decoded = []
+    decode = Latents.decode
+
+    def recorded(self, x):
+        decoded.append(tuple(x.shape))
+        return decode(self, x)
+
+    monkeypatch.setattr(Latents, "decode", recorded)
+    out = tmp_path / "grid.png"
+    images = sample.main(["--ckpt", latent_run["ckpt"], "--labels", "0,1", "--n_per_label", "2", "--out", str(out),
+                          "--device", "cpu", *FAST])
+    assert decoded == [(4, 4, 8, 8)]  # the U-Net sampled 8 px latents of 4 channels; the VAE made them pixels
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    assert image_size_of(out) == grid_size(2, 2, 16)
+
+
 def run_script(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, env=env, capture_output=True, text=True,

@@ -18,6 +18,7 @@ import data  # noqa: E402
 import train_sd  # noqa: E402
 from modules import UNet  # noqa: E402
 from data import classify_colors  # noqa: E402
+from latents import Latents  # noqa: E402
 from utils import UsageError, parse_config, run_cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,13 +244,13 @@ def test_guidance_is_one_batched_pass_with_the_empty_prompt(tiny, tmp_path):
 
 def count_encodes(monkeypatch):
     calls = []
-    encode = train_sd.Latents.encode
+    encode = Latents.encode
 
     def counted(self, images):
         calls.append(images.shape[0])
         return encode(self, images)
 
-    monkeypatch.setattr(train_sd.Latents, "encode", counted)
+    monkeypatch.setattr(Latents, "encode", counted)
     return calls
 
 

@@ -183,6 +183,19 @@ def test_text_checkpoint_trajectory_and_guidance_decode_latents_through_the_vae(
     assert png(out)[0] == expected_size(1, 2)
 
 
+def test_a_latent_class_run_is_decoded_through_its_vae(latent_run, tmp_path):
+    cfg = options(["--ckpt", latent_run["ckpt"], "--label", "1", "--frames", "2", *FAST])
+    loaded = visualize.load(cfg, cfg.ckpt, "cpu")
+    assert loaded.diffusion.c_in == 4 and loaded.diffusion.img_size == 8  # the U-Net runs on latents
+    cells, _, _, title = visualize.trajectory(cfg, loaded)
+    assert "class 1" in title
+    assert all(cell.shape == (3, 16, 16) for cell in cells[0] + cells[1][:-1])  # decoded pixels, not latents
+    out = str(tmp_path / "guidance.png")
+    visualize.main(["guidance", "--ckpt", latent_run["ckpt"], "--label", "2", "--scales", "2", "--n", "1", "--out",
+                    out, *FAST])
+    assert png(out)[0] == expected_size(1, 2)
+
+
 # ----------------------------------------------------------------------------- errors
 def run_main(argv):
     """visualize.main through run_cli, as the command line runs it; returns the exit code (0 on success)."""
