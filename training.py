@@ -586,11 +586,11 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 save(epoch, batches_done)
             if last:
                 break
-    accelerator.print(f"done: {step} steps ({log.skipped} skipped: {log.reason}); grids in {results_dir}/, "
-                      f"checkpoints in {models_dir}/")
+    seconds = time.perf_counter() - start - measuring
+    accelerator.print(f"done: {step} steps ({log.skipped} skipped: {log.reason}), {step - run['step']} of them in "
+                      f"{seconds:.1f} s; grids in {results_dir}/, checkpoints in {models_dir}/")
     return {"step": step, "epoch": epoch, "losses": losses, "skipped": log.skipped, "stopped": stopped,
-            "results_dir": results_dir, "models_dir": models_dir, "quality": quality,
-            "train_seconds": time.perf_counter() - start - measuring}
+            "results_dir": results_dir, "models_dir": models_dir, "quality": quality, "train_seconds": seconds}
 
 
 def train_images(config_cls, argv=None, conditional=True, description=None):
