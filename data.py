@@ -452,8 +452,8 @@ def without_captions(dataset, holdout):
 def holdout_split(dataset, n, seed=0):
     """(the rest, n held-out items) of a data set, the held-out ones drawn with `seed`: train_vae.py measures its
     reconstructions on images it never trained on."""
-    order = np.random.default_rng(seed).permutation(len(dataset)).tolist()
-    return CaptionSubset(dataset, sorted(order[n:])), CaptionSubset(dataset, sorted(order[:n]))
+    order = np.random.default_rng(seed).permutation(len(dataset)).tolist()  # held-out in random order: mixed classes
+    return CaptionSubset(dataset, sorted(order[n:])), CaptionSubset(dataset, order[:n])
 
 
 def get_caption_dataset(name, path, image_size, seed=0, size=None):

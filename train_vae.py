@@ -44,7 +44,8 @@ class Config:
                                               "- 1): 3 blocks give f = 4")
     layers_per_block: int = arg(1, "ResNet layers in each block (the decoder has one more)")
     latent_channels: int = arg(4, "channels of the latents: a 32 px image becomes (latent_channels, 32/f, 32/f)")
-    norm_num_groups: int = arg(16, "GroupNorm groups; must divide every width")
+    norm_num_groups: int = arg(4, "GroupNorm groups; must divide every width (one channel a group is instance norm, "
+                                  "which loses the colour of flat regions)")
     loss: str = arg("l1", "reconstruction loss: l1 | mse, the mean over every pixel and channel of [-1, 1] images")
     kl_weight: float = arg(1e-4, "weight of KL(posterior || N(0, I)), the mean over every latent element (LDM's "
                                  "1e-6 weighs a sum over latents against a sum over pixels: 1e-6 * 3 f^2 / C here)")
