@@ -57,3 +57,30 @@ def latent_run(tmp_path_factory):
     finally:
         os.chdir(here)
     return {"root": str(root), "vae": vae, "ckpt": str(root / "models" / "latent" / "ema_ckpt.pt")}
+
+
+def record_calls(monkeypatch, method):
+    """Record the shape of the tensor that each call of latents.Latents.<method> gets; returns the list."""
+    import latents
+
+    shapes = []
+    original = getattr(latents.Latents, method)
+
+    def recorded(self, x):
+        shapes.append(tuple(x.shape))
+        return original(self, x)
+
+    monkeypatch.setattr(latents.Latents, method, recorded)
+    return shapes
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The shapes of the latents that the VAE decodes into pixels while the test runs, in order."""
+    return record_calls(monkeypatch, "decode")
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """The shapes of the image batches that the VAE encodes while the test runs, in order."""
+    return record_calls(monkeypatch, "encode")

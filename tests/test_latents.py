@@ -53,30 +53,22 @@ def test_the_digest_changes_when_the_folder_is_retrained_in_place(tmp_path):
 
 # ----------------------------------------------------------------------------- the class-conditional scripts
 
-def test_class_conditional_training_in_latents_caches_each_image_once(tmp_path, monkeypatch):
+def test_class_conditional_training_in_latents_caches_each_image_once(tmp_path, monkeypatch, encoded):
     monkeypatch.chdir(tmp_path)
     vae = write_tiny_vae(tmp_path / "vae")
-    calls = []
-    encode = latents.Latents.encode
-
-    def counted(self, images):
-        calls.append(images.shape[0])
-        return encode(self, images)
-
-    monkeypatch.setattr(latents.Latents, "encode", counted)
     done = ddpm_conditional.main(class_argv(vae, "cached", cache_latents="true"))
-    assert done["step"] == 2 and sum(calls) == 40  # each image encoded once, then the cache trains
+    assert done["step"] == 2 and sum(shape[0] for shape in encoded) == 40  # each image once, then the cache trains
     (cache_file,) = os.listdir("cache")
     cache = torch.load(os.path.join("cache", cache_file), weights_only=True)
     assert cache["mean"].shape == (40, 4, 8, 8) and cache["label"].tolist() == [i % 10 for i in range(40)]
     state = load_checkpoint("models/cached/training_state.pt")
     assert state["model"]["inc.double_conv.0.weight"].shape[1] == 4  # the U-Net takes the 4 latent channels
     assert state["vae_digest"] == latents.vae_digest(vae)
-    calls.clear()
+    encoded.clear()
     ddpm_conditional.main(class_argv(vae, "cached", cache_latents="true") + ["--overwrite"])
-    assert calls == []  # a hit: the VAE's encoder never ran
+    assert encoded == []  # a hit: the VAE's encoder never ran
     ddpm_conditional.main(class_argv(vae, "uncached"))
-    assert sum(calls) == 2 * 8  # without the cache, each batch is encoded
+    assert encoded == [(8, 3, 16, 16)] * 2  # without the cache, each batch of images is encoded
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2

@@ -15,7 +15,6 @@ sys.path.insert(0, REPO)
 
 import ddpm_conditional  # noqa: E402
 import sample  # noqa: E402
-from latents import Latents  # noqa: E402
 from modules import UNet, UNet_conditional  # noqa: E402
 from utils import load_state_dict_strict, parse_config, run_cli, save_config  # noqa: E402
 
@@ -368,15 +367,7 @@ def test_help_lists_defaults(capsys):
 
 
 # ----------------------------------------------------------------------------- the command line
-def test_a_latent_run_samples_latents_and_decodes_them_through_its_vae(latent_run, tmp_path, monkeypatch):
-    decoded = []
-    decode = Latents.decode
-
-    def recorded(self, x):
-        decoded.append(tuple(x.shape))
-        return decode(self, x)
-
-    monkeypatch.setattr(Latents, "decode", recorded)
+def test_a_latent_run_samples_latents_and_decodes_them_through_its_vae(latent_run, tmp_path, decoded):
     out = tmp_path / "grid.png"
     images = sample.main(["--ckpt", latent_run["ckpt"], "--labels", "0,1", "--n_per_label", "2", "--out", str(out),
                           "--device", "cpu", *FAST])

@@ -242,32 +242,19 @@ def test_guidance_is_one_batched_pass_with_the_empty_prompt(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- runs: cache, resume, CLI
 
-def count_encodes(monkeypatch):
-    calls = []
-    encode = Latents.encode
-
-    def counted(self, images):
-        calls.append(images.shape[0])
-        return encode(self, images)
-
-    monkeypatch.setattr(Latents, "encode", counted)
-    return calls
-
-
-def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monkeypatch):
+def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monkeypatch, encoded):
     monkeypatch.chdir(tmp_path)
-    calls = count_encodes(monkeypatch)
     train_sd.main(tiny_argv(tiny, "cached", cache_latents=True))
-    assert sum(calls) == 32 and len(os.listdir("cache")) == 1  # each image encoded once, then the cache trains
+    assert sum(shape[0] for shape in encoded) == 32 and len(os.listdir("cache")) == 1  # each image once, then the cache
     cache = torch.load(os.path.join("cache", os.listdir("cache")[0]), weights_only=True)
     distinct = len({data.ShapesDataset(16, size=32).caption(i) for i in range(32)})  # each caption stored once
     assert cache["mean"].shape == (32, 4, 8, 8) and len(cache["captions"]) == distinct < 32
     assert cache["contexts"].shape == (distinct, 16, 32) and cache["caption_index"].shape == (32,)
-    calls.clear()
+    encoded.clear()
     train_sd.main(tiny_argv(tiny, "cached", cache_latents=True) + ["--overwrite"])
-    assert calls == [] and len(os.listdir("cache")) == 1  # hit: the VAE encoder never ran
+    assert encoded == [] and len(os.listdir("cache")) == 1  # hit: the VAE encoder never ran
     train_sd.main(tiny_argv(tiny, "cached32", cache_latents=True, image_size=32))
-    assert sum(calls) == 32 and len(os.listdir("cache")) == 2  # new image_size -> new key -> re-encoded
+    assert sum(shape[0] for shape in encoded) == 32 and len(os.listdir("cache")) == 2  # new image_size: re-encoded
 
     cfg = tiny_cfg(tiny, cache_latents=True)
     dataset = data.get_caption_dataset("shapes", "", 16, size=32)
