@@ -280,9 +280,10 @@ def export(cfg, models_dir, results_dir, train_set, held_out, device):
 
 
 # ----------------------------------------------------------------------------- training
-def vae_task(cfg, accelerator, data):
+def vae_task(cfg, accelerator):
     """What training.train trains here: the autoencoder on images, with `vae_loss` instead of a diffusion loss."""
-    train_set, held_out = data
+    with accelerator.main_process_first():  # one process downloads (CIFAR-10); the others then read its files
+        train_set, held_out = first_stage_data(cfg)
     net = build_autoencoder(cfg)
     shown = stack_images(held_out, SHOWN)
 
@@ -297,16 +298,19 @@ def vae_task(cfg, accelerator, data):
 
 
 def main(argv=None):
+    from accelerate import PartialState
+
     cfg, flags = parse_config(Config, argv, __doc__, extra=RUN_FLAGS)
     check(cfg)
-    data = first_stage_data(cfg)
     start, cpu_start = time.perf_counter(), time.process_time()
-    run = train(cfg, flags, functools.partial(vae_task, data=data), resumable=VAE_RESUMABLE)
-    cpu_seconds = time.process_time() - cpu_start
+    run = train(cfg, flags, vae_task, resumable=VAE_RESUMABLE)
+    cpu_seconds = time.process_time() - cpu_start  # this process's, all its threads
     if run["stopped"]:  # not the run asked for: no VAE is exported from it
         print("the VAE is exported when the run ends: continue it with --resume")
         return run
-    metrics = export(cfg, run["models_dir"], run["results_dir"], *data, pick_device(cfg.device))
+    if not PartialState().is_main_process:  # under a launcher the main process exports
+        return run
+    metrics = export(cfg, run["models_dir"], run["results_dir"], *first_stage_data(cfg), pick_device(cfg.device))
     metrics.update({"steps": run["step"], "skipped_steps": run["skipped"],
                     "train_seconds": round(run["train_seconds"], 1), "wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu_seconds, 1),
                     "config": dataclasses.asdict(cfg)})

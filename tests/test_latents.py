@@ -14,11 +14,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def class_argv(vae, run_name="run", **overrides):
-    """ddpm_conditional.py flags of a seconds-long run on shapes at 16 px in the latents of `vae`."""
+    """ddpm_conditional.py flags of a seconds-long run on shapes at 16 px in the latents of `vae` (a value None
+    leaves its flag out)."""
     values = {"vae": vae, "dataset": "shapes", "dataset_size": 40, "image_size": 16, "base_channels": 8,
               "noise_steps": 200, "batch_size": 8, "max_steps": 2, "n_per_class": 1, "sample_steps": 2,
               "num_workers": 0, "device": "cpu", "run_name": run_name, "cache_dir": "cache", **overrides}
-    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+    return [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))]
 
 
 # ----------------------------------------------------------------------------- the scaled latents
@@ -69,6 +70,19 @@ def test_class_conditional_training_in_latents_caches_each_image_once(tmp_path, 
     assert encoded == []  # a hit: the VAE's encoder never ran
     ddpm_conditional.main(class_argv(vae, "uncached"))
     assert encoded == [(8, 3, 16, 16)] * 2  # without the cache, each batch of images is encoded
+
+
+def test_the_unconditional_script_trains_and_samples_in_latents(tmp_path, monkeypatch, decoded):
+    import ddpm
+    import sample
+
+    monkeypatch.chdir(tmp_path)
+    vae = write_tiny_vae(tmp_path / "vae")
+    ddpm.main(class_argv(vae, "uncond", n_per_class=None, n_samples=2))
+    assert decoded == [(2, 4, 8, 8)] * 2  # the last epoch's grids of the weights and of the EMA
+    images = sample.main(["--ckpt", "models/uncond/ema_ckpt.pt", "--n", "3", "--sampler", "ddim", "--steps", "2",
+                          "--out", "grid.png", "--device", "cpu"])
+    assert images.shape == (3, 3, 16, 16) and decoded[-1] == (3, 4, 8, 8)
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
