@@ -312,7 +312,8 @@ def main(argv=None):
         return run
     metrics = export(cfg, run["models_dir"], run["results_dir"], *first_stage_data(cfg), pick_device(cfg.device))
     metrics.update({"steps": run["step"], "skipped_steps": run["skipped"],
-                    "train_seconds": round(run["train_seconds"], 1), "wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu_seconds, 1),
+                    "train_seconds": round(run["train_seconds"], 1),
+                    "wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu_seconds, 1),
                     "config": dataclasses.asdict(cfg)})
     write_json(metrics, os.path.join(run["results_dir"], "vae_metrics.json"))
     return metrics

@@ -23,9 +23,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
 
 from data import AUGMENTATIONS, data_on_device, get_dataset, make_dataloader
 from ddpm import SAMPLERS, SCHEDULES, Diffusion

@@ -18,7 +18,6 @@ import data  # noqa: E402
 import train_sd  # noqa: E402
 from modules import UNet  # noqa: E402
 from data import classify_colors  # noqa: E402
-from latents import Latents  # noqa: E402
 from utils import UsageError, parse_config, run_cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
