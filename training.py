@@ -527,6 +527,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch  # the cosine's end
     epoch, stopped = start_epoch, None
     start, measuring = time.perf_counter(), 0.0  # train_seconds: the run's wall-clock time less --eval_every's
+    cpu_start = time.process_time()  # this process's CPU time, all threads: what a busy shared machine cannot inflate
     with StopRequest() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             batches_done = run["batches_done"] if epoch == start_epoch else 0
@@ -585,11 +586,13 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 save(epoch, batches_done)
             if last:
                 break
-    seconds = time.perf_counter() - start - measuring
+    seconds, cpu_seconds = time.perf_counter() - start - measuring, time.process_time() - cpu_start
     accelerator.print(f"done: {step} steps ({log.skipped} skipped: {log.reason}), {step - run['step']} of them in "
-                      f"{seconds:.1f} s; grids in {results_dir}/, checkpoints in {models_dir}/")
+                      f"{seconds:.1f} s ({cpu_seconds:.1f} s of CPU); grids in {results_dir}/, checkpoints in "
+                      f"{models_dir}/")
     return {"step": step, "epoch": epoch, "losses": losses, "skipped": log.skipped, "stopped": stopped,
-            "results_dir": results_dir, "models_dir": models_dir, "quality": quality, "train_seconds": seconds}
+            "results_dir": results_dir, "models_dir": models_dir, "quality": quality, "train_seconds": seconds,
+            "train_cpu_seconds": cpu_seconds}
 
 
 def train_images(config_cls, argv=None, conditional=True, description=None):
