@@ -60,8 +60,8 @@ def help_entries(text):
     return entries
 
 
-@pytest.mark.parametrize("script", ["ddpm", "ddpm_conditional", "train_sd", "sample", "evaluate", "visualize",
-                                    "bench", "compare"])
+@pytest.mark.parametrize("script", ["ddpm", "ddpm_conditional", "train_sd", "train_vae", "sample", "evaluate",
+                                    "visualize", "bench", "compare"])
 def test_help_lists_every_field_with_its_default(capsys, script):
     """Each Config field's flag, and its own entry ends with that field's default."""
     module = importlib.import_module(script)
@@ -73,7 +73,7 @@ def test_help_lists_every_field_with_its_default(capsys, script):
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         assert field.name in entries, f"--{field.name} is missing"
         assert entries[field.name].endswith("".join(f"(default: {default})".split())), (field.name, default)
-    if script in ("ddpm", "ddpm_conditional"):
+    if script in ("ddpm", "ddpm_conditional", "train_vae"):
         assert {"resume", "overwrite", "config"} <= set(entries)
 
 
