@@ -23,6 +23,11 @@ class Config:
     augment: str | None = arg(None, "resize (+ centre crop) | flip (+ horizontal flips) | reference (its random crop); "
                                     "None: flip for cifar10, else resize")
     image_size: int = arg(64, "training resolution in pixels, divisible by 8")
+    backbone: str = arg("unet", "the network: unet (the reference's U-Net) | dit (a Diffusion Transformer with "
+                                "adaLN-Zero, Peebles & Xie 2023)")
+    dit_size: str = arg("dit-s", "DiT depth, width and heads: dit-t | dit-xs (CPU sizes) | dit-s | dit-b (the "
+                                 "paper's S and B)")
+    patch_size: int = arg(2, "DiT patch size in pixels: 2 | 4 (tokens: image_size^2 / patch_size^2)")
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
     attn_factors: str = arg("1,2,4,8", "self-attention after the U-Net blocks at these downsampling factors (1: full "
                                        "resolution, 8: the lowest); the reference: all four")

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from data import ShapesDataset, classify_colors, get_dataset
 from ddpm import DEFAULT_STEPS, SAMPLERS
 from modules import JudgeNet
-from sample import load_model, make_diffusion
+from sample import describe, load_model, make_diffusion
 from utils import (UsageError, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli, save_figure,
                    to_uint8, write_json)
 
@@ -423,8 +423,8 @@ def main(argv=None):
     if skip is None:
         real, _, _ = real_images(dataset, dataset_path, diffusion.img_size, cfg.num_real)
     kind = "unconditional" if num_classes is None else f"conditional ({num_classes} classes)"
-    print(f"{kind} U-Net from {cfg.ckpt}; {dataset} at {diffusion.img_size} px; N = {cfg.num_samples} per row "
-          f"on {device}")
+    print(f"{kind} {describe(arch)} from {cfg.ckpt}; {dataset} at {diffusion.img_size} px; N = {cfg.num_samples} "
+          f"per row on {device}")
 
     model.to(device)
     rows = []

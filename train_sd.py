@@ -1,13 +1,13 @@
-"""Latent text-to-image: a small Stable Diffusion (U-Net with cross-attention on CLIP token states).
+"""Latent text-to-image: a small Stable Diffusion (U-Net or DiT with cross-attention on CLIP token states).
 
     python train_sd.py                              (CIFAR-10 captions at 128 px in SD's VAE latents: a GPU job)
     python train_sd.py --make_tiny_models data/tiny_sd && python train_sd.py --config configs/sd_quick_cpu.json
     python train_sd.py --sample --ckpt models/SD_text/ema_ckpt.pt --prompt "a photo of a cat" --out cat.png
 
 A frozen VAE (diffusers' AutoencoderKL) maps images to latents, a frozen CLIP text encoder maps captions to
-token states, and only the U-Net trains, with the DDPM loss of ddpm.py on the scaled latents. Each caption
-is replaced by "" with probability p_uncond, so one network learns eps(x_t, t, text) and eps(x_t, t, "");
-sampling mixes the two with classifier-free guidance. `--vae none` trains in pixel space instead.
+token states, and only the U-Net (or with `--backbone dit` the DiT) trains, with the DDPM loss of ddpm.py on the
+scaled latents. Each caption is replaced by "" with probability p_uncond, so one network learns eps(x_t, t, text)
+and eps(x_t, t, ""); sampling mixes the two with classifier-free guidance. `--vae none` trains in pixel space.
 """
 import dataclasses
 import os
@@ -20,8 +20,8 @@ from torch.utils.data import TensorDataset
 from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, cache_key, default_prompts, get_caption_dataset,
                   load_or_build_cache, normalize_caption, parse_shape_caption, without_captions)
 from ddpm import Diffusion, broadcast
-from modules import UNet_text
-from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, parse_attn_factors, train, validate
+from modules import DiT_text, UNet_text
+from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, dit_size, parse_attn_factors, train, validate
 from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device,
                    read_json_object, run_cli, save_images, save_individual, short_reason, with_defaults)
 
@@ -40,6 +40,11 @@ class Config:
     conditioning: str = arg("cross_attention", "cross_attention (token states) | add (pooled embedding)")
     cache_latents: bool = arg(False, "encode images and captions once, then train from the cache (no augmentation)")
     cache_dir: str = arg("data/latent_cache", "folder of the latent caches, one file per cache key")
+    backbone: str = arg("unet", "the network: unet (the reference's U-Net) | dit (a Diffusion Transformer with "
+                                "adaLN-Zero, Peebles & Xie 2023)")
+    dit_size: str = arg("dit-s", "DiT depth, width and heads: dit-t | dit-xs (CPU sizes) | dit-s | dit-b (the "
+                                 "paper's S and B)")
+    patch_size: int = arg(2, "DiT patch size in latent pixels: 2 | 4 (tokens: latent size^2 / patch_size^2)")
     base_channels: int = arg(64, "U-Net width")
     attn_factors: str = arg("1,2,4,8", "attention (self and cross) after the U-Net blocks at these downsampling "
                                        "factors (1: full resolution, 8: the lowest)")
@@ -182,7 +187,11 @@ def check(cfg):
         raise UsageError(f"n_per_prompt {cfg.n_per_prompt} must be positive")
 
 
-def build_unet(cfg, latents, text):
+def build_network(cfg, latents, text):
+    """The text-conditioned network of --backbone: UNet_text or DiT_text, on the VAE's latent channels."""
+    if cfg.backbone == "dit":
+        return DiT_text(c_in=latents.channels, c_out=latents.channels, patch_size=cfg.patch_size,
+                        context_dim=text.dim, conditioning=cfg.conditioning, **dit_size(cfg.dit_size))
     return UNet_text(c_in=latents.channels, c_out=latents.channels, base_channels=cfg.base_channels,
                      context_dim=text.dim, conditioning=cfg.conditioning,
                      attn_factors=parse_attn_factors(cfg.attn_factors))
@@ -272,7 +281,7 @@ def text_task(cfg, accelerator):
     def draw_grid(module, path):
         sample_grid(cfg, diffusion, module, latents, text, prompts, path)
 
-    return Task(dataset, build_unet(cfg, latents, text), diffusion, make_batch, draw_grid)
+    return Task(dataset, build_network(cfg, latents, text), diffusion, make_batch, draw_grid)
 
 
 # ----------------------------------------------------------------------------- tiny offline models
@@ -359,7 +368,7 @@ def sample(cfg, flags):
         requested = judged_attributes(run_cfg)  # a prompt the judges cannot read fails before sampling
     device = torch.device(pick_device(run_cfg.device))
     latents, text = load_frozen(dataclasses.replace(run_cfg, mixed_precision="no"), device)
-    net = build_unet(run_cfg, latents, text)
+    net = build_network(run_cfg, latents, text)
     load_state_dict_strict(net, weights)
     net.to(device)
     out = flags.out or os.path.join("results", run_cfg.run_name, "samples.png")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from data import AUGMENTATIONS, get_dataset, make_dataloader
 from ddpm import SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
-from modules import EMA, NULL_LABEL, UNet, UNet_conditional
+from modules import DIT_SIZES, EMA, NULL_LABEL, PATCH_SIZES, DiT, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
                    parse_config, pick_device, plot_loss, rng_state, save_config, save_images, save_kept,
                    seed_everything, set_rng_state, with_defaults, write_json)
@@ -74,6 +74,13 @@ def validate(cfg):
         raise UsageError(f"lr_warmup {cfg.lr_warmup} is negative: use 0 (no warm-up) or a number of steps")
     if hasattr(cfg, "attn_factors"):
         parse_attn_factors(cfg.attn_factors)
+    if getattr(cfg, "backbone", "unet") not in BACKBONES:
+        raise UsageError(f"backbone '{cfg.backbone}' is unknown: use one of {', '.join(BACKBONES)}")
+    if getattr(cfg, "backbone", "unet") == "dit":
+        dit_size(cfg.dit_size)
+        if cfg.patch_size not in PATCH_SIZES:
+            raise UsageError(f"patch_size {cfg.patch_size} is not allowed: use "
+                             f"{' or '.join(map(str, PATCH_SIZES))}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise UsageError(f"grad_clip {cfg.grad_clip} must be positive: use e.g. 1.0, or None for no clipping")
     for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps", "gradient_accumulation_steps",
@@ -209,11 +216,28 @@ def parse_attn_factors(text):
     return factors
 
 
+BACKBONES = ("unet", "dit")
+
+
+def dit_size(name):
+    """The DiT constructor's depth, dim and heads of a named size (modules.DIT_SIZES); another name is a UsageError."""
+    if name not in DIT_SIZES:
+        raise UsageError(f"dit_size '{name}' is unknown: use one of {', '.join(DIT_SIZES)}")
+    depth, dim, heads = DIT_SIZES[name]
+    return {"depth": depth, "dim": dim, "heads": heads}
+
+
 def build_model(cfg, num_classes):
+    """The network of a pixel-space run: its --backbone, class-conditional when num_classes is given."""
+    conditioning = getattr(cfg, "conditioning", "add")
+    if getattr(cfg, "backbone", "unet") == "dit":
+        if conditioning != "add":
+            raise UsageError(f"conditioning '{conditioning}' is a U-Net mode: DiT reads the label by adaLN-Zero; "
+                             "drop --conditioning, or use --backbone unet")
+        return DiT(num_classes=num_classes, patch_size=cfg.patch_size, **dit_size(cfg.dit_size))
     attn_factors = parse_attn_factors(getattr(cfg, "attn_factors", "1,2,4,8"))
     if num_classes is None:
         return UNet(base_channels=cfg.base_channels, attn_factors=attn_factors)
-    conditioning = getattr(cfg, "conditioning", "add")
     if conditioning not in UNet_conditional.CONDITIONINGS:
         raise UsageError(f"conditioning '{conditioning}' is unknown: use one of "
                          f"{', '.join(UNet_conditional.CONDITIONINGS)}")

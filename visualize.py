@@ -120,7 +120,7 @@ def load_text_run(cfg, path, device):
     weights, run_cfg = train_sd.saved_run(path)
     run_cfg = dataclasses.replace(run_cfg, mixed_precision="no")
     latents, text = train_sd.load_frozen(run_cfg, device)
-    net = train_sd.build_unet(run_cfg, latents, text)
+    net = train_sd.build_network(run_cfg, latents, text)
     load_state_dict_strict(net, weights, what=f"checkpoint '{path}'")
     prompt = cfg.prompt or (run_cfg.prompt[0] if run_cfg.prompt else None)
     if prompt is None:

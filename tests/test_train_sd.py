@@ -61,7 +61,7 @@ def test_shapes_through_every_stage(tiny, conditioning, context_shape):
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, std = latents.encode(images)
     assert mean.shape == std.shape == (2, 4, 8, 8) and latents.factor == 2
-    net = train_sd.build_unet(cfg, latents, text)
+    net = train_sd.build_network(cfg, latents, text)
     eps = net(mean, torch.tensor([1, 500]), context)
     assert eps.shape == (2, 4, 8, 8)
     assert latents.decode(mean).shape == (2, 3, 16, 16)
@@ -188,7 +188,7 @@ def test_guidance_is_one_batched_pass_with_the_empty_prompt(tiny, tmp_path):
     cfg = tiny_cfg(tiny, n_per_prompt=3, sample_steps=4, cfg_scale=7.5)
     latents, text = train_sd.load_frozen(cfg, "cpu")
     torch.manual_seed(0)
-    net = Counting(train_sd.build_unet(cfg, latents, text)).eval()
+    net = Counting(train_sd.build_network(cfg, latents, text)).eval()
     diffusion = train_sd.make_diffusion(cfg, latents, "cpu")
     prompts = ["a red circle", "a blue triangle"]
     images = train_sd.sample_grid(cfg, diffusion, net, latents, text, prompts, str(tmp_path / "grid.png"))
@@ -395,7 +395,7 @@ def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
     seconds = time.time() - start
     cfg = tiny_cfg(tiny, **{**overrides, "n_per_prompt": 10, "sample_steps": 20})
     latents, text = train_sd.load_frozen(cfg, "cpu")
-    net = train_sd.build_unet(cfg, latents, text)
+    net = train_sd.build_network(cfg, latents, text)
     net.load_state_dict(torch.load("models/learn/ema_ckpt.pt", weights_only=True))
     prompts = [data.shape_caption(c, (3 * c) % 10) for c in range(10)]  # every colour once
     diffusion = train_sd.make_diffusion(cfg, latents, "cpu")

@@ -59,7 +59,7 @@ def text_ckpt(tmp_path_factory):
                                          "--prompt", "a photo of a red circle", "--run_name", "S"])
     latents, text = train_sd.load_frozen(cfg, "cpu")
     torch.manual_seed(0)
-    net = train_sd.build_unet(cfg, latents, text)
+    net = train_sd.build_network(cfg, latents, text)
     run_dir = root / "models" / "S"
     run_dir.mkdir(parents=True)
     torch.save(net.state_dict(), run_dir / "ema_ckpt.pt")
