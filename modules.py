@@ -402,6 +402,7 @@ PATCH_SIZES = (2, 4)
 # ones are for the CPU: dit-t with patch size 2 matches the FLOPs of the base_channels-32 U-Net at 16 px, dit-xs
 # its parameters.
 DIT_SIZES = {
+    "dit-n": (4, 64, 2),
     "dit-t": (8, 128, 4),
     "dit-xs": (8, 192, 3),
     "dit-s": (12, 384, 6),
