@@ -288,6 +288,35 @@ def test_cli_trains_then_samples_a_captioned_grid(tiny, tmp_path):
         assert (pixels[top + strip:top + strip + 2] == 0).all()  # the row's black top padding
 
 
+@pytest.mark.parametrize("conditioning", ["cross_attention", "add"])
+def test_backbone_dit_trains_on_latents_and_samples_from_its_checkpoint(tiny, tmp_path, monkeypatch, conditioning):
+    """--backbone dit: DiT_text on the tiny VAE's 8 px latents (patch size 2: 16 tokens), through the one loop;
+    --sample rebuilds it from the saved config, and the prompt reaches the prediction."""
+    from modules import DiT_text
+
+    monkeypatch.chdir(tmp_path)
+    train_sd.main(tiny_argv(tiny, "dit", backbone="dit", dit_size="dit-n", patch_size=2, conditioning=conditioning,
+                            max_steps=2))
+    weights, cfg = train_sd.saved_run("models/dit/ema_ckpt.pt")
+    assert (cfg.backbone, cfg.dit_size, cfg.patch_size) == ("dit", "dit-n", 2)
+    latents, text = train_sd.load_frozen(cfg, "cpu")
+    net = train_sd.build_network(cfg, latents, text)
+    assert type(net) is DiT_text and net.conditioning == conditioning
+    assert (net.patch_embed.in_features, net.out.out_features) == (2 * 2 * 4, 2 * 2 * 4)  # 4 latent channels
+    net.load_state_dict(weights)
+    with torch.no_grad():
+        for p in net.parameters():  # move the zero-initialised weights, as a longer run would
+            if not p.any():
+                p.normal_(0, 0.1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    context = text(["a red circle", "a red circle"])
+    with torch.no_grad():
+        assert not torch.allclose(net(x, t, context), net(x, t, text(["a blue square", "a blue square"])))
+    images = train_sd.main(["--sample", "--ckpt", "models/dit/ema_ckpt.pt", "--prompt", "a red circle",
+                            "--n_per_prompt", "2", "--sample_steps", "2", "--out", "grid.png"])
+    assert images == "grid.png" and (tmp_path / "grid.png").is_file()
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def test_sample_errors(tiny, tmp_path, monkeypatch, capsys):
