@@ -291,6 +291,13 @@ class UNet(nn.Module):
         return self.denoise(x, self.time_embedding(t))
 
 
+def all_null_if_none(y, x):
+    """The labels y (B,), or for y=None a NULL_LABEL for every row of the batch x: no row has a label."""
+    if y is None:
+        return torch.full((x.shape[0],), NULL_LABEL, dtype=torch.long, device=x.device)
+    return y
+
+
 def label_rows(y, num_classes):
     """Rows of an embedding with a learned null label: class ids stay, NULL_LABEL becomes the last row, num_classes."""
     return torch.where(y == NULL_LABEL, num_classes, y)
@@ -348,8 +355,7 @@ class UNet_conditional(UNet):
         emb = self.time_embedding(t)
         if self.num_classes is None:
             return self.denoise(x, emb)
-        if y is None:
-            y = torch.full((x.shape[0],), NULL_LABEL, dtype=torch.long, device=x.device)
+        y = all_null_if_none(y, x)
         if self.conditioning == "add":
             return self.denoise(x, emb + self.label_embedding(y))
         if self.conditioning == "adanorm":
@@ -363,7 +369,19 @@ class UNet_conditional(UNet):
         return self.denoise(x, emb, context)
 
 
-class UNet_text(UNet):
+class TextForward:
+    """The forward of a text-conditioned network (UNet_text, DiT_text), given its `time_embedding`, `denoise` and,
+    for conditioning "add", `text_proj`: the pooled text embedding is added to the time embedding, or the token
+    states go to the cross-attentions."""
+
+    def forward(self, x, t, context):
+        emb = self.time_embedding(t)
+        if self.conditioning == "add":
+            return self.denoise(x, emb + self.text_proj(context))
+        return self.denoise(x, emb, context)
+
+
+class UNet_text(TextForward, UNet):
     """The U-Net conditioned on text, for latent text-to-image (a small Stable Diffusion).
 
     conditioning="cross_attention": every attention block is a TransformerBlock that attends to the
@@ -388,12 +406,6 @@ class UNet_text(UNet):
         self.conditioning = conditioning
         if conditioning == "add":
             self.text_proj = nn.Linear(context_dim, time_dim)
-
-    def forward(self, x, t, context):
-        emb = self.time_embedding(t)
-        if self.conditioning == "add":
-            return self.denoise(x, emb + self.text_proj(context))
-        return self.denoise(x, emb, context)
 
 
 # ----------------------------------------------------------------------------- the transformer backbone: DiT
@@ -559,12 +571,11 @@ class DiT(nn.Module):
         cond = self.time_embedding(t)
         if self.num_classes is None:
             return self.denoise(x, cond)
-        if y is None:
-            y = torch.full((x.shape[0],), NULL_LABEL, dtype=torch.long, device=x.device)
+        y = all_null_if_none(y, x)
         return self.denoise(x, cond + self.class_emb(label_rows(y, self.num_classes)))
 
 
-class DiT_text(DiT):
+class DiT_text(TextForward, DiT):
     """DiT conditioned on text, for latent text-to-image, as UNet_text.
 
     conditioning="cross_attention": every block cross-attends to the text encoder's token states; forward(x, t,
@@ -583,12 +594,6 @@ class DiT_text(DiT):
         self.conditioning = conditioning
         if conditioning == "add":
             self.text_proj = nn.Linear(context_dim, dim)
-
-    def forward(self, x, t, context):
-        cond = self.time_embedding(t)
-        if self.conditioning == "add":
-            return self.denoise(x, cond + self.text_proj(context))
-        return self.denoise(x, cond, context)
 
 
 class JudgeNet(nn.Module):
