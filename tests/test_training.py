@@ -369,7 +369,7 @@ def test_dit_learns_the_shapes_classes_within_a_few_hundred_steps(workdir):
     and reached 0.36 only with patch size 2 after 400 steps (about 4x the compute): the judge of samples is
     the README's comparison. Its training is a tenth of the FLOPs of the U-Net learning test above (300 steps of a
     0.054 GFLOP network against 700 of a 0.22 GFLOP one); it took 500 s of wall time on one thread while the 2 cores
-    ran about nine jobs, so expect well under a minute on an idle core.
+    ran about nine jobs; on an idle core about a minute is expected (not measured: the cores were never idle).
     """
     import sample
     from data import ShapesDataset
