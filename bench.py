@@ -3,6 +3,11 @@
     python bench.py                                   # reference: 64 px, batch 8, base 64, 10 classes, fp32
     python bench.py --precision bf16 --out bench_bf16.json
     python bench.py --base_channels 8 --image_size 16 --batch 2 --steps 2 --warmup 1   # seconds, for tests
+    python bench.py --data --image_size 32 --batch 128 --grid_samplers ''   # + the input pipeline: which one bounds?
+
+Training is measured twice, side by side: as it is and with --gradient_checkpointing (each Down, Up and attention
+block recomputed in the backward pass), each with its images/s and peak memory (--gradient_checkpointing false
+skips the second).
 
 Each measurement runs in a fresh subprocess (--isolate true), so its peak memory is its own: ru_maxrss is a
 process-lifetime peak on the CPU; on CUDA it is torch.cuda.max_memory_allocated.
@@ -10,12 +15,14 @@ process-lifetime peak on the CPU; on CUDA it is torch.cuda.max_memory_allocated.
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode (convolutions, matmuls and, through
 `count_flops`, the CPU attention kernel): one training step is forward + backward, the optimizer is not
 counted. "% of peak" divides the achieved FLOP/s by the best of a few large square matmuls in the same
-precision, measured in the same run.
+precision, measured in the same run. On CUDA both run with TF32 on, as training does (--tf32 false: both in IEEE
+float32; cuDNN's convolutions would otherwise use TF32 against an IEEE matmul peak); the table names the mode.
 
 Grid times (num_classes x grid_per_class images, guided, each sampler at its default steps) are estimated:
 steps x (rows per step / measured network evaluations per second) + the sampler's own work, timed by a full
 run with a network that costs nothing. --grid_full true times complete runs with the real network as well.
 """
+import copy
 import json
 import os
 import resource
@@ -25,13 +32,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from data import data_on_device, get_dataset, make_dataloader
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
-from modules import UNet_conditional
-from utils import UsageError, arg, config_to_dict, parse_config, pick_device, run_cli
+from modules import EMA, UNet_conditional
+from utils import UsageError, arg, config_to_dict, parse_config, pick_device, run_cli, use_tf32
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -42,8 +52,12 @@ class Config:
     image_size: int = arg(64, "pixels, divisible by 8")
     batch: int = arg(8, "images per training step and per timed network evaluation")
     precision: str = arg("fp32", "fp32 | bf16 (torch.autocast; the matmul peak is measured in the same dtype)")
+    tf32: bool = arg(True, "on CUDA, TF32 tensor cores for float32 matmuls and convolutions, as training uses them "
+                           "(false: IEEE float32); network and peak are measured in the same mode")
     device: str = arg("auto", "auto (cuda if available, else cpu) | cpu | cuda")
     compile: bool = arg(False, "torch.compile the network before timing")
+    gradient_checkpointing: bool = arg(True, "also measure training with gradient checkpointing (modules.UNet's "
+                                             "enable_gradient_checkpointing), beside the plain training")
     warmup: int = arg(2, "untimed steps before each timing")
     steps: int = arg(5, "timed training steps, and timed network evaluations")
     peak_size: int = arg(4096, "n of the n x n matmul that measures the peak (2048 gave unstable peaks here)")
@@ -52,12 +66,16 @@ class Config:
     cfg_scale: float = arg(3.0, "guidance of the grid; > 0 doubles the rows of every network call")
     grid_samplers: str = arg(",".join(SAMPLERS), "comma-separated samplers to time on the grid ('' for none)")
     grid_full: bool = arg(False, "also time complete grid runs with the real network (slow on a CPU)")
+    data: bool = arg(False, "also measure the input pipeline's images/s on a CIFAR-like folder of 8-bit PNGs at "
+                            "image_size (random flips), through the DataLoader and held on the device")
+    data_workers: str = arg("0,2", "comma-separated DataLoader worker counts that --data measures")
+    data_images: int = arg(2560, "images in --data's folder (written to a temporary folder, then deleted)")
     isolate: bool = arg(True, "run each measurement in a fresh subprocess, so each peak memory is its own")
     seed: int = arg(0, "seed of the inputs and of the grid noise")
     out: str = arg("bench.json", "JSON file of the results")
 
 
-MEASUREMENTS = ("peak", "train", "forward", "grid")
+MEASUREMENTS = ("peak", "train", "train_checkpointed", "forward", "grid", "ema", "data")
 EXTRA_FLAGS = [("--only", {"choices": MEASUREMENTS, "default": None,
                            "help": "run this one measurement in this process and write its JSON to --out"})]
 
@@ -78,10 +96,26 @@ def validate(cfg):
     unknown = [s for s in grid_samplers(cfg) if s not in SAMPLERS]
     if unknown:
         raise UsageError(f"grid sampler '{unknown[0]}' is unknown: use some of {', '.join(SAMPLERS)}")
+    try:
+        workers = data_workers(cfg)
+    except ValueError:
+        raise UsageError(f"data_workers '{cfg.data_workers}' is not a list of counts: use e.g. 0,2,8") from None
+    if any(w < 0 for w in workers) or cfg.data_images < 2 * cfg.batch:
+        raise UsageError(f"data_workers {cfg.data_workers} / data_images {cfg.data_images}: use counts >= 0 and at "
+                         f"least 2 batches of images, e.g. --data_images {2 * cfg.batch}")
 
 
 def grid_samplers(cfg):
     return [s.strip() for s in cfg.grid_samplers.split(",") if s.strip()]
+
+
+def data_workers(cfg):
+    return [int(w) for w in cfg.data_workers.split(",") if w.strip()]
+
+
+def measurements(cfg):
+    wanted = {"data": cfg.data, "train_checkpointed": cfg.gradient_checkpointing}
+    return [name for name in MEASUREMENTS if wanted.get(name, True)]
 
 
 def default_steps(sampler, noise_steps=1000):
@@ -90,6 +124,15 @@ def default_steps(sampler, noise_steps=1000):
 
 
 # ----------------------------------------------------------------------------- helpers
+def numeric_mode(cfg, device):
+    """Set TF32 on CUDA as --tf32 says, for the network and the peak alike; returns the mode in words."""
+    if device.type != "cuda":
+        return cfg.precision
+    use_tf32(cfg.tf32)
+    fp32 = "TF32" if cfg.tf32 else "IEEE fp32"
+    return f"{fp32}" if cfg.precision == "fp32" else f"{cfg.precision} autocast, other float32 ops in {fp32}"
+
+
 def autocast_dtype(precision):
     return torch.bfloat16 if precision == "bf16" else None
 
@@ -209,9 +252,11 @@ def measure_peak(cfg, device):
     return {"flops_per_s": 2 * cfg.peak_size**3 / min(seconds), "size": cfg.peak_size}
 
 
-def measure_train(cfg, device):
-    """Images/s of AdamW steps on Diffusion.loss, and the FLOPs of one forward + backward."""
+def measure_train(cfg, device, checkpointing=False):
+    """Images/s of AdamW steps on Diffusion.loss, and the FLOPs of one forward + backward (with checkpointing: the
+    recomputed forward passes of the blocks too)."""
     net, runner, diffusion = build(cfg, device)
+    net.enable_gradient_checkpointing(checkpointing)
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-4)
     x_0, labels = random_batch(cfg, device)
 
@@ -265,7 +310,69 @@ def measure_grid(cfg, device):
     return {"samplers": results, "images": int(labels.shape[0]), "peak_mem_mib": peak_memory_mib(device)}
 
 
-MEASURE = {"peak": measure_peak, "train": measure_train, "forward": measure_forward, "grid": measure_grid}
+def measure_ema(cfg, device):
+    """Milliseconds of one EMA update of the network's weights (modules.EMA, as training calls it every step)."""
+    net, _, _ = build(cfg, device)
+    ema_net, ema = copy.deepcopy(net).requires_grad_(False), EMA(start_step=0)
+    calls = median(time_calls(lambda: ema.step_ema(ema_net, net), device, cfg.warmup, 10 * cfg.steps))
+    return {"ms_per_step": 1000 * calls, "tensors": len(list(net.parameters()))}
+
+
+def write_folder(root, n, size, seed=0):
+    """n CIFAR-like 8-bit PNGs of size x size in 10 class subfolders: smooth random colours with some noise."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (size, size, 3))
+        folder = os.path.join(root, f"class_{i % 10}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:05d}.png"))
+
+
+def images_per_s(loader, to_device, device, epochs=2):
+    """Images/s that `loader` delivers on the device over `epochs` passes, after its first batch (worker start)."""
+    count, start = 0, None
+    for _ in range(epochs):
+        for batch in loader:
+            images = to_device(batch)[0]
+            if start is None:
+                sync(device)
+                start = time.perf_counter()
+            else:
+                count += len(images)
+    sync(device)
+    return count / (time.perf_counter() - start)
+
+
+def measure_data(cfg, device):
+    """The input pipeline's images/s: the DataLoader (PIL decode, resize, crop, flip; pinned copy to the device)
+    with each worker count, and the data set held on the device (index, decode, flip there; its one-time load)."""
+    with tempfile.TemporaryDirectory() as root:
+        write_folder(root, cfg.data_images, cfg.image_size, cfg.seed)
+        dataset = get_dataset("imagefolder", root, cfg.image_size, augment="flip")
+        pin = device.type == "cuda"
+        dataloader = {}
+        for workers in data_workers(cfg):
+            loader = make_dataloader(dataset, cfg.batch, workers, seed=cfg.seed, pin_memory=pin)
+            dataloader[str(workers)] = images_per_s(
+                loader, lambda batch: [t.to(device, non_blocking=True) for t in batch], device)
+            del loader  # stops its workers
+        start = time.perf_counter()
+        held, _ = data_on_device(dataset, device, wanted=True, num_workers=max(data_workers(cfg), default=0))
+        sync(device)
+        load_s = time.perf_counter() - start
+        loader = make_dataloader(held, cfg.batch, 0, seed=cfg.seed, pin_memory=pin)
+        on_device = images_per_s(loader, lambda indices: held.fetch(indices, seed=cfg.seed), device)
+    return {"images": cfg.data_images, "image_size": cfg.image_size, "dataloader_images_per_s": dataloader,
+            "on_device_images_per_s": on_device, "on_device_load_s": load_s, "on_device_mib": held.nbytes / 2**20}
+
+
+def measure_train_checkpointed(cfg, device):
+    return measure_train(cfg, device, checkpointing=True)
+
+
+MEASURE = {"peak": measure_peak, "train": measure_train, "train_checkpointed": measure_train_checkpointed,
+           "forward": measure_forward, "grid": measure_grid, "ema": measure_ema, "data": measure_data}
 
 
 def run_isolated(name, cfg):
@@ -285,8 +392,9 @@ def run_isolated(name, cfg):
 def summarize(cfg, device, parts):
     """The results as one dict: fractions of peak and grid times filled in."""
     peak = parts["peak"]["flops_per_s"]
-    for name in ("train", "forward"):
-        parts[name]["fraction_of_peak"] = parts[name]["flops_per_s"] / peak
+    for name in ("train", "train_checkpointed", "forward"):
+        if name in parts:
+            parts[name]["fraction_of_peak"] = parts[name]["flops_per_s"] / peak
     grid = parts["grid"]
     rows_per_step = grid["images"] * (2 if cfg.cfg_scale > 0 else 1)
     for entry in grid["samplers"].values():
@@ -299,7 +407,7 @@ def summarize(cfg, device, parts):
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"cpu, {torch.get_num_threads()} threads"
-    measured = {k: parts[k] for k in ("train", "forward", "grid")}
+    measured = {k: parts[k] for k in ("train", "train_checkpointed", "forward", "grid", "ema", "data") if k in parts}
     return {"config": config_to_dict(cfg), "device": device_name, "torch": torch.__version__,
             "isolated": cfg.isolate, "matmul_peak": parts["peak"], **measured}
 
@@ -315,14 +423,18 @@ def format_seconds(seconds):
 def format_table(result):
     """The results as a small plain-text table."""
     cfg, train, forward = result["config"], result["train"], result["forward"]
-    lines = [f"{result['device']}, {cfg['precision']}, {cfg['image_size']} px, batch {cfg['batch']}, "
+    lines = [f"{result['device']}, {result['mode']}, {cfg['image_size']} px, batch {cfg['batch']}, "
              f"base {cfg['base_channels']}, {cfg['num_classes']} classes",
              f"{'matmul peak':<26}{result['matmul_peak']['flops_per_s'] / 1e9:10.1f} GFLOP/s "
              f"({result['matmul_peak']['size']}^2)"]
-    for label, part, rate, unit in (("training", train, "images_per_s", "img/s"),
-                                    ("network evaluations", forward, "evals_per_s", "img/s")):
-        lines.append(f"{label:<26}{part[rate]:10.2f} {unit:<8}{part['flops_per_s'] / 1e9:8.1f} GFLOP/s "
-                     f"{100 * part['fraction_of_peak']:5.1f}% of peak   peak mem {part['peak_mem_mib']:.0f} MiB")
+    rows = [("training", train, "images_per_s"), ("training, checkpointed", result.get("train_checkpointed"),
+                                                  "images_per_s"), ("network evaluations", forward, "evals_per_s")]
+    for label, part, rate in rows:
+        if part is not None:
+            lines.append(f"{label:<26}{part[rate]:10.2f} img/s   {part['flops_per_s'] / 1e9:8.1f} GFLOP/s "
+                         f"{100 * part['fraction_of_peak']:5.1f}% of peak   peak mem {part['peak_mem_mib']:.0f} MiB")
+    if "train_checkpointed" in result:
+        lines.append(checkpointing_line(train, result["train_checkpointed"]))
     grid = result["grid"]
     lines.append(f"grid of {grid['images']} images, cfg {cfg['cfg_scale']} (peak mem {grid['peak_mem_mib']:.0f} MiB):")
     for sampler, entry in grid["samplers"].items():
@@ -331,7 +443,31 @@ def format_table(result):
                      f"(estimated){measured}")
     if "speedup_dpmpp_vs_ddpm" in grid:
         lines.append(f"  dpm++ vs ddpm: {grid['speedup_dpmpp_vs_ddpm']:.0f}x faster")
+    ema = result["ema"]
+    lines.append(f"{'EMA update':<26}{ema['ms_per_step']:10.2f} ms per step ({ema['tensors']} tensors)")
+    if "data" in result:
+        lines += format_data(result["data"], train["images_per_s"])
     return "\n".join(lines)
+
+
+def checkpointing_line(plain, checkpointed):
+    """Gradient checkpointing against plain training: peak memory and images/s, and their ratios."""
+    return (f"  gradient checkpointing: peak mem {plain['peak_mem_mib']:.0f} -> {checkpointed['peak_mem_mib']:.0f} MiB "
+            f"(x{checkpointed['peak_mem_mib'] / plain['peak_mem_mib']:.2f}), {plain['images_per_s']:.2f} -> "
+            f"{checkpointed['images_per_s']:.2f} img/s (x{checkpointed['images_per_s'] / plain['images_per_s']:.2f})")
+
+
+def format_data(data, training):
+    """--data's lines: each pipeline's images/s and how many times the network's training images/s it is."""
+    lines = [f"input pipeline, {data['images']} CIFAR-like 8-bit PNGs at {data['image_size']} px, random flips "
+             f"(network training: {training:.2f} img/s):"]
+    rows = [(f"DataLoader, {w} workers", rate) for w, rate in data["dataloader_images_per_s"].items()]
+    rows.append(("held on the device", data["on_device_images_per_s"]))
+    for label, rate in rows:
+        lines.append(f"  {label:<24}{rate:10.0f} img/s = {rate / training:8.1f}x training")
+    lines.append(f"  (held on the device: {data['on_device_mib']:.1f} MiB, loaded once in "
+                 f"{data['on_device_load_s']:.1f} s)")
+    return lines
 
 
 def write_json(obj, path):
@@ -345,13 +481,16 @@ def main(argv=None):
     cfg, flags = parse_config(Config, argv, __doc__, extra=EXTRA_FLAGS)
     validate(cfg)
     device = resolve_device(cfg.device)
+    mode = numeric_mode(cfg, device)
     if flags.only is not None:
         write_json(MEASURE[flags.only](cfg, device), cfg.out)
         return None
     parts = {}
-    for name in MEASUREMENTS:
+    for name in measurements(cfg):
+        if device.type == "cuda":  # each measurement's own peak, also without --isolate
+            torch.cuda.reset_peak_memory_stats(device)
         parts[name] = run_isolated(name, cfg) if cfg.isolate else MEASURE[name](cfg, device)
-    result = summarize(cfg, device, parts)
+    result = {**summarize(cfg, device, parts), "mode": mode}
     print(format_table(result))
     write_json(result, cfg.out)
     return result

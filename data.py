@@ -1,10 +1,13 @@
-"""Every data set, the augmentation, the data loader and the latent cache.
+"""Every data set, the augmentation, the data loader, the latent cache and the data set held on the device.
 
 Class data sets (shapes, imagefolder, cifar10) yield (image, int label); caption data sets yield (image,
-caption string). Images are float (3, S, S) tensors in [-1, 1], and every data set has `caption(i)`, so
+caption string). Images are float (C, S, S) tensors in [-1, 1], C = 3 (RGB) or 1 (grey: --channels 1, the default
+of a folder of grey image files: `dataset_channels`), and every data set has `caption(i)`, so
 captions can be read without decoding an image. The latent cache stores what train_sd.py's frozen VAE and
-text encoder make of a data set, so training can skip both networks.
+text encoder make of a data set, so training can skip both networks. `DeviceData` holds a data set that fits as
+tensors on the training device (--data_on_device), so batches need no DataLoader workers.
 """
+import copy
 import hashlib
 import json
 import math
@@ -14,7 +17,8 @@ import warnings
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from PIL import Image
 from torchvision import transforms
 
 from utils import UsageError, atomic_save, is_readable_image, load_checkpoint, load_rgb, short_reason
@@ -78,13 +82,15 @@ class ShapesDataset(Dataset):
     Item i is drawn from a NumPy generator seeded with (seed, i), so it is deterministic and nothing is
     stored. Its label is the shape, i % 10 (`SHAPE_NAMES`); its colour is one of the ten named colours of
     `SHAPE_PALETTE`, uniform and independent of the shape, so no judge can name the class from the colour.
-    Its caption is "a {colour} {shape}". Images are float (3, S, S) tensors in [-1, 1].
+    Its caption is "a {colour} {shape}". Images are float (3, S, S) tensors in [-1, 1], or with channels=1 their
+    luma (ITU-R 601: 0.299 R + 0.587 G + 0.114 B, as PIL's grey conversion), (1, S, S).
     """
 
-    def __init__(self, image_size=32, size=5000, seed=0):
+    def __init__(self, image_size=32, size=5000, seed=0, channels=3):
         self.image_size = image_size
         self.size = size
         self.seed = seed
+        self.channels = channels
         self.classes = list(SHAPE_NAMES)
         self.color_names = list(COLOR_NAMES)
 
@@ -124,7 +130,12 @@ class ShapesDataset(Dataset):
         coverage = mask.reshape(size, 2, size, 2).mean(axis=(1, 3))  # (2S, 2S) -> (S, S)
         rgb = np.clip(np.array(SHAPE_PALETTE[color][1], dtype=np.float32) * gain, 0, 255) / 255
         image = coverage[None, :, :] * rgb[:, None, None]  # (3, S, S) in [0, 1]
+        if self.channels == 1:
+            image = np.tensordot(LUMA, image, axes=1)[None]  # (3, S, S) -> (1, S, S)
         return torch.from_numpy(image * 2 - 1).float()
+
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 grey of RGB, PIL's convert("L")
 
 
 def shape_caption(color, shape):
@@ -161,7 +172,7 @@ def classify_colors(images, colors=SHAPE_COLORS):
     level = torch.quantile(brightness, 0.98, dim=1, keepdim=True)  # (N, 1)
     core = (brightness >= 0.7 * level).float()  # (N, H * W)
     mean = (pixels.flatten(2) * core[:, None]).sum(dim=2) / core.sum(dim=1, keepdim=True)  # (N, 3)
-    palette = torch.tensor(colors, dtype=torch.float32)  # (K, 3)
+    palette = torch.tensor(colors, dtype=torch.float32, device=images.device)  # (K, 3), where the images are
     labels = torch.cdist(mean, palette).argmin(dim=1)
     return torch.where(level[:, 0] > 0.25 * 255, labels, torch.full_like(labels, -1))
 
@@ -171,11 +182,12 @@ def classify_colors(images, colors=SHAPE_COLORS):
 class ClassDataset(Dataset):
     """Wraps a torchvision class data set (CIFAR10, ImageFolder) to add `caption(index)`.
 
-    With `size`, only a random subset of `size` items (drawn with `seed`) is kept.
+    With `size`, only a random subset of `size` items (drawn with `seed`) is kept. `augment` names the mode of
+    `augmentation` that the base's transform applies at `image_size`.
     """
 
-    def __init__(self, base, size=None, seed=0):
-        self.base = base
+    def __init__(self, base, size=None, seed=0, image_size=None, augment=None, channels=3):
+        self.base, self.image_size, self.augment, self.channels = base, image_size, augment, channels
         self.classes = list(base.classes)
         self.indices = list(range(len(base)))
         if size is not None and size < len(base):
@@ -195,10 +207,12 @@ class ClassDataset(Dataset):
 
 
 AUGMENTATIONS = ("resize", "flip", "reference")
+CHANNELS = (1, 3)  # grey or RGB
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # PIL modes of grey image files
 
 
-def augmentation(image_size, mode="resize"):
-    """PIL image -> (3, S, S) tensor in [-1, 1].
+def augmentation(image_size, mode="resize", channels=3):
+    """PIL image -> (C, S, S) tensor in [-1, 1]: RGB, or its grey (PIL's ITU-R 601 luma) with channels=1.
 
     resize: short side to S, then the centre S x S crop: the data distribution as it is. flip: the same, plus a
     random horizontal flip, for data whose classes keep their meaning in a mirror (CIFAR-10, as in the DDPM
@@ -214,8 +228,27 @@ def augmentation(image_size, mode="resize"):
         geometry = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
         if mode == "flip":
             geometry.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose([*geometry, transforms.ToTensor(),
-                               transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    grey = [transforms.Grayscale(1)] if channels == 1 else []
+    return transforms.Compose([*geometry, *grey, transforms.ToTensor(),
+                               transforms.Normalize((0.5,) * channels, (0.5,) * channels)])
+
+
+def dataset_channels(name, path, limit=500):
+    """The channels of a data set where it is clear from its files: 1 for a folder (imagefolder, captions) whose image
+    files are all grey (PIL modes L, I, I;16, F, ...; up to `limit` of them, evenly spread, are opened, headers only),
+    else 3: shapes, CIFAR-10, colour folders, grey pictures stored as RGB, and folders that do not exist yet."""
+    if name not in ("imagefolder", "captions") or not path or not os.path.isdir(path):
+        return 3
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                   if f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS))
+    modes = set()
+    for file in files[::max(1, len(files) // limit)]:
+        try:
+            with Image.open(file) as image:
+                modes.add(image.mode)
+        except OSError:
+            continue
+    return 1 if modes and modes <= set(GREY_MODES) else 3
 
 
 def _image_folder(path, transform):
@@ -259,7 +292,6 @@ def write_digits_folder(path):
         from sklearn.datasets import load_digits
     except ImportError:
         raise UsageError("the digits folder comes from scikit-learn: pip install scikit-learn") from None
-    from PIL import Image
 
     if os.path.isdir(path) and os.listdir(path):
         raise UsageError(f"'{path}' is not empty: pass a new folder, or delete it first")
@@ -284,8 +316,8 @@ def _cifar10(path, train, transform):
     return base
 
 
-def get_dataset(name, path, image_size, seed=0, train=True, size=None, augment=None):
-    """A data set of ((3, S, S) image in [-1, 1], int label) with `classes` and `caption(i)`.
+def get_dataset(name, path, image_size, seed=0, train=True, size=None, augment=None, channels=3):
+    """A data set of ((C, S, S) image in [-1, 1], int label) with `classes` and `caption(i)`; C = `channels`.
 
     `name` is cifar10, imagefolder or shapes. `augment` is a mode of `augmentation` for the file data sets
     (None: flip for cifar10, resize for imagefolder, which may hold digits or text); shapes are never augmented.
@@ -296,11 +328,17 @@ def get_dataset(name, path, image_size, seed=0, train=True, size=None, augment=N
         raise UsageError(f"image_size {image_size} is not divisible by 8: the U-Net halves it 3 times; "
                          "use 16, 32 or 64")
     if name == "shapes":
-        return ShapesDataset(image_size=image_size, size=5000 if size is None else size, seed=seed)
+        return ShapesDataset(image_size=image_size, size=5000 if size is None else size, seed=seed, channels=channels)
+    if channels not in CHANNELS:
+        raise UsageError(f"channels {channels} is not supported: use 1 (grey) or 3 (RGB)")
     if name == "cifar10":
-        return ClassDataset(_cifar10(path, train, augmentation(image_size, augment or "flip")), size, seed)
+        augment = augment or "flip"
+        base = _cifar10(path, train, augmentation(image_size, augment, channels))
+        return ClassDataset(base, size, seed, image_size, augment, channels)
     if name == "imagefolder":
-        return ClassDataset(_image_folder(path, augmentation(image_size, augment or "resize")), size, seed)
+        augment = augment or "resize"
+        base = _image_folder(path, augmentation(image_size, augment, channels))
+        return ClassDataset(base, size, seed, image_size, augment, channels)
     raise UsageError(f"unknown dataset '{name}': choose cifar10, imagefolder or shapes")
 
 
@@ -366,7 +404,7 @@ class CaptionFolder(Dataset):
     """A folder of images with captions: a metadata.jsonl ({"file_name": ..., "text": ...} per line, as in
     Hugging Face's imagefolder), or else a `.txt` caption file beside each image."""
 
-    def __init__(self, path, image_size, size=None):
+    def __init__(self, path, image_size, size=None, channels=3):
         if not path or not os.path.isdir(path):
             raise UsageError(f"caption folder '{path}' does not exist: pass --dataset_path to a folder of images "
                              "with captions")
@@ -378,7 +416,7 @@ class CaptionFolder(Dataset):
             raise UsageError(f"caption folder '{path}' holds no images: add .png/.jpg files with captions")
         self.items = self.items[:size]  # the first `size` in file order (all with None)
         self.path = path
-        self.transform = augmentation(image_size)
+        self.transform = augmentation(image_size, channels=channels)
 
     def __len__(self):
         return len(self.items)
@@ -443,13 +481,13 @@ def without_captions(dataset, holdout):
     return CaptionSubset(dataset, [i for i, c in enumerate(captions) if c not in held])
 
 
-def get_caption_dataset(name, path, image_size, seed=0, size=None):
-    """Items (image (3, S, S) in [-1, 1], caption). `name`: shapes | cifar10 | imagefolder | captions."""
+def get_caption_dataset(name, path, image_size, seed=0, size=None, channels=3):
+    """Items (image (C, S, S) in [-1, 1], caption). `name`: shapes | cifar10 | imagefolder | captions."""
     if name == "captions":
-        return CaptionFolder(path, image_size, size)
+        return CaptionFolder(path, image_size, size, channels)
     if name not in ("shapes", "cifar10", "imagefolder"):
         raise UsageError(f"unknown dataset '{name}': choose shapes, cifar10, imagefolder or captions")
-    return Captioned(get_dataset(name, path, image_size, seed=seed, size=size))
+    return Captioned(get_dataset(name, path, image_size, seed=seed, size=size, channels=channels))
 
 
 def default_prompts(dataset, limit=10, scan=1000):
@@ -504,3 +542,158 @@ def load_or_build_cache(path, dataset, encode_images, encode_prompts, batch_size
     cache = build_cache(dataset, encode_images, encode_prompts, batch_size, num_workers)
     atomic_save(cache, path)
     return cache, False
+
+
+# ----------------------------------------------------------------------------- the data set on the device
+
+def without_random_augmentation(dataset):
+    """(the data set with its random augmentation taken out, whether that was a random horizontal flip), or (None,
+    False) when it cannot be (the reference's random crops). A flip commutes with ToTensor and Normalize, so
+    DeviceData draws it on the device instead."""
+    if isinstance(dataset, ClassDataset) and dataset.augment in ("flip", "reference"):
+        if dataset.augment == "reference":
+            return None, False
+        fixed = copy.copy(dataset)
+        fixed.base = copy.copy(dataset.base)
+        fixed.base.transform = augmentation(dataset.image_size, "resize", dataset.channels)
+        return fixed, True
+    if isinstance(dataset, (Captioned, CaptionSubset)):
+        base, flips = without_random_augmentation(dataset.base)
+        if base is None:
+            return None, False
+        fixed = copy.copy(dataset)
+        fixed.base = base
+        return fixed, flips
+    return dataset, False
+
+
+def decode_pixels(pixels):
+    """uint8 pixels -> float32 in [-1, 1] by the very operations of ToTensor and Normalize(0.5, 0.5): the same bits."""
+    return pixels.float().div(255).sub(0.5).div(0.5)
+
+
+def as_pixels(images):
+    """Float images as uint8 pixels when decode_pixels gives them back bit for bit (8-bit files), else None."""
+    if not images.is_floating_point() or images.dim() != 4:
+        return None
+    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels if torch.equal(decode_pixels(pixels), images) else None
+
+
+def _item_bytes(item):
+    """Bytes that one item takes in DeviceData: 8-bit images as uint8, other tensors as they are, ints as int64."""
+    total = 0
+    for value in item:
+        if torch.is_tensor(value):
+            pixels = as_pixels(value[None])
+            total += value.numel() * (1 if pixels is not None else value.element_size())
+        elif isinstance(value, int):
+            total += 8
+    return total
+
+
+def estimated_bytes(dataset):
+    """What `DeviceData.load(dataset)` will take on the device, from its first item."""
+    if isinstance(dataset, TensorDataset):
+        return sum(t.numel() * t.element_size() for t in dataset.tensors)
+    return len(dataset) * _item_bytes(dataset[0])
+
+
+class DeviceData(Dataset):
+    """A data set held on one device as tensors, whose batches are indexed there: no DataLoader workers.
+
+    Its items are their own indices, so a DataLoader over it, prepared by Accelerate like the data set's own (seeded
+    order, shards per process, skipped batches on --resume), yields the very batches of indices that the data set's
+    would have yielded; `fetch` turns one into the batch. Images that are 8-bit pixels (files through ToTensor and
+    Normalize) are stored as uint8, 4x smaller, and decoded to the same float32 values. With `flips`, each image is
+    mirrored with probability 1/2, drawn on the device from the seed `fetch` is given. Captions stay on the host.
+    """
+
+    def __init__(self, fields, device, flips=False):
+        self.fields, self.device, self.flips = fields, torch.device(device), flips  # tensors on device, or str lists
+        self.generator = torch.Generator(self.device) if flips else None
+
+    @classmethod
+    @torch.no_grad()
+    def load(cls, dataset, device, flips=False, num_workers=0, batch_size=500):
+        """Read every item of a deterministic data set once (through a DataLoader with `num_workers`)."""
+        if isinstance(dataset, TensorDataset):  # contiguous as the DataLoader's batches are: randn_like follows layouts
+            return cls([t.to(device).contiguous() for t in dataset.tensors], device, flips)
+        columns = None
+        for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+            columns = columns or [[] for _ in batch]
+            for column, values in zip(columns, batch):
+                column.append(values)
+        fields = []
+        for column in columns:
+            if not torch.is_tensor(column[0]):
+                fields.append([value for values in column for value in values])  # captions
+                continue
+            pixels = [as_pixels(values) for values in column]
+            if all(p is not None for p in pixels):
+                column = pixels
+            fields.append(torch.cat(column).to(device))
+        return cls(fields, device, flips)
+
+    def __len__(self):
+        return len(self.fields[0])
+
+    def __getitem__(self, index):
+        return index
+
+    @property
+    def nbytes(self):
+        return sum(f.numel() * f.element_size() for f in self.fields if torch.is_tensor(f))
+
+    def fetch(self, indices, seed):
+        """The batch of the (host) `indices`, as the data set's DataLoader gives it, on the device."""
+        on_device = indices.to(self.device, non_blocking=True)
+        batch = []
+        for field in self.fields:
+            if not torch.is_tensor(field):
+                batch.append([field[i] for i in indices.tolist()])
+                continue
+            values = field[on_device]
+            batch.append(decode_pixels(values) if values.dtype == torch.uint8 else values)
+        if self.flips:
+            self.generator.manual_seed(seed)
+            flip = torch.rand(len(indices), generator=self.generator, device=self.device) < 0.5
+            batch[0] = torch.where(flip.view(-1, 1, 1, 1), batch[0].flip(-1), batch[0])
+        return batch
+
+
+def free_memory(device):
+    """Bytes free on `device`: the GPU's for cuda, the host's otherwise (8 GiB where the system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def data_on_device(dataset, device, wanted=None, num_workers=0):
+    """(DeviceData, or None for the DataLoader, and a line saying which and why, for the start of the run).
+
+    wanted None: on the device when the data set takes at most a quarter of the device's free memory and its
+    augmentation can be drawn there; True: on the device in any case (a UsageError where it cannot); False: never.
+    """
+    device = torch.device(device)
+    loader = f"data: a DataLoader with {num_workers} worker processes"
+    if wanted is False:
+        return None, f"{loader} (--data_on_device false)"
+    fixed, flips = without_random_augmentation(dataset)
+    if fixed is None:
+        if wanted:
+            raise UsageError("--data_on_device true cannot draw the reference's random crops on the device: use "
+                             "--augment flip or resize, or --data_on_device false")
+        return None, f"{loader}: the reference's random crops (--augment reference) are drawn there"
+    needed, budget = estimated_bytes(fixed), free_memory(device) // 4
+    if wanted is None and needed > budget:
+        return None, (f"{loader}: the data set needs {needed / 2**30:.1f} GiB, more than a quarter of the free "
+                      f"memory on {device} ({budget / 2**30:.1f} GiB); --data_on_device true holds it there anyway")
+    held = DeviceData.load(fixed, device, flips, num_workers)
+    kinds = ", ".join(str(f.dtype).replace("torch.", "") if torch.is_tensor(f) else "captions" for f in held.fields)
+    return held, (f"data: {len(held)} items held on {device} ({held.nbytes / 2**20:.0f} MiB: {kinds}"
+                  f"{'; flips drawn there' if flips else ''}), batches indexed there without DataLoader workers "
+                  f"(--data_on_device {str(wanted).lower()}; false: the DataLoader)")

@@ -16,6 +16,7 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 NULL_LABEL = -1  # a row with this label is unconditional: its label embedding is zero
 
@@ -224,7 +225,26 @@ def check_image_size(x):
         )
 
 
-class UNet(nn.Module):
+class GradientCheckpointing:
+    """`enable_gradient_checkpointing()` and `block` of the U-Net and DiT: the blocks that a network passes through
+    `self.block(module, *args)` are recomputed in the backward pass (torch.utils.checkpoint, non-reentrant) instead
+    of storing their activations, while gradients are recorded and the switch is on (off by default)."""
+
+    gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, enabled=True):
+        """Recompute each checkpointed block in the backward pass instead of storing its activations."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def block(self, module, *args):
+        """module(*args), checkpointed when gradient checkpointing is on and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled() and not isinstance(module, NoAttention):
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+
+class UNet(GradientCheckpointing, nn.Module):
     """The reference U-Net: 3 downsamplings, each followed by attention; widths scale with base_channels.
 
     `attention(channels)` builds the block that follows each Down and Up; the default is the reference's
@@ -233,6 +253,8 @@ class UNet(nn.Module):
     become NoAttention, with no weights. The reference has all four. Attention over the H*W pixels of a full-size
     map is the costliest block at small widths, and the one that small images need least.
     `norm_emb_dim` gives every DoubleConv an AdaGN modulation (see DoubleConv).
+    `enable_gradient_checkpointing()` keeps only the inputs of each Down, Up and attention block in training and
+    recomputes the block in the backward pass (torch.utils.checkpoint), trading compute for activation memory.
     forward(x, t): x (B, c_in, H, W), t (B,) integer timesteps -> eps (B, c_out, H, W).
     """
 
@@ -277,14 +299,15 @@ class UNet(nn.Module):
         for cross-attention the context (B, L, context_dim); for AdaGN the norm_emb (B, norm_emb_dim)."""
         check_image_size(x)
         e = norm_emb
+        block = self.block
         x1 = self.inc(x, e)  # full resolution
-        x2 = self.sa1(self.down1(x1, emb, e), context)  # 1/2
-        x3 = self.sa2(self.down2(x2, emb, e), context)  # 1/4
-        x4 = self.sa3(self.down3(x3, emb, e), context)  # 1/8
+        x2 = block(self.sa1, block(self.down1, x1, emb, e), context)  # 1/2
+        x3 = block(self.sa2, block(self.down2, x2, emb, e), context)  # 1/4
+        x4 = block(self.sa3, block(self.down3, x3, emb, e), context)  # 1/8
         x4 = self.bot3(self.bot2(self.bot1(x4, e), e), e)
-        y = self.sa4(self.up1(x4, x3, emb, e), context)  # 1/4
-        y = self.sa5(self.up2(y, x2, emb, e), context)  # 1/2
-        y = self.sa6(self.up3(y, x1, emb, e), context)  # full resolution
+        y = block(self.sa4, block(self.up1, x4, x3, emb, e), context)  # 1/4
+        y = block(self.sa5, block(self.up2, y, x2, emb, e), context)  # 1/2
+        y = block(self.sa6, block(self.up3, y, x1, emb, e), context)  # full resolution
         return self.outc(y)
 
     def forward(self, x, t):
@@ -496,7 +519,7 @@ class DiTBlock(nn.Module):
         return tokens + gate2 * self.mlp(modulate(self.norm2(tokens), shift2, scale2))
 
 
-class DiT(nn.Module):
+class DiT(GradientCheckpointing, nn.Module):
     """Diffusion Transformer (Peebles & Xie 2023): eps from the patches of x_t, conditioned by adaLN-Zero.
 
     The image is cut into patch_size x patch_size patches, each a token (a Linear of its pixels, as DiT's strided
@@ -508,6 +531,8 @@ class DiT(nn.Module):
     which get the learned null class (the embedding's last row); y=None means no row has a label, so one batch
     holds both halves of guidance. num_classes=None is the unconditional network, forward(x, t).
     Sizes: any H, W that are multiples of patch_size (2 or 4); the number of tokens is H*W / patch_size^2.
+    c_in = c_out: the image's channels (3, or 1 for grey data) or the latents'. `enable_gradient_checkpointing()`
+    recomputes each DiTBlock in the backward pass (see GradientCheckpointing).
     """
 
     def __init__(self, c_in=3, c_out=3, num_classes=None, patch_size=2, depth=12, dim=384, heads=6, time_dim=256,
@@ -562,7 +587,7 @@ class DiT(nn.Module):
         position = position_embedding_2d(height // p, width // p, tokens.shape[-1], x.device)  # (N, D)
         tokens = tokens + position.to(tokens.dtype)
         for block in self.blocks:
-            tokens = block(tokens, cond, context)
+            tokens = self.block(block, tokens, cond, context)
         shift, scale = self.modulation_out(cond)[:, None].chunk(2, dim=-1)  # (B, 2D) -> 2 x (B, 1, D)
         tokens = self.out(modulate(self.norm_out(tokens), shift, scale))  # (B, N, D) -> (B, N, p*p*c_out)
         return unpatchify(tokens, p, height, width)
@@ -597,17 +622,18 @@ class DiT_text(TextForward, DiT):
 
 
 class JudgeNet(nn.Module):
-    """The judge of evaluate.py, a small CNN classifier: images (B, 3, S, S) in [-1, 1] -> logits (B, K); `features` is its last hidden layer."""
+    """The judge of evaluate.py, a small CNN classifier: images (B, C, S, S) in [-1, 1] -> logits (B, K); `features` is
+    its last hidden layer. C = `channels`: 3 (RGB) or 1 (grey data)."""
 
-    def __init__(self, num_classes, width=32):
+    def __init__(self, num_classes, width=32, channels=3):
         super().__init__()
 
         def block(c_in, c_out):
             return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
 
-        self.body = nn.Sequential(*block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
+        self.body = nn.Sequential(*block(channels, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
                                   *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten())  # (B, 3, S, S) -> (B, 4 * width)
+                                  nn.Flatten())  # (B, C, S, S) -> (B, 4 * width)
         self.head = nn.Linear(4 * width, num_classes)
 
     def features(self, x):
@@ -641,15 +667,15 @@ class EMA:
 
     @torch.no_grad()
     def step_ema(self, ema_model, model):
+        """One update of all tensors at once: multi-tensor kernels (torch._foreach_*), not ~180 small ops per step."""
+        ema_params, params = list(ema_model.parameters()), list(model.parameters())
         if self.step < self.start_step:
-            for ema_p, p in zip(ema_model.parameters(), model.parameters()):
-                ema_p.copy_(p)
+            torch._foreach_copy_(ema_params, params)
         else:
-            decay = self.decay()
-            for ema_p, p in zip(ema_model.parameters(), model.parameters()):
-                ema_p.lerp_(p, 1.0 - decay)  # ema + (1 - decay) * (p - ema)
-        for ema_b, b in zip(ema_model.buffers(), model.buffers()):
-            ema_b.copy_(b)
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay())  # ema + (1 - decay) * (p - ema)
+        ema_buffers, buffers = list(ema_model.buffers()), list(model.buffers())
+        if buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
         self.step += 1
 
     def state_dict(self):

@@ -120,7 +120,7 @@ def infer_conditioning(state_dict):
 def infer_dit(state_dict, path, saved):
     """A DiT's constructor arguments: its width, depth, channels and classes from the shapes of its weights, its
     patch size and heads from the saved config's `patch_size` and `dit_size`, which must agree with the weights
-    (the pixel scripts' DiT reads RGB patches)."""
+    (the pixel scripts' DiT reads patches of the saved `channels`, RGB for a run saved before --channels)."""
     size, patch = saved.get("dit_size"), saved.get("patch_size")
     if size not in DIT_SIZES or not isinstance(patch, int) or patch <= 0:
         raise UsageError(f"'{path}' holds a DiT, but no saved config names its dit_size and patch_size: keep the "
@@ -128,10 +128,12 @@ def infer_dit(state_dict, path, saved):
     depth, dim, heads = DIT_SIZES[size]
     embed = state_dict["patch_embed.weight"]  # (dim, patch * patch * c_in)
     blocks = {key.split(".")[1] for key in state_dict if key.startswith("blocks.")}
-    if (len(blocks), embed.shape[0], embed.shape[1]) != (depth, dim, patch * patch * 3):  # RGB patches
+    channels = saved.get("channels") or 3
+    if (len(blocks), embed.shape[0], embed.shape[1]) != (depth, dim, patch * patch * channels):
         raise UsageError(f"'{path}' holds a DiT of depth {len(blocks)}, width {embed.shape[0]} and {embed.shape[1]} "
                          f"numbers per patch, but its saved config says {size} ({depth} blocks of width {dim}) "
-                         f"with patch_size {patch}: pass the checkpoint saved with that config")
+                         f"with patch_size {patch} on {channels} channels: pass the checkpoint saved with that "
+                         "config")
     arch = {"backbone": "dit", "c_in": embed.shape[1] // (patch * patch),
             "c_out": state_dict["out.weight"].shape[0] // (patch * patch), "num_classes": None,
             "conditioning": None, "dit_size": size, "patch_size": patch, "depth": depth, "dim": dim, "heads": heads,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, cache_key, default_prompts, get_caption_dataset,
-                  load_or_build_cache, normalize_caption, parse_shape_caption, without_captions)
+from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, cache_key, dataset_channels, default_prompts,
+                  get_caption_dataset, load_or_build_cache, normalize_caption, parse_shape_caption, without_captions)
 from ddpm import Diffusion, broadcast
 from modules import DiT_text, UNet_text
 from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, dit_size, parse_attn_factors, train, validate
@@ -35,6 +35,8 @@ class Config:
     dataset_path: str = arg("./data", "folder of the dataset (cifar10 downloads here)")
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
     image_size: int = arg(128, "training resolution in pixels; the latents are image_size / VAE factor")
+    channels: int | None = arg(None, "image channels: 1 (grey: repeated for an RGB VAE, its decoding averaged) | 3 "
+                                     "(RGB); None: the data set's (1 for a folder of grey image files, else 3)")
     vae: str = arg("stabilityai/sd-vae-ft-mse", "frozen AutoencoderKL: Hub id or local folder; none = pixel space")
     text_encoder: str = arg("openai/clip-vit-large-patch14", "Hub id or folder holding CLIPTextModel + tokenizer")
     conditioning: str = arg("cross_attention", "cross_attention (token states) | add (pooled embedding)")
@@ -56,8 +58,11 @@ class Config:
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
     schedule: str = arg("linear", "noise schedule: linear (the DDPM paper's) | cosine (Nichol & Dhariwal 2021)")
-    min_snr_gamma: float | None = arg(None, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Hang et al. 2023; "
-                                            "5 in the paper); None: the plain DDPM loss")
+    min_snr_gamma: float | None = arg(None, "Min-SNR-gamma loss weights (Hang et al. 2023; 5 in the paper): "
+                                            "min(SNR_t, gamma) / SNR_t for epsilon, min(SNR_t, gamma) for sample, "
+                                            "min(SNR_t, gamma) / (SNR_t + 1) for v_prediction; None: the plain DDPM loss")
+    prediction_type: str = arg("epsilon", "what the U-Net predicts: epsilon (the noise) | v_prediction (v = "
+                                          "sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0) | sample (x_0)")
     lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
     lr_decay: str = arg("none", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, "
                                      "or at the last epoch)")
@@ -76,6 +81,8 @@ class Config:
                                          "sampling them measures composition (repeat the flag)")
     n_per_prompt: int = arg(8, "images in each prompt's row")
     log_every: int = arg(5, "save grids, loss plot and checkpoints every this many epochs")
+    report_to: str = arg("tensorboard", "experiment tracking through Accelerate: none | tensorboard (offline, in "
+                                        "results/<run_name>/logs) | wandb (offline unless logged in) | all")
     gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
     checkpoint_every: int = arg(500, "optimizer steps between checkpoints (training_state.pt for --resume)")
     keep_checkpoints: int = arg(2, "training states kept in models/<run_name>/checkpoints/, the newest included")
@@ -83,8 +90,16 @@ class Config:
     print_every: int = arg(10, "optimizer steps between reads of the loss from the device (progress bar, losses)")
     seed: int = arg(0, "seed of the data order, the noise and the grids")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
-    mixed_precision: str = arg("no", "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to it)")
-    num_workers: int = arg(2, "DataLoader worker processes")
+    compile: bool = arg(False, "torch.compile the U-Net")
+    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block (DiT: each block) in "
+                                              "the backward pass (torch.utils.checkpoint): less activation "
+                                              "memory, more compute")
+    mixed_precision: str | None = arg(None, "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to "
+                                            "it); None: the launcher's (accelerate launch / config), else no")
+    num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")
+    data_on_device: bool | None = arg(None, "hold the data set on the training device and index batches there, no "
+                                            "DataLoader workers; None: when it takes at most a quarter of the free "
+                                            "memory")
 
 
 SD_FLAGS = RUN_FLAGS + [
@@ -100,7 +115,7 @@ SD_FLAGS = RUN_FLAGS + [
 ]
 SD_RESUMABLE = RESUMABLE_FIELDS + ("prompt", "cfg_scale", "n_per_prompt", "cache_latents", "cache_dir")
 SAMPLING_FIELDS = ("prompt", "cfg_scale", "sampler", "sample_steps", "n_per_prompt", "seed", "device", "clip_x0")
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, None: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: not resolved
 
 
 # ----------------------------------------------------------------------------- frozen VAE and text encoder
@@ -116,28 +131,36 @@ def from_pretrained(cls, name, **kwargs):
 
 
 class Latents:
-    """The frozen VAE: pixels in [-1, 1] <-> scaled latents. With vae=None it is pixel space (identity)."""
+    """The frozen VAE: pixels in [-1, 1] <-> scaled latents. With vae=None it is pixel space (identity).
 
-    def __init__(self, vae):
+    image_channels: the images' channels. Grey images (1) are repeated to the VAE's input channels for encoding, and
+    its decoded images averaged back to grey.
+    """
+
+    def __init__(self, vae, image_channels=3):
         self.vae = vae
-        self.channels = 3 if vae is None else vae.config.latent_channels
+        self.image_channels = image_channels
+        self.channels = image_channels if vae is None else vae.config.latent_channels
         self.factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         self.scale = 1.0 if vae is None else vae.config.scaling_factor
         self.shift = 0.0 if vae is None else (getattr(vae.config, "shift_factor", None) or 0.0)
 
     @torch.no_grad()
     def encode(self, images):
-        """(B, 3, H, W) -> mean and std of the scaled posterior, (B, C, H/f, W/f) float32."""
+        """(B, image_channels, H, W) -> mean and std of the scaled posterior, (B, C, H/f, W/f) float32."""
         if self.vae is None:
             return images.float(), torch.zeros_like(images, dtype=torch.float32)
+        images = images.expand(-1, self.vae.config.in_channels, -1, -1) if images.shape[1] == 1 else images
         dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
         return (dist.mean.float() - self.shift) * self.scale, dist.std.float() * self.scale
 
     @torch.no_grad()
     def decode(self, latents):
-        """Scaled latents (B, C, h, w) -> pixels (B, 3, h*f, w*f) in [-1, 1]."""
+        """Scaled latents (B, C, h, w) -> pixels (B, image_channels, h*f, w*f) in [-1, 1]."""
         if self.vae is not None:
             latents = self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample
+            if self.image_channels == 1:
+                latents = latents.mean(dim=1, keepdim=True)  # (B, 3, H, W) -> (B, 1, H, W)
         return latents.float().clamp(-1, 1)
 
 
@@ -176,7 +199,7 @@ def load_frozen(cfg, device):
         vae = from_pretrained(AutoencoderKL, cfg.vae, torch_dtype=dtype).to(device).eval().requires_grad_(False)
     tokenizer = from_pretrained(CLIPTokenizer, cfg.text_encoder)
     model = from_pretrained(CLIPTextModel, cfg.text_encoder, dtype=dtype).to(device).eval().requires_grad_(False)
-    return Latents(vae), TextEncoder(tokenizer, model, cfg.conditioning)
+    return Latents(vae, cfg.channels or 3), TextEncoder(tokenizer, model, cfg.conditioning)
 
 
 def check(cfg):
@@ -206,7 +229,25 @@ def make_diffusion(cfg, latents, device):
     clip_x0 = latents.vae is None if cfg.clip_x0 is None else cfg.clip_x0
     return Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size // latents.factor,
                      c_in=latents.channels, device=device, clip_x0=clip_x0, schedule=cfg.schedule,
-                     min_snr_gamma=cfg.min_snr_gamma)
+                     min_snr_gamma=cfg.min_snr_gamma, prediction_type=cfg.prediction_type)
+
+
+class CaptionStates:
+    """The text encoder, remembering the states of each caption it encodes (up to `limit` captions), so that a batch
+    encodes only the captions it is the first to hold: CIFAR-10 has 10, and the tokenizer is slow.
+
+    Called with B captions, it returns the (B, ...) states that `text` would, in one encoder call for the new ones.
+    """
+
+    def __init__(self, text, limit=1024):
+        self.text, self.limit, self.states = text, limit, {}  # CLIP-L: 1024 captions' states take 240 MB
+
+    def __call__(self, captions):
+        new = [c for c in dict.fromkeys(captions) if c not in self.states]
+        encoded = dict(zip(new, self.text(new))) if new else {}  # the new captions' states, one row each
+        for caption in new[:max(0, self.limit - len(self.states))]:
+            self.states[caption] = encoded[caption]
+        return torch.stack([encoded[c] if c in encoded else self.states[c] for c in captions])
 
 
 # ----------------------------------------------------------------------------- data
@@ -238,7 +279,8 @@ def cache_path(cfg, dataset):
     key = cache_key(vae=cfg.vae, text_encoder=cfg.text_encoder, image_size=cfg.image_size, dataset=cfg.dataset,
                     dataset_path=os.path.abspath(cfg.dataset_path), dataset_size=len(dataset), seed=cfg.seed,
                     conditioning=cfg.conditioning, precision=cfg.mixed_precision,
-                    holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts))
+                    holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts),
+                    **({"channels": cfg.channels} if cfg.channels != 3 else {}))  # RGB caches keep their keys
     return os.path.join(cfg.cache_dir, f"{key}.pt")
 
 
@@ -258,9 +300,12 @@ def sample_grid(cfg, diffusion, net, latents, text, prompts, path):
 def text_task(cfg, accelerator):
     """What training.train trains here: captions through the frozen VAE and CLIP, or through their cache."""
     device = accelerator.device
-    latents, text = load_frozen(cfg, device)
+    cfg = dataclasses.replace(cfg, channels=cfg.channels or dataset_channels(cfg.dataset, cfg.dataset_path))
+    with accelerator.main_process_first():  # one process downloads (the Hub's models, CIFAR-10); the others read them
+        latents, text = load_frozen(cfg, device)
+        dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed,
+                                      size=cfg.dataset_size, channels=cfg.channels)
     diffusion = make_diffusion(cfg, latents, device)
-    dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size)
     dataset = without_captions(dataset, cfg.holdout_prompts)  # the held-out prompts never occur in an epoch
     if cfg.holdout_prompts:
         accelerator.print(f"{len(cfg.holdout_prompts)} held-out prompts: training on the other {len(dataset)} items")
@@ -275,13 +320,15 @@ def text_task(cfg, accelerator):
         contexts = cache["contexts"].to(device)
         dataset = TensorDataset(cache["mean"], cache["std"], cache["caption_index"])
 
+    caption_states = CaptionStates(text)  # without the cache, each distinct caption is encoded once
+
     def make_batch(batch):
-        return training_batch(batch, latents, text, contexts, null_context, cfg.p_uncond)
+        return training_batch(batch, latents, caption_states, contexts, null_context, cfg.p_uncond)
 
     def draw_grid(module, path):
         sample_grid(cfg, diffusion, module, latents, text, prompts, path)
 
-    return Task(dataset, build_network(cfg, latents, text), diffusion, make_batch, draw_grid)
+    return Task(dataset, build_network(cfg, latents, text), diffusion, make_batch, draw_grid, channels=cfg.channels)
 
 
 # ----------------------------------------------------------------------------- tiny offline models

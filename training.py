@@ -7,9 +7,13 @@ the device, mixed precision and multi-GPU, so the same script runs under `python
 `torchrun`.
 """
 import copy
+import dataclasses
+import datetime
 import functools
+import importlib.util
 import json
 import math
+import netrc
 import os
 import signal
 import threading
@@ -20,22 +24,25 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from data import AUGMENTATIONS, get_dataset, make_dataloader
-from ddpm import SAMPLERS, SCHEDULES, Diffusion
+from data import AUGMENTATIONS, CHANNELS, data_on_device, dataset_channels, get_dataset, make_dataloader
+from ddpm import PREDICTION_TYPES, SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
 from modules import DIT_SIZES, EMA, NULL_LABEL, PATCH_SIZES, DiT, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
                    parse_config, pick_device, plot_loss, rng_state, save_config, save_images, save_kept,
-                   seed_everything, set_rng_state, with_defaults, write_json)
+                   seed_everything, set_rng_state, use_tf32, with_defaults, write_json)
 
 STATE_FILE = "training_state.pt"  # model, EMA, optimizer, step, epoch, RNG states, config, losses
 KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the last keep_checkpoints states
 # Fields that may change between a run and its resumption; any other difference is refused.
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
                     "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
-                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0")
+                    "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0", "data_on_device",
+                    "gradient_checkpointing", "report_to")
+FIELDS_BEFORE = {"channels": 3}  # what the runs saved before a field existed had, where it is not the default
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
@@ -57,15 +64,21 @@ def validate(cfg):
         raise UsageError(f"cfg_scale {cfg.cfg_scale} is negative: use 0 (no guidance) or e.g. 3")
     if cfg.sampler not in SAMPLERS:
         raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+    if cfg.mixed_precision not in (None, *PRECISIONS):
         raise UsageError(f"mixed_precision '{cfg.mixed_precision}' is unknown: use no, fp16 or bf16")
     if getattr(cfg, "eval_every", None) is not None and (cfg.eval_every <= 0 or cfg.eval_samples < 2):
         raise UsageError(f"eval_every {cfg.eval_every} / eval_samples {cfg.eval_samples}: use a positive --eval_every "
                          "(or None: off) and --eval_samples 2 or more, e.g. 100")
+    trackers(getattr(cfg, "report_to", "none"))
+    if getattr(cfg, "channels", None) not in (None, *CHANNELS):
+        raise UsageError(f"channels {cfg.channels} is not supported: use 1 (grey), 3 (RGB) or None (the data set's)")
     if getattr(cfg, "augment", None) not in (None, *AUGMENTATIONS):
         raise UsageError(f"augment '{cfg.augment}' is unknown: use one of {', '.join(AUGMENTATIONS)}, or None")
     if cfg.schedule not in SCHEDULES:
         raise UsageError(f"schedule '{cfg.schedule}' is unknown: use one of {', '.join(SCHEDULES)}")
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise UsageError(f"prediction_type '{cfg.prediction_type}' is unknown: use one of "
+                         f"{', '.join(PREDICTION_TYPES)}")
     if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
         raise UsageError(f"min_snr_gamma {cfg.min_snr_gamma} must be positive: use e.g. 5, or None for the plain loss")
     if getattr(cfg, "lr_decay", "none") not in LR_DECAYS:
@@ -89,19 +102,103 @@ def validate(cfg):
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
 
 
-def make_accelerator(cfg):
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def mixed_precision(cfg):
+    """(precision, where it comes from): --mixed_precision when given, else the launcher's choice (`accelerate launch
+    --mixed_precision` or `accelerate config` set ACCELERATE_MIXED_PRECISION, which Accelerate reads only when it
+    is given no precision), else no."""
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision, "--mixed_precision"
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher is None:
+        return "no", "the default"
+    if launcher.lower() not in PRECISIONS:
+        raise UsageError(f"the launcher's mixed precision '{launcher}' (ACCELERATE_MIXED_PRECISION) is not supported "
+                         "here: pass --mixed_precision no, fp16 or bf16")
+    return launcher.lower(), "the launcher"
+
+
+# How long a process waits in a collective (a barrier, DDP's all-reduce) before NCCL gives up; its default, 10
+# minutes, is shorter than the main process's solo work: the latent cache of a large data set, the judge, grids.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def claim_gpu(device):
+    """--device cuda:N in a single process: make GPU N the current one, which a single-process Accelerator uses
+    (it takes plain 'cuda'). Under a launcher each process takes the GPU of its local rank, so an index is refused."""
+    if not device.startswith("cuda:"):
+        return
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        raise UsageError(f"--device {device} with {processes} processes: each process uses the GPU of its local rank; "
+                         "pass --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    torch.cuda.set_device(int(device.split(":")[1]))
+
+
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+WANDB_PROJECT = "Diffusion-Models-pytorch"  # the wandb project of every run, unless WANDB_PROJECT says another
+
+
+def trackers(report_to):
+    """The tracker names of --report_to; an unknown value is a UsageError."""
+    if report_to not in REPORT_TO:
+        raise UsageError(f"report_to '{report_to}' is unknown: use one of {', '.join(REPORT_TO)}")
+    return {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+
+
+def wandb_logged_in():
+    """Whether `wandb login` (or WANDB_API_KEY) has given this machine a key: its ~/.netrc entry for the wandb host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def make_trackers(cfg, results_dir):
+    """Accelerate's trackers of --report_to: TensorBoard writing to results/<run_name>/logs, wandb in the project
+    WANDB_PROJECT (default Diffusion-Models-pytorch) under the run's name, offline unless logged in (or WANDB_MODE)."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    made = []
+    for name in trackers(getattr(cfg, "report_to", "none")):
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"--report_to {cfg.report_to} needs the {name} package: pip install {name} (or pass "
+                             "--report_to none)")
+        if name == "tensorboard":
+            made.append(TensorBoardTracker("logs", results_dir))
+        else:
+            mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+            made.append(WandBTracker(os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=cfg.run_name,
+                                     dir=results_dir, mode=mode))
+    return made
+
+
+def make_accelerator(cfg, results_dir=None):
+    """The run's Accelerator: device, precision, accumulation, seeded data order, collective timeout, and the trackers
+    of --report_to (which need `results_dir`)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     device = pick_device(cfg.device)
-    if cfg.mixed_precision == "fp16" and device == "cpu":
+    precision, _ = mixed_precision(cfg)
+    if precision == "fp16" and device == "cpu":
         raise UsageError("mixed_precision fp16 needs a GPU: use --mixed_precision bf16 on the CPU")
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls and convolutions
-        torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision,
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        use_tf32(True)
+        claim_gpu(device)
+    # non_blocking: the copy of a (pinned) batch to the GPU does not wait for the GPU to finish its work
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision,
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+                                                                 non_blocking=on_gpu),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+                       log_with=(make_trackers(cfg, results_dir) if results_dir is not None else None) or None)
 
 
 def run_dirs(cfg, resume, overwrite):
@@ -150,7 +247,9 @@ def restore_run(cfg, models_dir, net, ema_net, ema, optimizer, num_processes=1, 
     A run may resume on another number of processes when the batches done so far split evenly over them.
     """
     state = load_checkpoint(os.path.join(models_dir, STATE_FILE))
-    saved = with_defaults(state["config"], type(cfg))  # a run saved before a field existed used its default
+    # a run saved before a field existed used its default, or for channels (default None: the data set's) RGB
+    before = {key: value for key, value in FIELDS_BEFORE.items() if hasattr(cfg, key)}
+    saved = with_defaults({**before, **state["config"]}, type(cfg))
     changed = diff_configs(saved, config_to_dict(cfg), ignore=resumable)
     if changed:
         raise UsageError(f"--resume with a different config: {'; '.join(changed)}; use the saved values "
@@ -194,6 +293,7 @@ class Task:
     grid of `module`'s samples from fixed noise and conditioning. measure(module), if given, returns the
     offline quality figures of `module`'s samples (evaluate.offline_figures), for --eval_every. classes: the
     class names of a conditional model, saved as models/<run_name>/classes.json for sample.py's grid captions.
+    channels: the images' channels the task resolved (--channels None: the data set's), saved in the run's config.
     """
     dataset: torch.utils.data.Dataset
     net: torch.nn.Module
@@ -202,6 +302,7 @@ class Task:
     draw_grid: Callable
     measure: Callable | None = None
     classes: list[str] | None = None
+    channels: int = 3
 
 
 def parse_attn_factors(text):
@@ -227,22 +328,23 @@ def dit_size(name):
     return {"depth": depth, "dim": dim, "heads": heads}
 
 
-def build_model(cfg, num_classes):
-    """The network of a pixel-space run: its --backbone, class-conditional when num_classes is given."""
+def build_model(cfg, num_classes, channels=3):
+    """The network of a pixel-space run on images of `channels` channels: its --backbone, class-conditional when
+    num_classes is given."""
     conditioning = getattr(cfg, "conditioning", "add")
     if getattr(cfg, "backbone", "unet") == "dit":
         if conditioning != "add":
             raise UsageError(f"conditioning '{conditioning}' is a U-Net mode: DiT reads the label by adaLN-Zero; "
                              "drop --conditioning, or use --backbone unet")
-        return DiT(num_classes=num_classes, patch_size=cfg.patch_size, **dit_size(cfg.dit_size))
+        return DiT(channels, channels, num_classes=num_classes, patch_size=cfg.patch_size, **dit_size(cfg.dit_size))
     attn_factors = parse_attn_factors(getattr(cfg, "attn_factors", "1,2,4,8"))
     if num_classes is None:
-        return UNet(base_channels=cfg.base_channels, attn_factors=attn_factors)
+        return UNet(channels, channels, base_channels=cfg.base_channels, attn_factors=attn_factors)
     if conditioning not in UNet_conditional.CONDITIONINGS:
         raise UsageError(f"conditioning '{conditioning}' is unknown: use one of "
                          f"{', '.join(UNet_conditional.CONDITIONINGS)}")
-    return UNet_conditional(num_classes=num_classes, base_channels=cfg.base_channels, conditioning=conditioning,
-                            attn_factors=attn_factors)
+    return UNet_conditional(channels, channels, num_classes=num_classes, base_channels=cfg.base_channels,
+                            conditioning=conditioning, attn_factors=attn_factors)
 
 
 def grid_labels(cfg, num_classes, device):
@@ -265,11 +367,14 @@ def image_task(cfg, accelerator, conditional):
     if device.type == "cpu" and cfg.max_steps is None and cfg.base_channels >= 64 and cfg.image_size >= 32:
         warnings.warn("this full-size config takes days on the CPU: try --config configs/quick_cpu.json "
                       "(shapes at 16 px, a few minutes)", stacklevel=2)
-    dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
-                          augment=cfg.augment)
+    channels = cfg.channels or dataset_channels(cfg.dataset, cfg.dataset_path)
+    with accelerator.main_process_first():  # one process downloads (CIFAR-10); the others then read its files
+        dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
+                              augment=cfg.augment, channels=channels)
     num_classes = len(dataset.classes) if conditional else None
-    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, device=device,
-                          clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma)
+    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, c_in=channels,
+                          device=device, clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma,
+                          prediction_type=cfg.prediction_type)
     labels = grid_labels(cfg, num_classes, device)
     n = cfg.n_samples if labels is None else labels.shape[0]
 
@@ -287,7 +392,7 @@ def image_task(cfg, accelerator, conditional):
     measure = None
     if cfg.eval_every and accelerator.is_main_process:  # one process trains and caches the judge
         judge = get_judge(cfg.dataset, cfg.dataset_path, cfg.image_size, num_real=min(5000, len(dataset)),
-                          device=device)
+                          device=device, channels=channels)
         print(f"--eval_every {cfg.eval_every}: judge accuracy on held-out real images {judge.heldout_accuracy:.3f}")
         measure = functools.partial(offline_figures, diffusion=diffusion, judge=judge, num_classes=num_classes,
                                     n=cfg.eval_samples, cfg_scale=getattr(cfg, "cfg_scale", 0.0),
@@ -299,7 +404,8 @@ def image_task(cfg, accelerator, conditional):
         def make_batch(batch):
             return batch[0], None
     classes = list(dataset.classes) if conditional else None
-    return Task(dataset, build_model(cfg, num_classes), diffusion, make_batch, draw_grid, measure, classes)
+    return Task(dataset, build_model(cfg, num_classes, channels), diffusion, make_batch, draw_grid, measure, classes,
+                channels)
 
 
 # ----------------------------------------------------------------------------- the loop's bookkeeping
@@ -332,39 +438,88 @@ class StopRequest:
 
 
 class LossLog:
-    """Each optimizer step's loss and whether its update was skipped, kept on the device until `read`.
+    """Each optimizer step's loss, gradient norm and whether its update was skipped, kept on the device until `read`.
 
     `add` and `end_step` never wait for the device; `read` moves what is pending to the host in one
-    transfer, averaged over the processes, and appends one loss per step to `losses`.
+    transfer, averaged over the processes, appends one loss per step to `losses`, and hands each step to
+    `report(step, loss, grad_norm, skipped)` when given (skipped: the steps skipped so far).
     """
 
-    def __init__(self, accelerator, losses, skipped, max_nonfinite):
+    def __init__(self, accelerator, losses, skipped, max_nonfinite, fp16=False, report=None):
         self.accelerator, self.losses, self.skipped, self.max_nonfinite = accelerator, losses, skipped, max_nonfinite
+        self.report = report
         self.micro, self.pending, self.in_a_row = [], [], 0
+        # fp16: GradScaler starts at a loss scale of 2^16 and halves it after each step whose gradients overflow,
+        # so the first steps of a run are skipped as a rule; they are overflow, not a loss that is not finite
+        self.fp16 = fp16
+        self.reason = "fp16 overflow" if fp16 else "non-finite loss"
 
     def add(self, loss):
         self.micro.append(loss.detach().float())
 
-    def end_step(self, skip):
-        self.pending.append(torch.stack([torch.stack(self.micro).mean(), skip.float()]))
+    def end_step(self, skip, grad_norm=None):
+        grad_norm = torch.full_like(skip, float("nan")) if grad_norm is None else grad_norm
+        self.pending.append(torch.stack([torch.stack(self.micro).mean(), skip.float(), grad_norm.float()]))
         self.micro = []
 
     def read(self, stop_signal=None):
         """Move the pending values to `losses`; True if any process got a stop signal. A TrainingError after
         `max_nonfinite` skipped steps in a row."""
         if self.pending:
-            values = self.accelerator.reduce(torch.stack(self.pending), "mean").tolist()  # (steps, 2): loss, skipped
+            values = self.accelerator.reduce(torch.stack(self.pending), "mean").tolist()  # (steps, 3)
             self.pending = []
-            for loss, skip in values:
+            for loss, skip, grad_norm in values:
                 self.losses.append(loss)
                 self.skipped += skip > 0.5
                 self.in_a_row = self.in_a_row + 1 if skip > 0.5 else 0
+                if self.report is not None:
+                    self.report(len(self.losses), loss, grad_norm, self.skipped)
                 if self.in_a_row >= self.max_nonfinite:
-                    raise TrainingError(f"the loss was not finite for {self.in_a_row} steps in a row (up to step "
-                                        f"{len(self.losses)}); their updates were skipped and the last checkpoint is "
-                                        "intact: --resume with a lower --lr, or --mixed_precision bf16 / no")
+                    what = (f"the fp16 gradients overflowed for {self.in_a_row} steps in a row, although GradScaler "
+                            "halved the loss scale after each" if self.fp16 else
+                            f"the loss was not finite for {self.in_a_row} steps in a row")
+                    raise TrainingError(f"{what} (up to step {len(self.losses)}); their updates were skipped and the "
+                                        "last checkpoint is intact: --resume with a lower --lr, or --mixed_precision "
+                                        "bf16 / no")
         stop = torch.tensor(float(stop_signal is not None), device=self.accelerator.device)
         return self.accelerator.reduce(stop, "sum").item() > 0
+
+
+class Tracking:
+    """--report_to through Accelerate's trackers, started on entry and finished on exit, on the main process only.
+
+    Every value is logged at its optimizer step (1 = the first), so a resumed run continues the curves at the step
+    it resumes from; TensorBoard hides what a stopped run had logged after that step (SummaryWriter's purge_step).
+    """
+
+    def __init__(self, accelerator, cfg, step):
+        self.accelerator, self.cfg, self.step = accelerator, cfg, step
+
+    def __enter__(self):
+        for tracker in self.accelerator.log_with:
+            if tracker.name == "tensorboard" and self.step:
+                tracker.init_kwargs["purge_step"] = self.step + 1  # passed to SummaryWriter
+        config = {key: ", ".join(map(str, value)) if isinstance(value, list) else value
+                  for key, value in config_to_dict(self.cfg).items()}  # trackers take numbers, strings, None
+        self.accelerator.init_trackers(self.cfg.run_name, config=config)
+        return self
+
+    def image(self, tag, path, step):
+        """The grid file `path`, as it was saved, under `tag` at `step`."""
+        if not self.accelerator.trackers:
+            return
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({tag: pixels[None]}, step=step, dataformats="NHWC")
+                tracker.writer.flush()
+            else:
+                tracker.log_images({tag: [pixels]}, step=step)
+
+    def __exit__(self, *exc_info):
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 LR_DECAYS = ("none", "cosine")
@@ -381,10 +536,12 @@ def learning_rate(lr, step, warmup, decay="none", total=None):
     return lr
 
 
-def nonfinite_gradients(net):
-    """1.0 on the device when any gradient is inf or NaN (after averaging over processes, so all agree), else 0.0."""
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    return (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+def gradient_norm(accelerator, model, grad_clip):
+    """The total gradient norm (after averaging over processes, so all agree), computed once: clipped to grad_clip
+    through Accelerate (which unscales fp16 gradients first) when it is set, as the DDPM paper does."""
+    if grad_clip is not None:
+        return accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -396,14 +553,23 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     """
     validate(cfg)
     results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, results_dir)
+    precision_source = mixed_precision(cfg)[1]
+    cfg = dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision)  # the config saved says what ran
     device = accelerator.device
     seed_everything(cfg.seed)  # the same initial weights on every process
 
     task = make_task(cfg, accelerator)
-    dataloader = make_dataloader(task.dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed,
+    if hasattr(cfg, "channels"):
+        cfg = dataclasses.replace(cfg, channels=task.channels)  # the config saved says what ran, as with the precision
+    # --data_on_device: the DataLoader yields batches of indices, in the order it would yield the data set's
+    held, data_note = data_on_device(task.dataset, device, cfg.data_on_device, cfg.num_workers)
+    dataloader = make_dataloader(task.dataset if held is None else held, cfg.batch_size,
+                                 cfg.num_workers if held is None else 0, seed=cfg.seed,
                                  pin_memory=device.type == "cuda")
     net = task.net
+    if getattr(cfg, "gradient_checkpointing", False):
+        net.enable_gradient_checkpointing()
     if getattr(cfg, "channels_last", False):
         net = net.to(memory_format=torch.channels_last)
     ema_net = copy.deepcopy(net).requires_grad_(False).to(device)
@@ -416,7 +582,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     quality_path = os.path.join(results_dir, "quality.json")  # --eval_every: [{"step", "seconds", ...figures}]
     quality = read_quality(quality_path, run["step"]) if flags.resume else []
     model = torch.compile(net) if getattr(cfg, "compile", False) else net
-    model, optimizer, dataloader = accelerator.prepare(model, adamw, dataloader)
+    model, optimizer = accelerator.prepare(model, adamw)
+    dataloader = accelerator.prepare_data_loader(dataloader, device_placement=held is None)  # indices stay on the host
 
     os.makedirs(results_dir, exist_ok=True)
     if accelerator.is_main_process:
@@ -428,9 +595,22 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     n = accelerator.num_processes
     accelerator.print(f"{n} process(es) on {device.type}: batch {cfg.batch_size} per device x {n} x "
                       f"{cfg.gradient_accumulation_steps} accumulated = "
-                      f"{cfg.batch_size * n * cfg.gradient_accumulation_steps} images per optimizer step; lr {cfg.lr}")
+                      f"{cfg.batch_size * n * cfg.gradient_accumulation_steps} images per optimizer step; lr {cfg.lr}; "
+                      f"mixed precision {cfg.mixed_precision} ({precision_source})")
+    accelerator.print(data_note)
     step, start_epoch, losses = run["step"], run["epoch"], run["losses"]
-    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite)
+    decay = getattr(cfg, "lr_decay", "none")
+    steps_per_epoch = len(dataloader) // cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch  # the cosine's end
+    tracking = Tracking(accelerator, cfg, step)
+
+    def report(n, loss, grad_norm, skipped):  # optimizer step n, counted from the run's start: the same on --resume
+        lr = learning_rate(cfg.lr, n - 1, cfg.lr_warmup, decay, total_steps)
+        accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                         "train/skipped_steps": skipped}, step=n)
+
+    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite, fp16=cfg.mixed_precision == "fp16",
+                  report=report)
 
     def save(epoch, batches_done):
         if accelerator.is_main_process:
@@ -439,25 +619,24 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 "num_processes": n, "losses": losses, "skipped": log.skipped}, models_dir)
         accelerator.wait_for_everyone()
 
-    decay = getattr(cfg, "lr_decay", "none")
-    steps_per_epoch = len(dataloader) // cfg.gradient_accumulation_steps
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch  # the cosine's end
     epoch, stopped = start_epoch, None
     start, measuring = time.perf_counter(), 0.0  # train_seconds: the run's wall-clock time less --eval_every's
-    with StopRequest() as stop:
+    with StopRequest() as stop, tracking:
         for epoch in range(start_epoch, cfg.epochs):
             batches_done = run["batches_done"] if epoch == start_epoch else 0
             pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
             for batch in pbar:
                 with accelerator.accumulate(model):
-                    torch.manual_seed(noise_seed(cfg.seed, epoch, batches_done, accelerator.process_index))
+                    seed = noise_seed(cfg.seed, epoch, batches_done, accelerator.process_index)
+                    if held is not None:  # a batch of indices; its random flips are drawn from another seed
+                        batch = held.fetch(batch, seed + 1)
+                    torch.manual_seed(seed)
                     x_0, conditioning = task.make_batch(batch)
                     loss = task.diffusion.loss(model, x_0, conditioning)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        skip = nonfinite_gradients(net)
-                        if cfg.grad_clip is not None:  # clip the gradient norm, as the DDPM paper does
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        grad_norm = gradient_norm(accelerator, model, cfg.grad_clip)
+                        skip = (~torch.isfinite(grad_norm)).float()
                         adamw.found_inf = skip  # fused AdamW leaves weights and moments as they are when 1
                         for group in adamw.param_groups:
                             group["lr"] = learning_rate(cfg.lr, step, cfg.lr_warmup, decay, total_steps)
@@ -467,7 +646,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 log.add(loss)
                 if not accelerator.sync_gradients:
                     continue
-                log.end_step(skip)
+                log.end_step(skip, grad_norm)
                 if accelerator.is_main_process:
                     ema.step_ema(ema_net, net)
                 step += 1
@@ -483,6 +662,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                         seconds = round(measure_start - start - measuring, 1)
                         measuring += time.perf_counter() - measure_start
                         quality.append({"step": step, "seconds": seconds, **figures})
+                        accelerator.log({f"eval/{key}": value for key, value in figures.items() if value is not None},
+                                        step=step)
                         write_json(quality, quality_path)
                     accelerator.wait_for_everyone()
                 if stopped or (cfg.max_steps is not None and step >= cfg.max_steps):
@@ -496,12 +677,13 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
             if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
                 for suffix, module in (("", net), ("_ema", ema_net)):
                     task.draw_grid(module, os.path.join(results_dir, f"{epoch}{suffix}.jpg"))
+                    tracking.image(f"samples{suffix}", os.path.join(results_dir, f"{epoch}{suffix}.jpg"), step)
                 plot_loss(losses, os.path.join(results_dir, "loss.png"), quality=quality)
             if last or (epoch + 1) % cfg.log_every == 0:
                 save(epoch, batches_done)
             if last:
                 break
-    accelerator.print(f"done: {step} steps ({log.skipped} skipped: non-finite loss); grids in {results_dir}/, "
+    accelerator.print(f"done: {step} steps ({log.skipped} skipped: {log.reason}); grids in {results_dir}/, "
                       f"checkpoints in {models_dir}/")
     return {"step": step, "epoch": epoch, "losses": losses, "skipped": log.skipped, "stopped": stopped,
             "results_dir": results_dir, "models_dir": models_dir, "quality": quality,

@@ -277,7 +277,17 @@ def set_rng_state(state):
     np.random.set_state(("MT19937", np.array(np_key, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU that was visible at the save; restore those that are visible now (a box with fewer
+        # GPUs, or CUDA_VISIBLE_DEVICES, has fewer). torch.cuda.set_rng_state_all would index past the last one.
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+def use_tf32(enabled):
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA (cuDNN's convolutions default to on, cuBLAS's
+    matmuls to off): both on, as training runs, or both off for IEEE float32."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def pick_device(name="auto"):
@@ -285,13 +295,16 @@ def pick_device(name="auto"):
     mps_ok = torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    kind = name.split(":")[0]
+    kind, _, index = name.partition(":")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps_ok}
     if kind in available and not available[kind]:
         raise UsageError(f"device '{name}' requested but {kind} is not available: "
                          "use --device cpu or --device auto")
-    if kind not in ("cpu", "cuda", "mps"):
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind != "cpu" and index.isdigit())):
         raise UsageError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) are visible; use "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}, or check CUDA_VISIBLE_DEVICES")
     return name
 
 

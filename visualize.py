@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 import sample
 import train_sd
-from data import get_dataset
+from data import dataset_channels, get_dataset
 from ddpm import SAMPLERS, Diffusion
 from modules import NULL_LABEL
 from utils import (UsageError, arg, load_state_dict_strict, parse_config, pick_device, run_cli, save_figure, save_gif,
@@ -213,8 +213,10 @@ def noising(cfg, saved, device):
     """x_0, then x_t = sqrt(alpha_hat_t) x_0 + sqrt(1 - alpha_hat_t) eps at each t, one eps per row."""
     dataset_name = cfg.dataset or saved.get("dataset", "shapes")
     image_size = cfg.image_size or saved.get("image_size", 64)
-    dataset = get_dataset(dataset_name, cfg.dataset_path or saved.get("dataset_path", "./data"), image_size,
-                          seed=cfg.seed, train=True, size=None)
+    dataset_path = cfg.dataset_path or saved.get("dataset_path", "./data")
+    channels = saved.get("channels") or dataset_channels(dataset_name, dataset_path)
+    dataset = get_dataset(dataset_name, dataset_path, image_size, seed=cfg.seed, train=True, size=None,
+                          channels=channels)
     diffusion = Diffusion.from_settings(saved, image_size, device=device)
     timesteps = noising_timesteps(cfg, diffusion.noise_steps)
     generator = torch.Generator().manual_seed(cfg.seed)

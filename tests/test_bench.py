@@ -39,6 +39,10 @@ def test_tiny_benchmark_writes_positive_finite_fields(tmp_path, capsys):
     assert forward["evals_per_s"] == pytest.approx(2 / forward["call_s"])  # --batch 2
     for part in (train, forward):
         assert part["fraction_of_peak"] == pytest.approx(part["flops_per_s"] / peak)
+    # checkpointed training, side by side: the same images per step, with the blocks' forward passes counted again
+    checkpointed = result["train_checkpointed"]
+    assert positive_finite(checkpointed["images_per_s"]) and positive_finite(checkpointed["peak_mem_mib"])
+    assert checkpointed["flops_per_step"] > 1.2 * train["flops_per_step"]
     # forward + backward is about 3 forwards: counted per image, the training step costs 2..4 times a forward
     ratio = (result["train"]["flops_per_step"] / 2) / (result["forward"]["flops_per_call"] / 2)
     assert 2 < ratio < 4
@@ -99,4 +103,43 @@ def test_cli_rejects_a_bad_value_with_one_line():
 def test_validate_names_the_bad_value(flag, value):
     cfg = bench.parse_config(bench.Config, [flag, value])
     with pytest.raises(bench.UsageError, match=value):
+        bench.validate(cfg)
+
+
+@pytest.fixture
+def tf32_flags():
+    """Restore the global TF32 switches that a test sets."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("tf32, precision, mode", [("true", "fp32", "TF32"), ("false", "fp32", "IEEE fp32"),
+                                                   ("true", "bf16", "bf16 autocast, other float32 ops in TF32")])
+def test_on_cuda_the_network_and_the_peak_share_one_tf32_mode(tf32_flags, tf32, precision, mode):
+    """cuDNN convolutions default to TF32 and cuBLAS matmuls to IEEE: both are set alike, and the mode is named."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+    cfg = bench.parse_config(bench.Config, ["--tf32", tf32, "--precision", precision])
+    assert bench.numeric_mode(cfg, torch.device("cuda")) == mode
+    assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == (tf32 == "true")
+    assert bench.numeric_mode(cfg, torch.device("cpu")) == precision
+
+
+def test_data_measures_each_pipeline_beside_training(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(TINY + ["--isolate", "false", "--grid_samplers", "", "--data", "--data_workers", "0,1",
+                       "--data_images", "8", "--batch", "4", "--out", str(out)])
+    data = json.loads(out.read_text())["data"]
+    assert set(data["dataloader_images_per_s"]) == {"0", "1"} and data["images"] == 8
+    rates = [*data["dataloader_images_per_s"].values(), data["on_device_images_per_s"]]
+    assert all(positive_finite(rate) for rate in rates)
+    assert data["on_device_mib"] == pytest.approx(8 * (3 * 16 * 16 + 8) / 2**20)  # uint8 pixels, int64 labels
+    table = capsys.readouterr().out
+    assert "DataLoader, 1 workers" in table and "held on the device" in table and "x training" in table
+
+
+@pytest.mark.parametrize("flag, value", [("--data_workers", "two"), ("--data_workers", "-1"), ("--data_images", "3")])
+def test_data_flags_bad_values_are_named(flag, value):
+    cfg = bench.parse_config(bench.Config, [flag, value])
+    with pytest.raises(bench.UsageError, match="data_workers"):
         bench.validate(cfg)

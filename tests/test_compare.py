@@ -127,3 +127,16 @@ def test_bad_options_are_one_readable_error(workdir, fake_evaluate, args, messag
     with pytest.raises(UsageError, match=message):
         compare.main(TINY + ["--variants", CONDITIONING] + args)
     assert not (workdir / "models").exists()
+
+
+@pytest.mark.parametrize("variants", sorted((REPO / "configs").glob("compare_*.json")), ids=lambda path: path.stem)
+def test_every_variant_of_every_variants_file_is_a_valid_run(variants, monkeypatch):
+    """Each variant's flags parse on top of the quick preset and pass the training script's checks."""
+    import shlex
+
+    import ddpm_conditional
+
+    monkeypatch.chdir(REPO)  # the variants name config files relative to the repository
+    for flags in compare.read_variants(str(variants), None).values():
+        argv = ["--config", "configs/quick_cpu.json", *shlex.split(flags)]
+        training.validate(training.parse_config(ddpm_conditional.Config, argv))

@@ -308,3 +308,136 @@ def test_augmentation_defaults_flip_cifar_only_and_refuses_unknown_modes(tmp_pat
     assert "RandomHorizontalFlip" not in names and "CenterCrop" in names  # digits and text are never flipped
     with pytest.raises(UsageError, match="augment 'zoom' is unknown"):
         data.augmentation(16, "zoom")
+
+
+# ----------------------------------------------------------------------------- the data set on the device
+
+def _noise_folder(root, per_class=10, size=20):
+    """Two classes of random RGB PNGs: 8-bit files, as CIFAR-10 and image folders hold."""
+    rng = np.random.default_rng(1)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return data.get_dataset("imagefolder", str(root), 16)
+
+
+def _batches(dataset, held, processes, rank, skip=0, epochs=2):
+    """Every batch of `epochs` epochs of one process, through Accelerate's seeded sharded loader as training
+    prepares it: the data set's own DataLoader, or (held given) the DataLoader of indices and DeviceData.fetch."""
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+
+    loader = data.make_dataloader(dataset if held is None else held, 4, seed=3)
+    loader = prepare_data_loader(loader, num_processes=processes, process_index=rank, use_seedable_sampler=True,
+                                 data_seed=3, put_on_device=False)
+    out = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in skip_first_batches(loader, skip) if epoch == 0 and skip else loader:
+            out.append(list(batch) if held is None else held.fetch(batch, seed=0))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["shapes", "imagefolder"])
+def test_device_data_yields_the_dataloaders_batches_for_each_process_epoch_and_resume(tmp_path, kind):
+    """Same seeded order, same shard per process (2 processes), same batches after a resume's skip."""
+    dataset = data.ShapesDataset(16, size=24) if kind == "shapes" else _noise_folder(tmp_path)
+    held = data.DeviceData.load(dataset, "cpu")
+    for processes, rank, skip in [(1, 0, 0), (2, 0, 0), (2, 1, 0), (2, 1, 1)]:
+        expected, got = _batches(dataset, None, processes, rank, skip), _batches(dataset, held, processes, rank, skip)
+        assert len(got) == len(expected) > 2
+        for (images, labels), (held_images, held_labels) in zip(expected, got):
+            assert torch.equal(images, held_images) and torch.equal(labels, held_labels)
+    first, second = (_batches(dataset, held, 2, rank) for rank in (0, 1))
+    assert not torch.equal(first[0][0], second[0][0])  # each process its own shard
+
+
+def test_eight_bit_images_are_held_as_uint8_and_decode_to_the_same_floats(tmp_path):
+    folder = _noise_folder(tmp_path)
+    held = data.DeviceData.load(folder, "cpu")
+    assert held.fields[0].dtype == torch.uint8 and held.fields[1].dtype == torch.int64
+    assert torch.equal(held.fetch(torch.tensor([3]), seed=0)[0][0], folder[3][0])
+    shapes = data.DeviceData.load(data.ShapesDataset(16, size=4), "cpu")  # anti-aliased floats: kept as they are
+    assert shapes.fields[0].dtype == torch.float32
+    captions = data.DeviceData.load(data.Captioned(data.ShapesDataset(16, size=4)), "cpu")
+    assert captions.fetch(torch.tensor([2, 0]), seed=0)[1] == [captions.fields[1][2], captions.fields[1][0]]
+
+
+def test_flips_are_drawn_on_the_device_from_the_batch_seed(tmp_path):
+    _noise_folder(tmp_path)
+    flipping = data.get_dataset("imagefolder", str(tmp_path), 16, augment="flip")
+    held, note = data.data_on_device(flipping, "cpu")
+    assert held.flips and "flips drawn there" in note
+    plain, indices = data.get_dataset("imagefolder", str(tmp_path), 16), torch.arange(20)
+    images = held.fetch(indices, seed=5)[0]
+    mirrored = [torch.equal(image, plain[i][0].flip(-1)) for i, image in enumerate(images)]
+    assert all(m or torch.equal(image, plain[i][0]) for i, (m, image) in enumerate(zip(mirrored, images)))
+    assert 0 < sum(mirrored) < 20
+    assert torch.equal(held.fetch(indices, seed=5)[0], images)  # the same seed (a resumed run): the same flips
+    assert not torch.equal(held.fetch(indices, seed=6)[0], images)
+
+
+def test_data_on_device_holds_what_fits_and_says_why_not(tmp_path, monkeypatch):
+    folder = _noise_folder(tmp_path)
+    held, note = data.data_on_device(folder, "cpu")
+    assert held is not None and note.startswith("data: 20 items held on cpu") and "uint8, int64" in note
+    assert data.data_on_device(folder, "cpu", wanted=False) == (None, "data: a DataLoader with 0 worker processes "
+                                                                      "(--data_on_device false)")
+    reference = data.get_dataset("imagefolder", str(tmp_path), 16, augment="reference")
+    held, note = data.data_on_device(reference, "cpu")
+    assert held is None and "--augment reference" in note
+    with pytest.raises(UsageError, match="random crops on the device: use --augment flip or resize"):
+        data.data_on_device(reference, "cpu", wanted=True)
+    monkeypatch.setattr(data, "free_memory", lambda device: 4 * 20 * 3 * 16 * 16 - 4)  # a quarter is too small
+    held, note = data.data_on_device(folder, "cpu")
+    assert held is None and "more than a quarter of the free memory on cpu" in note
+    assert data.data_on_device(folder, "cpu", wanted=True)[0] is not None
+
+
+# ----------------------------------------------------------------------------- grey images (--channels 1)
+
+def _grey_folder(root, size=16, per_class=4, mode="L"):
+    """Two classes of grey images whose pixel values are known: image i of class k is filled with 20 k + 7 i."""
+    for k, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.full((size, size), 20 * k + 7 * i, dtype=np.uint8)
+            image = Image.fromarray(pixels, mode="L")
+            (image.convert("I;16") if mode == "I;16" else image).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16"])
+def test_dataset_channels_is_1_only_for_a_folder_of_grey_files(tmp_path, mode):
+    folder = _grey_folder(tmp_path / "grey", mode=mode)
+    assert data.dataset_channels("imagefolder", str(folder)) == 1
+    assert data.dataset_channels("captions", str(folder)) == 1
+    Image.new("RGB", (16, 16), (10, 10, 10)).save(folder / "a" / "rgb.png")  # one colour file: not clearly grey
+    assert data.dataset_channels("imagefolder", str(folder)) == 3
+    assert data.dataset_channels("shapes", None) == data.dataset_channels("cifar10", str(folder)) == 3
+    assert data.dataset_channels("imagefolder", str(tmp_path / "nowhere")) == 3  # get_dataset names that error
+
+
+def test_grey_images_keep_their_pixels_on_both_data_paths(tmp_path):
+    dataset = data.get_dataset("imagefolder", str(_grey_folder(tmp_path)), 16, channels=1)
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        value = 20 * label + 7 * int(dataset.base.samples[dataset.indices[index]][0][-5])
+        assert image.shape == (1, 16, 16) and torch.equal(image, torch.full_like(image, value / 127.5 - 1))
+    held, _ = data.data_on_device(dataset, "cpu", wanted=True)
+    assert held.fields[0].dtype == torch.uint8 and held.fields[0].shape == (8, 1, 16, 16)
+    batch = held.fetch(torch.arange(8), seed=0)
+    assert torch.equal(batch[0], torch.stack([dataset[i][0] for i in range(8)]))
+    rgb = data.get_dataset("imagefolder", str(tmp_path), 16, channels=3)[0][0]
+    assert rgb.shape == (3, 16, 16) and torch.equal(rgb[:1], dataset[0][0])
+    with pytest.raises(UsageError, match="channels 2 is not supported: use 1"):
+        data.get_dataset("imagefolder", str(tmp_path), 16, channels=2)
+
+
+def test_grey_shapes_are_the_luma_of_the_colour_ones():
+    rgb, grey = data.ShapesDataset(16, size=10), data.ShapesDataset(16, size=10, channels=1)
+    for index in range(10):
+        colour = (rgb[index][0] + 1) / 2
+        expected = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        assert grey[index][1] == rgb[index][1]
+        torch.testing.assert_close((grey[index][0][0] + 1) / 2, expected, atol=1e-6, rtol=0)

@@ -1,4 +1,5 @@
 """Tests for evaluate.py: the judge, the Frechet distance, class accuracy, and the CLI on a tiny checkpoint."""
+import contextlib
 import json
 import os
 import socket
@@ -291,6 +292,31 @@ def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception,
     assert list((offline / "data" / "fidelity_cache").iterdir())  # the real statistics, cached for the next run
 
 
+def test_fid_runs_on_the_gpu_that_device_names(monkeypatch):
+    """torch-fidelity takes cuda=True and uses the current GPU, so --device cuda:1 must make GPU 1 current."""
+    import torch_fidelity
+
+    current, calls = [None], []
+
+    @contextlib.contextmanager
+    def select(device):
+        previous, current[0] = current[0], device.index
+        yield
+        current[0] = previous
+
+    def calculate_metrics(**kwargs):
+        calls.append((kwargs["cuda"], current[0]))
+        return {"frechet_inception_distance": 1.0, "kernel_inception_distance_mean": 0.1,
+                "kernel_inception_distance_std": 0.01}
+
+    monkeypatch.setattr(torch.cuda, "device", select)
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    for device in ("cuda:1", "cpu"):
+        assert evaluate.inception_figures(images, images, "real", None, device)["fid"] == 1.0
+    assert calls == [(True, 1), (False, None)]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--eval_every", "0"], "--eval_every"),
     (["--eval_every", "1", "--eval_samples", "5"], "--eval_samples 10"),
@@ -316,3 +342,11 @@ def test_cli_subprocess_writes_metrics_and_exits_2_on_bad_input(workdir):
     bad = subprocess.run([sys.executable, script, "--ckpt", "bare/ckpt.pt"], cwd=workdir, capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--dataset" in bad.stderr
+
+
+def test_grey_images_reach_inception_as_three_equal_channels():
+    grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    rgb = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(evaluate.Uint8Images(grey)[1], grey[1].repeat(3, 1, 1))
+    assert torch.equal(evaluate.Uint8Images(rgb)[1], rgb[1])
+

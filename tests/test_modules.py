@@ -278,6 +278,16 @@ def test_ema_warmup_decay_is_min_beta_and_1_plus_n_over_10_plus_n(start_step):
     assert not restored.warmup and restored.decay() == 0.9
 
 
+def test_ema_multi_tensor_update_equals_the_per_tensor_formula_on_every_tensor_of_the_unet():
+    torch.manual_seed(0)
+    model, ema_model = (UNet_conditional(num_classes=3, base_channels=8) for _ in range(2))
+    expected = [e.detach().lerp(p.detach(), 1 - 0.9) for e, p in zip(ema_model.parameters(), model.parameters())]
+    EMA(beta=0.9, start_step=0).step_ema(ema_model, model)
+    updated = list(ema_model.parameters())
+    assert len(updated) == len(expected) > 100
+    assert all(torch.equal(e, x) for e, x in zip(updated, expected))
+
+
 # ----------------------------------------------------------------------------- the four conditioning modes
 MODES = UNet_conditional.CONDITIONINGS
 MODE_KEYS = {"add": "label_emb.weight", "concat": "label_map.weight", "xattn": "label_tokens.weight",
@@ -533,3 +543,71 @@ def test_dit_t_with_patch_size_2_matches_the_flops_of_the_small_unet():
     with torch.no_grad():
         dit_flops, unet_flops = (count_flops(lambda: net(x, t, y)) for net in (dit, unet))
     assert abs(dit_flops / unet_flops - 1) < 0.1, (dit_flops, unet_flops)
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+def loss_and_gradients(model, *inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(*inputs)
+    loss = out.pow(2).mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("conditioning", [*MODES, "text"])
+def test_gradient_checkpointing_recomputes_the_blocks_and_keeps_loss_and_gradients(conditioning):
+    """The same loss and gradients (to float tolerance); each Down, Up and attention block runs twice per step."""
+    torch.manual_seed(0)
+    if conditioning == "text":
+        model = UNet_text(c_in=4, c_out=4, base_channels=8, context_dim=16)
+        inputs = (torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 5, 16))
+    else:
+        model = trained_like(UNet_conditional(num_classes=3, base_channels=8, conditioning=conditioning))
+        inputs = (torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([1, NULL_LABEL]))
+    model.train()
+    calls = {"down1": 0, "up3": 0, "sa1": 0, "inc": 0}
+    def count(name):
+        return lambda module, args: calls.update({name: calls[name] + 1})
+
+    for name in calls:  # a pre-hook: the recomputation stops as soon as it has what the backward pass needs
+        getattr(model, name).register_forward_pre_hook(count(name))
+    loss, grads = loss_and_gradients(model, *inputs)
+    assert calls == {"down1": 1, "up3": 1, "sa1": 1, "inc": 1}
+    model.enable_gradient_checkpointing()
+    loss_ckpt, grads_ckpt = loss_and_gradients(model, *inputs)
+    assert calls == {"down1": 3, "up3": 3, "sa1": 3, "inc": 2}  # the blocks ran again in the backward pass
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=0)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():  # sampling: nothing to recompute
+        model(*inputs)
+    assert calls["down1"] == 4
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_dit_gradient_checkpointing_recomputes_each_block_and_keeps_loss_and_gradients(text):
+    """The same loss and gradients (to float tolerance); each DiTBlock runs twice per step, once under no_grad."""
+    torch.manual_seed(0)
+    if text:
+        model = away_from_zero(DiT_text(c_in=1, c_out=1, patch_size=2, depth=2, dim=32, heads=2, context_dim=16))
+        inputs = (torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16))
+    else:
+        model = away_from_zero(tiny_dit())
+        inputs = (torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, NULL_LABEL]))
+    model.train()
+    calls = [0] * len(model.blocks)
+    for index, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1))
+    loss, grads = loss_and_gradients(model, *inputs)
+    assert calls == [1, 1]
+    model.enable_gradient_checkpointing()
+    loss_ckpt, grads_ckpt = loss_and_gradients(model, *inputs)
+    assert calls == [3, 3]  # the blocks ran again in the backward pass
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=0)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():  # sampling: nothing to recompute
+        model(*inputs)
+    assert calls == [4, 4]

@@ -158,6 +158,15 @@ def test_schedule_comes_from_saved_config_or_reference_defaults(run_dir):
     assert override.img_size == 32
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_prediction_type_comes_from_the_saved_config_and_old_configs_predict_eps(run_dir, prediction_type):
+    config = json.loads((run_dir / "config.json").read_text())
+    old = {key: value for key, value in config.items() if key != "prediction_type"}  # written before the field
+    assert sample.make_diffusion(sample.Config(ckpt="x"), old, 3, "cpu").prediction_type == "epsilon"
+    saved = {**config, "prediction_type": prediction_type}
+    assert sample.make_diffusion(sample.Config(ckpt="x"), saved, 3, "cpu").prediction_type == prediction_type
+
+
 def test_defaults_passed_to_the_sampler(ref_cond, ref_uncond, tmp_path, monkeypatch):
     calls = []
 

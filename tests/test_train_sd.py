@@ -28,10 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """Paths of a tiny random AutoencoderKL (factor 2, 4 latent channels) and CLIP text encoder (D = 32, L = 16)."""
-    vae_dir, text_dir = train_sd.make_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
-    return {"vae": vae_dir, "text_encoder": text_dir}
+def tiny(tiny_sd_models):
+    """The tiny random VAE and CLIP of tests/conftest.py."""
+    return tiny_sd_models
 
 
 def tiny_argv(tiny, run_name="run", **overrides):
@@ -66,6 +65,21 @@ def test_shapes_through_every_stage(tiny, conditioning, context_shape):
     assert eps.shape == (2, 4, 8, 8)
     assert latents.decode(mean).shape == (2, 3, 16, 16)
     assert train_sd.make_diffusion(cfg, latents, "cpu").img_size == 8
+
+
+def test_grey_images_through_an_rgb_vae_and_in_pixel_space(tiny):
+    """Grey images are repeated to the VAE's 3 input channels and its decodings averaged back to grey."""
+    latents, _ = train_sd.load_frozen(tiny_cfg(tiny, channels=1), "cpu")
+    grey = torch.rand(2, 1, 16, 16) * 2 - 1
+    mean, _ = latents.encode(grey)
+    torch.testing.assert_close(mean, latents.encode(grey.repeat(1, 3, 1, 1))[0])
+    decoded = latents.decode(mean)
+    assert decoded.shape == (2, 1, 16, 16)
+    with torch.no_grad():
+        rgb = latents.vae.decode(mean / latents.scale + latents.shift).sample  # (2, 3, 16, 16)
+    torch.testing.assert_close(decoded, rgb.mean(dim=1, keepdim=True).clamp(-1, 1))
+    pixels, _ = train_sd.load_frozen(tiny_cfg(tiny, channels=1, vae="none"), "cpu")
+    assert pixels.channels == 1 and pixels.decode(grey).shape == (2, 1, 16, 16)
 
 
 def test_pixel_space_and_image_size_check(tiny):
@@ -146,6 +160,20 @@ def test_held_out_prompts_never_occur_in_a_training_epoch(tiny, tmp_path, monkey
     assert len(seen) == 400 and not set(seen) & set(holdout)
 
 
+def test_models_and_data_set_are_loaded_by_the_main_process_first(tiny, monkeypatch):
+    """Every process loads the Hub's models and the data set, which download into the same files: main first."""
+    from test_training import RecordingAccelerator
+
+    accelerator, opened = RecordingAccelerator(), []
+    for name in ("load_frozen", "get_caption_dataset"):
+        def recording(*args, original=getattr(train_sd, name), **kwargs):
+            opened.append(accelerator.inside)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(train_sd, name, recording)
+    train_sd.text_task(tiny_cfg(tiny), accelerator)
+    assert opened == [True, True]
+
+
 # ----------------------------------------------------------------------------- caption dropout and guidance
 
 def test_caption_dropout_rate_on_both_paths():
@@ -170,6 +198,26 @@ def test_caption_dropout_rate_on_both_paths():
     dropped = (context == 0).all(dim=(1, 2))
     assert context.shape == (4000, 5, 2) and (context[~dropped] == 1).all()
     assert abs(dropped.float().mean().item() - 0.1) < 0.02 and torch.equal(x_0, images)
+
+
+def test_each_distinct_caption_is_encoded_once():
+    class CountingText:
+        def __init__(self):
+            self.encoded = []
+
+        def __call__(self, captions):
+            self.encoded += captions
+            return torch.tensor([[float(len(c)), float(c.count("a"))] for c in captions])
+
+    text = CountingText()
+    states = train_sd.CaptionStates(text, limit=3)
+    first = states(["a red circle", "", "a red circle", "a blue bar"])
+    assert text.encoded == ["a red circle", "", "a blue bar"]
+    assert torch.equal(first, CountingText()(["a red circle", "", "a red circle", "a blue bar"]))
+    again = states(["a blue bar", "", "a gray plus", "a gray plus"])  # beyond the limit of 3: encoded, not kept
+    assert text.encoded[3:] == ["a gray plus"] and again.shape == (4, 2)
+    states(["a gray plus"])
+    assert text.encoded[4:] == ["a gray plus"]
 
 
 class Counting(torch.nn.Module):
@@ -242,6 +290,16 @@ def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monke
              tiny_cfg(tiny, seed=1), tiny_cfg(tiny, cache_latents=True),
              tiny_cfg(tiny, holdout_prompts=["a red circle"]))}
     assert len(keys) == 5
+
+
+@pytest.mark.parametrize("cache_latents", ["true", "false"])
+def test_data_on_the_device_trains_exactly_as_the_dataloader(tiny, tmp_path, monkeypatch, cache_latents):
+    """The latent cache (the preset sd_quick_cpu) or the captioned images, held on the device: the same losses.
+    (Each run builds its own cache: building draws from the global RNG before the U-Net is initialised.)"""
+    monkeypatch.chdir(tmp_path)
+    losses = [train_sd.main(tiny_argv(tiny, f"on_{on}", cache_latents=cache_latents, max_steps=3,
+                                      data_on_device=on, cache_dir=f"cache_{on}"))["losses"] for on in ("false", "true")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
 def test_resume_continues_step_and_optimizer(tiny, tmp_path, monkeypatch):

@@ -1,12 +1,16 @@
 """The training scripts end to end (ddpm.py, ddpm_conditional.py through training.py), on tiny data."""
+import contextlib
 import dataclasses
+import datetime
 import importlib
 import json
+import os
 import pathlib
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -115,6 +119,45 @@ def test_gradients_are_clipped_to_grad_clip_before_each_step(workdir, monkeypatc
         assert max_norm == grad_clip and norm_before > grad_clip and norm_after <= grad_clip * 1.001
 
 
+@pytest.mark.parametrize("grad_clip", ["1.0", "none"])
+def test_the_gradient_norm_is_computed_once_per_step(workdir, monkeypatch, grad_clip):
+    """The non-finite check reads the norm that clipping returns, rather than computing it a second time."""
+    calls, total_norm = [], torch.nn.utils.get_total_norm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return total_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted)
+    ddpm_conditional.main(TINY + ["--run_name", "N", "--n_per_class", "1", "--grad_clip", grad_clip])
+    assert len(calls) == 2  # max_steps 2
+
+
+class SummingAccelerator:
+    """The parts of an Accelerator that LossLog uses, in one process."""
+    device = torch.device("cpu")
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+@pytest.mark.parametrize("fp16, reason, message", [
+    (False, "non-finite loss", r"the loss was not finite for 2 steps in a row \(up to step 4\)"),
+    (True, "fp16 overflow", r"the fp16 gradients overflowed for 2 steps in a row, although GradScaler halved the loss "
+                            r"scale after each \(up to step 4\)")])
+def test_skipped_steps_are_counted_and_worded_as_fp16_overflow_under_fp16(fp16, reason, message):
+    log = training.LossLog(SummingAccelerator(), [], 0, max_nonfinite=2, fp16=fp16)
+    for skip in (1.0, 0.0, 1.0):
+        log.add(torch.tensor(0.5))
+        log.end_step(torch.tensor(skip))
+    log.read()
+    assert (log.skipped, log.reason) == (2, reason)
+    log.add(torch.tensor(float("inf")))
+    log.end_step(torch.tensor(1.0))
+    with pytest.raises(training.TrainingError, match=message):
+        log.read()
+
+
 def test_learning_rate_warms_up_linearly_then_holds_or_follows_a_cosine_to_zero():
     assert [training.learning_rate(1e-3, step, 4) for step in range(6)] == pytest.approx(
         [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
@@ -148,6 +191,8 @@ def test_lr_warmup_sets_the_learning_rate_of_each_optimizer_step(workdir, monkey
     ("--min_snr_gamma", "0", "min_snr_gamma 0.0 must be positive"),
     ("--lr_warmup", "-5", "lr_warmup -5 is negative"),
     ("--lr_decay", "step", "lr_decay 'step' is unknown: use one of none, cosine"),
+    ("--prediction_type", "x0", "prediction_type 'x0' is unknown: use one of epsilon, v_prediction, sample"),
+    ("--channels", "2", r"channels 2 is not supported: use 1 \(grey\), 3 \(RGB\) or None"),
 ])
 def test_bad_recipe_values_are_usage_errors(workdir, flag, value, message):
     with pytest.raises(UsageError, match=message):
@@ -179,6 +224,46 @@ def test_unconditional_run_on_an_image_folder(workdir):
     assert grid.size == (2 * 66 + 2, 2 * 66 + 2)  # no captions; 16 px shown at 64
     assert not (workdir / "models" / "U" / "classes.json").exists()
     assert "label_emb.weight" not in load_checkpoint(workdir / "models" / "U" / "ckpt.pt")
+
+
+def noise_folder(root, per_class=6):
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return ["--dataset", "imagefolder", "--dataset_path", str(root), "--dataset_size", "none"]
+
+
+@pytest.mark.parametrize("dataset", ["shapes", "imagefolder"])
+def test_data_on_the_device_trains_exactly_as_the_dataloader(workdir, dataset, capsys):
+    """The same batches in the same order, the same pixels (8-bit images held as uint8): the same losses and weights,
+    so the default (on the device where it fits) leaves every earlier result as it was."""
+    data_args = [] if dataset == "shapes" else noise_folder(workdir / "pets")
+    runs = {}
+    for on_device in ("false", "true"):
+        ddpm_conditional.main(TINY + data_args + ["--run_name", on_device, "--n_per_class", "1", "--max_steps", "5",
+                                                  "--data_on_device", on_device])
+        runs[on_device] = load_checkpoint(workdir / "models" / on_device / "training_state.pt")
+    assert runs["true"]["losses"] == runs["false"]["losses"] and len(runs["true"]["losses"]) == 5
+    assert all(torch.equal(v, runs["false"]["model"][k]) for k, v in runs["true"]["model"].items())
+    printed = capsys.readouterr().out
+    assert "(--data_on_device false)" in printed and "items held on cpu" in printed
+
+
+FLIPS_ON_DEVICE = ["--augment", "flip", "--n_per_class", "1", "--data_on_device", "true"]
+
+
+def test_data_on_the_device_resumes_exactly_with_its_random_flips(workdir):
+    """Flips drawn on the device come from each batch's seed: a resumed run draws the flips the first run drew."""
+    args = TINY + noise_folder(workdir / "pets") + FLIPS_ON_DEVICE
+    ddpm_conditional.main(args + ["--run_name", "straight", "--max_steps", "4"])
+    ddpm_conditional.main(args + ["--run_name", "resumed", "--max_steps", "2"])
+    ddpm_conditional.main(args + ["--run_name", "resumed", "--max_steps", "4", "--resume"])
+    straight, resumed = (load_checkpoint(workdir / "models" / name / "training_state.pt")
+                         for name in ("straight", "resumed"))
+    assert resumed["losses"] == straight["losses"] and resumed["step"] == 4
+    assert all(torch.equal(v, straight["model"][k]) for k, v in resumed["model"].items())
 
 
 def test_max_steps_stops_mid_epoch_and_resume_continues_step_and_optimizer(workdir):
@@ -257,6 +342,76 @@ def test_cli_subprocess_run_and_errors_exit_non_zero_with_one_line(tmp_path):
         assert failed.returncode == code
         error_lines = [line for line in failed.stderr.splitlines() if "error:" in line]
         assert len(error_lines) == 1 and needle in error_lines[0], failed.stderr[-2000:]
+
+
+def test_the_launchers_mixed_precision_stands_unless_the_flag_is_given(tmp_path):
+    """`accelerate launch --mixed_precision bf16` (or `accelerate config`) reaches the script as
+    ACCELERATE_MIXED_PRECISION; the run uses it, says so, and saves it in its config, unless --mixed_precision wins."""
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "OMP_NUM_THREADS": "1"}
+    for args, expected in [([], "bf16 (the launcher)"), (["--mixed_precision", "no"], "no (--mixed_precision)")]:
+        run_name = expected.split()[0]
+        done = subprocess.run([sys.executable, str(REPO / "ddpm_conditional.py"), *TINY, "--run_name", run_name,
+                               "--n_per_class", "1", "--max_steps", "1", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"mixed precision {expected}" in done.stdout
+        config = json.loads((tmp_path / "results" / run_name / "config.json").read_text())
+        assert config["mixed_precision"] == run_name
+
+
+def test_the_launchers_fp16_on_the_cpu_is_one_readable_error(workdir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(UsageError, match="fp16 needs a GPU"):
+        ddpm_conditional.main(TINY)
+
+
+class RecordingAccelerator:
+    """The parts of an Accelerator that image_task uses; records whether main_process_first is open."""
+    device, is_main_process, inside = torch.device("cpu"), True, False
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        self.inside = True
+        yield
+        self.inside = False
+
+
+def test_the_data_set_is_built_by_the_main_process_first(monkeypatch):
+    """Every process builds the data set, and CIFAR-10 downloads into the same files: the main process goes first."""
+    accelerator, opened = RecordingAccelerator(), []
+    get_dataset = training.get_dataset
+
+    def recording(*args, **kwargs):
+        opened.append(accelerator.inside)
+        return get_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(training, "get_dataset", recording)
+    cfg = training.parse_config(ddpm_conditional.Config, TINY)
+    training.image_task(cfg, accelerator, conditional=True)
+    assert opened == [True]
+
+
+def test_on_a_gpu_batches_copy_without_waiting_and_collectives_wait_for_the_main_process(monkeypatch):
+    monkeypatch.setattr(training, "pick_device", lambda name: "cuda")  # the Accelerator still finds no GPU here
+    monkeypatch.setattr(training, "use_tf32", lambda enabled: None)
+    cfg = training.parse_config(ddpm_conditional.Config, TINY)
+    accelerator = training.make_accelerator(cfg)
+    assert accelerator.dataloader_config.non_blocking  # with make_dataloader's pinned memory: no sync per batch
+    assert accelerator.init_handler.timeout == training.COLLECTIVE_TIMEOUT > datetime.timedelta(minutes=10)
+    monkeypatch.setattr(training, "pick_device", lambda name: "cpu")
+    assert not training.make_accelerator(cfg).dataloader_config.non_blocking
+
+
+def test_device_cuda_n_makes_gpu_n_current_in_one_process_and_is_refused_under_a_launcher(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    training.claim_gpu("cuda")
+    training.claim_gpu("cuda:1")
+    assert current == [1]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--device cuda:1 with 2 processes: .* CUDA_VISIBLE_DEVICES"):
+        training.claim_gpu("cuda:1")
 
 
 def shape_accuracy(images, labels):
@@ -411,3 +566,145 @@ def test_cross_attention_conditioning_learns_the_shapes_classes(workdir):
     accuracy = shape_accuracy(images, labels)
     print(f"shape accuracy of 100 guided samples of xattn after 700 steps: {accuracy:.2f} (chance 0.10)")
     assert accuracy >= 0.2
+
+
+# ----------------------------------------------------------------------------- grey images (--channels)
+def grey_folder(root, per_class=8):
+    for k, name in enumerate(("zero", "one")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.random.default_rng([k, i]).integers(0, 256, (16, 16), dtype=np.uint8)
+            Image.fromarray(pixels, mode="L").save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_grey_folder_trains_a_grey_network_and_sample_and_evaluate_follow(workdir, capsys):
+    """--channels None takes the folder's 1 channel: the network, the saved config, the grids, sample.py's images
+    and evaluate.py's judge are grey; --channels 3 makes the same folder RGB."""
+    import evaluate
+    import sample
+
+    grey_folder(workdir / "digits")
+    folder = ["--dataset", "imagefolder", "--dataset_path", "digits"]
+    ddpm_conditional.main(TINY + folder + ["--run_name", "G", "--n_per_class", "2"])
+    config = json.loads((workdir / "models" / "G" / "config.json").read_text())
+    assert config["channels"] == 1
+    weights = load_checkpoint(workdir / "models" / "G" / "ema_ckpt.pt")
+    assert weights["inc.double_conv.0.weight"].shape[1] == 1 and weights["outc.weight"].shape[0] == 1
+    assert (workdir / "results" / "G" / "0_ema.jpg").is_file()
+    images = sample.main(["--ckpt", "models/G/ema_ckpt.pt", "--n_per_label", "2", "--sampler", "ddim", "--steps", "2",
+                          "--out", "grid.png", "--save_individual", "single", "--device", "cpu"])
+    assert images.shape == (4, 1, 16, 16)
+    with Image.open(workdir / "single" / "0_0.png") as single:
+        assert single.mode == "L" and single.size == (16, 16)
+    metrics = evaluate.main(["--ckpt", "models/G/ema_ckpt.pt", "--num_samples", "4", "--num_real", "16",
+                             "--judge_epochs", "1", "--sampler", "ddim", "--steps", "2", "--inception", "false",
+                             "--device", "cpu"])
+    assert "-grey-" in metrics["judge"]["path"] and 0 <= metrics["rows"][0]["class_accuracy"] <= 1
+    assert load_checkpoint(metrics["judge"]["path"])["channels"] == 1
+    ddpm_conditional.main(TINY + folder + ["--run_name", "C", "--channels", "3"])
+    assert json.loads((workdir / "models" / "C" / "config.json").read_text())["channels"] == 3
+    assert load_checkpoint(workdir / "models" / "C" / "ema_ckpt.pt")["inc.double_conv.0.weight"].shape[1] == 3
+
+
+def test_a_grey_dit_trains_with_checkpointing_and_another_target_and_sample_rebuilds_it(workdir):
+    """--backbone dit on a grey folder: the DiT reads and writes 1-channel patches, --gradient_checkpointing and
+    --prediction_type run through it, and sample.py rebuilds it from its weights and saved channels."""
+    import sample
+
+    grey_folder(workdir / "digits")
+    ddpm_conditional.main(TINY + ["--dataset", "imagefolder", "--dataset_path", "digits", "--run_name", "GD",
+                                  "--n_per_class", "1", "--backbone", "dit", "--dit_size", "dit-n", "--patch_size",
+                                  "4", "--gradient_checkpointing", "true", "--prediction_type", "v_prediction"])
+    config = json.loads((workdir / "models" / "GD" / "config.json").read_text())
+    assert (config["channels"], config["backbone"], config["prediction_type"]) == (1, "dit", "v_prediction")
+    weights = load_checkpoint(workdir / "models" / "GD" / "ema_ckpt.pt")
+    assert weights["patch_embed.weight"].shape[1] == 4 * 4 * 1 and weights["out.weight"].shape[0] == 4 * 4 * 1
+    images = sample.main(["--ckpt", "models/GD/ema_ckpt.pt", "--labels", "0,1", "--n_per_label", "1", "--sampler",
+                          "ddim", "--steps", "2", "--out", "grid.png", "--device", "cpu"])
+    assert images.shape == (2, 1, 16, 16)
+
+
+def test_a_run_saved_before_channels_existed_resumes_as_rgb(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "old", "--max_steps", "1"])
+    path = workdir / "models" / "old" / "training_state.pt"
+    state = load_checkpoint(path)
+    assert state["config"].pop("channels") == 3
+    torch.save(state, path)
+    done = ddpm_conditional.main(TINY + ["--run_name", "old", "--resume"])
+    assert done["step"] == 2
+
+
+# ----------------------------------------------------------------------------- experiment tracking (--report_to)
+def tensorboard_events(folder):
+    """{tag: [(step, value)]} of the scalars and {tag: [step]} of the images that TensorBoard reads from `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    images = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    return scalars, images
+
+
+def test_tensorboard_gets_every_steps_scalars_the_eval_figures_and_the_grids_and_a_resume_keeps_the_steps(workdir):
+    """A run to step 4, then rewound to its checkpoint of step 2 and resumed: TensorBoard holds each step once, with the
+    losses of the finished run (what the first run logged after step 2 is purged)."""
+    run = TINY + ["--run_name", "TB", "--max_steps", "4", "--print_every", "1", "--checkpoint_every", "2",
+                  "--keep_checkpoints", "3", "--eval_every", "2", "--eval_samples", "10", "--lr_warmup", "4"]
+    ddpm_conditional.main(run)
+    models = workdir / "models" / "TB"
+    scalars, images = tensorboard_events(workdir / "results" / "TB" / "logs")
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "eval/class_accuracy",
+            "eval/judge_fd"} <= set(scalars)
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [value for _, value in scalars["train/lr"]] == pytest.approx([3e-4 * k / 4 for k in (1, 2, 3, 4)])
+    assert [step for step, _ in scalars["eval/judge_fd"]] == [2, 4]
+    assert all(value > 0 for _, value in scalars["train/grad_norm"])
+    assert images == {"samples": [4], "samples_ema": [4]}
+
+    (models / "checkpoints" / "step_000000002.pt").replace(models / "training_state.pt")  # back to step 2
+    ddpm_conditional.main(run + ["--resume"])
+    scalars, images = tensorboard_events(workdir / "results" / "TB" / "logs")
+    losses = load_checkpoint(models / "training_state.pt")["losses"]
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
+    assert [step for step, _ in scalars["eval/judge_fd"]] == [2, 4] and images["samples_ema"] == [4]
+
+
+def test_report_to_none_writes_no_logs(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "N", "--report_to", "none"])
+    assert not (workdir / "results" / "N" / "logs").exists()
+
+
+def test_report_to_errors_name_the_fix(workdir, monkeypatch):
+    with pytest.raises(UsageError, match="report_to 'mlflow' is unknown: use one of none, tensorboard, wandb, all"):
+        ddpm_conditional.main(TINY + ["--report_to", "mlflow"])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    for value in ("wandb", "all"):
+        with pytest.raises(UsageError, match=rf"--report_to {value} needs the wandb package: pip install wandb"):
+            ddpm_conditional.main(TINY + ["--report_to", value])
+
+
+@pytest.mark.parametrize("login, mode", [(None, "offline"), ("netrc", "online"), ("key", "online"), ("env", "disabled")])
+def test_wandb_is_offline_unless_logged_in(workdir, monkeypatch, login, mode):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: True if name == "wandb" else real_find_spec(name))
+    monkeypatch.setenv("HOME", str(workdir))
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_PROJECT", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    if login == "netrc":
+        (workdir / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+        (workdir / ".netrc").chmod(0o600)
+    elif login == "key":
+        monkeypatch.setenv("WANDB_API_KEY", "abc")
+    elif login == "env":
+        monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's own choice stands
+    cfg = training.parse_config(ddpm_conditional.Config, TINY + ["--run_name", "W", "--report_to", "all"])
+    tensorboard, wandb = training.make_trackers(cfg, "results/W")
+    assert tensorboard.name == "tensorboard" and tensorboard.run_name == "logs"
+    assert tensorboard.logging_dir_param == "results/W"
+    assert (wandb.name, wandb.run_name) == ("wandb", training.WANDB_PROJECT)
+    assert wandb.init_kwargs == {"name": "W", "dir": "results/W", "mode": mode}
+

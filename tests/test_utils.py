@@ -148,6 +148,37 @@ def test_pick_device():
             utils.pick_device("cuda")
 
 
+def fake_gpus(monkeypatch, count):
+    """Make torch report `count` GPUs without touching CUDA; returns the (index, state) of each set_rng_state."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    return restored
+
+
+def test_a_state_saved_with_more_gpus_restores_the_visible_ones(monkeypatch):
+    """A run saved on 2 GPUs resumes under CUDA_VISIBLE_DEVICES=0: only GPU 0's state is restored, nothing indexes
+    a GPU that is not there (torch.cuda.set_rng_state_all would: IndexError in default_generators)."""
+    state = utils.rng_state()
+    saved = [torch.full((8,), 1, dtype=torch.uint8), torch.full((8,), 2, dtype=torch.uint8)]
+    restored = fake_gpus(monkeypatch, 1)
+    utils.set_rng_state({**state, "cuda": saved})
+    assert [(device, s[0].item()) for device, s in restored] == [(0, 1)]
+    restored = fake_gpus(monkeypatch, 4)
+    utils.set_rng_state({**state, "cuda": saved})
+    assert [(device, s[0].item()) for device, s in restored] == [(0, 1), (1, 2)]
+
+
+def test_pick_device_refuses_a_gpu_index_that_is_not_visible(monkeypatch):
+    fake_gpus(monkeypatch, 2)
+    assert utils.pick_device("cuda:1") == "cuda:1"
+    with pytest.raises(UsageError, match=r"'cuda:2' does not exist: 2 GPU\(s\) are visible; use cuda:0 to cuda:1"):
+        utils.pick_device("cuda:2")
+    with pytest.raises(UsageError, match="unknown device 'cuda:x'"):
+        utils.pick_device("cuda:x")
+
+
 def test_run_cli_prints_one_line_and_exits_2(capsys):
     def main(argv):
         raise UsageError("something is wrong\nwith two lines: fix it")
