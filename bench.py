@@ -5,6 +5,10 @@
     python bench.py --base_channels 8 --image_size 16 --batch 2 --steps 2 --warmup 1   # seconds, for tests
     python bench.py --data --image_size 32 --batch 128 --grid_samplers ''   # + the input pipeline: which one bounds?
 
+Training is measured twice, side by side: as it is and with --gradient_checkpointing (each Down, Up and attention
+block recomputed in the backward pass), each with its images/s and peak memory (--gradient_checkpointing false
+skips the second).
+
 Each measurement runs in a fresh subprocess (--isolate true), so its peak memory is its own: ru_maxrss is a
 process-lifetime peak on the CPU; on CUDA it is torch.cuda.max_memory_allocated.
 
@@ -52,6 +56,8 @@ class Config:
                            "(false: IEEE float32); network and peak are measured in the same mode")
     device: str = arg("auto", "auto (cuda if available, else cpu) | cpu | cuda")
     compile: bool = arg(False, "torch.compile the network before timing")
+    gradient_checkpointing: bool = arg(True, "also measure training with gradient checkpointing (modules.UNet's "
+                                             "enable_gradient_checkpointing), beside the plain training")
     warmup: int = arg(2, "untimed steps before each timing")
     steps: int = arg(5, "timed training steps, and timed network evaluations")
     peak_size: int = arg(4096, "n of the n x n matmul that measures the peak (2048 gave unstable peaks here)")
@@ -69,7 +75,7 @@ class Config:
     out: str = arg("bench.json", "JSON file of the results")
 
 
-MEASUREMENTS = ("peak", "train", "forward", "grid", "ema", "data")
+MEASUREMENTS = ("peak", "train", "train_checkpointed", "forward", "grid", "ema", "data")
 EXTRA_FLAGS = [("--only", {"choices": MEASUREMENTS, "default": None,
                            "help": "run this one measurement in this process and write its JSON to --out"})]
 
@@ -108,7 +114,8 @@ def data_workers(cfg):
 
 
 def measurements(cfg):
-    return [name for name in MEASUREMENTS if name != "data" or cfg.data]
+    wanted = {"data": cfg.data, "train_checkpointed": cfg.gradient_checkpointing}
+    return [name for name in MEASUREMENTS if wanted.get(name, True)]
 
 
 def default_steps(sampler, noise_steps=1000):
@@ -245,9 +252,11 @@ def measure_peak(cfg, device):
     return {"flops_per_s": 2 * cfg.peak_size**3 / min(seconds), "size": cfg.peak_size}
 
 
-def measure_train(cfg, device):
-    """Images/s of AdamW steps on Diffusion.loss, and the FLOPs of one forward + backward."""
+def measure_train(cfg, device, checkpointing=False):
+    """Images/s of AdamW steps on Diffusion.loss, and the FLOPs of one forward + backward (with checkpointing: the
+    recomputed forward passes of the blocks too)."""
     net, runner, diffusion = build(cfg, device)
+    net.enable_gradient_checkpointing(checkpointing)
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-4)
     x_0, labels = random_batch(cfg, device)
 
@@ -358,8 +367,12 @@ def measure_data(cfg, device):
             "on_device_images_per_s": on_device, "on_device_load_s": load_s, "on_device_mib": held.nbytes / 2**20}
 
 
-MEASURE = {"peak": measure_peak, "train": measure_train, "forward": measure_forward, "grid": measure_grid,
-           "ema": measure_ema, "data": measure_data}
+def measure_train_checkpointed(cfg, device):
+    return measure_train(cfg, device, checkpointing=True)
+
+
+MEASURE = {"peak": measure_peak, "train": measure_train, "train_checkpointed": measure_train_checkpointed,
+           "forward": measure_forward, "grid": measure_grid, "ema": measure_ema, "data": measure_data}
 
 
 def run_isolated(name, cfg):
@@ -379,8 +392,9 @@ def run_isolated(name, cfg):
 def summarize(cfg, device, parts):
     """The results as one dict: fractions of peak and grid times filled in."""
     peak = parts["peak"]["flops_per_s"]
-    for name in ("train", "forward"):
-        parts[name]["fraction_of_peak"] = parts[name]["flops_per_s"] / peak
+    for name in ("train", "train_checkpointed", "forward"):
+        if name in parts:
+            parts[name]["fraction_of_peak"] = parts[name]["flops_per_s"] / peak
     grid = parts["grid"]
     rows_per_step = grid["images"] * (2 if cfg.cfg_scale > 0 else 1)
     for entry in grid["samplers"].values():
@@ -393,7 +407,7 @@ def summarize(cfg, device, parts):
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"cpu, {torch.get_num_threads()} threads"
-    measured = {k: parts[k] for k in ("train", "forward", "grid", "ema", "data") if k in parts}
+    measured = {k: parts[k] for k in ("train", "train_checkpointed", "forward", "grid", "ema", "data") if k in parts}
     return {"config": config_to_dict(cfg), "device": device_name, "torch": torch.__version__,
             "isolated": cfg.isolate, "matmul_peak": parts["peak"], **measured}
 
@@ -413,10 +427,14 @@ def format_table(result):
              f"base {cfg['base_channels']}, {cfg['num_classes']} classes",
              f"{'matmul peak':<26}{result['matmul_peak']['flops_per_s'] / 1e9:10.1f} GFLOP/s "
              f"({result['matmul_peak']['size']}^2)"]
-    for label, part, rate, unit in (("training", train, "images_per_s", "img/s"),
-                                    ("network evaluations", forward, "evals_per_s", "img/s")):
-        lines.append(f"{label:<26}{part[rate]:10.2f} {unit:<8}{part['flops_per_s'] / 1e9:8.1f} GFLOP/s "
-                     f"{100 * part['fraction_of_peak']:5.1f}% of peak   peak mem {part['peak_mem_mib']:.0f} MiB")
+    rows = [("training", train, "images_per_s"), ("training, checkpointed", result.get("train_checkpointed"),
+                                                  "images_per_s"), ("network evaluations", forward, "evals_per_s")]
+    for label, part, rate in rows:
+        if part is not None:
+            lines.append(f"{label:<26}{part[rate]:10.2f} img/s   {part['flops_per_s'] / 1e9:8.1f} GFLOP/s "
+                         f"{100 * part['fraction_of_peak']:5.1f}% of peak   peak mem {part['peak_mem_mib']:.0f} MiB")
+    if "train_checkpointed" in result:
+        lines.append(checkpointing_line(train, result["train_checkpointed"]))
     grid = result["grid"]
     lines.append(f"grid of {grid['images']} images, cfg {cfg['cfg_scale']} (peak mem {grid['peak_mem_mib']:.0f} MiB):")
     for sampler, entry in grid["samplers"].items():
@@ -430,6 +448,13 @@ def format_table(result):
     if "data" in result:
         lines += format_data(result["data"], train["images_per_s"])
     return "\n".join(lines)
+
+
+def checkpointing_line(plain, checkpointed):
+    """Gradient checkpointing against plain training: peak memory and images/s, and their ratios."""
+    return (f"  gradient checkpointing: peak mem {plain['peak_mem_mib']:.0f} -> {checkpointed['peak_mem_mib']:.0f} MiB "
+            f"(x{checkpointed['peak_mem_mib'] / plain['peak_mem_mib']:.2f}), {plain['images_per_s']:.2f} -> "
+            f"{checkpointed['images_per_s']:.2f} img/s (x{checkpointed['images_per_s'] / plain['images_per_s']:.2f})")
 
 
 def format_data(data, training):

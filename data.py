@@ -1,7 +1,8 @@
 """Every data set, the augmentation, the data loader, the latent cache and the data set held on the device.
 
 Class data sets (shapes, imagefolder, cifar10) yield (image, int label); caption data sets yield (image,
-caption string). Images are float (3, S, S) tensors in [-1, 1], and every data set has `caption(i)`, so
+caption string). Images are float (C, S, S) tensors in [-1, 1], C = 3 (RGB) or 1 (grey: --channels 1, the default
+of a folder of grey image files: `dataset_channels`), and every data set has `caption(i)`, so
 captions can be read without decoding an image. The latent cache stores what a frozen VAE (and train_sd.py's
 text encoder) make of a data set, so training can skip both networks. `DeviceData` holds a data set that fits as
 tensors on the training device (--data_on_device), so batches need no DataLoader workers.
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from PIL import Image
 from torchvision import transforms
 
 from utils import UsageError, atomic_save, is_readable_image, load_checkpoint, load_rgb, short_reason
@@ -80,13 +82,15 @@ class ShapesDataset(Dataset):
     Item i is drawn from a NumPy generator seeded with (seed, i), so it is deterministic and nothing is
     stored. Its label is the shape, i % 10 (`SHAPE_NAMES`); its colour is one of the ten named colours of
     `SHAPE_PALETTE`, uniform and independent of the shape, so no judge can name the class from the colour.
-    Its caption is "a {colour} {shape}". Images are float (3, S, S) tensors in [-1, 1].
+    Its caption is "a {colour} {shape}". Images are float (3, S, S) tensors in [-1, 1], or with channels=1 their
+    luma (ITU-R 601: 0.299 R + 0.587 G + 0.114 B, as PIL's grey conversion), (1, S, S).
     """
 
-    def __init__(self, image_size=32, size=5000, seed=0):
+    def __init__(self, image_size=32, size=5000, seed=0, channels=3):
         self.image_size = image_size
         self.size = size
         self.seed = seed
+        self.channels = channels
         self.classes = list(SHAPE_NAMES)
         self.color_names = list(COLOR_NAMES)
 
@@ -126,7 +130,12 @@ class ShapesDataset(Dataset):
         coverage = mask.reshape(size, 2, size, 2).mean(axis=(1, 3))  # (2S, 2S) -> (S, S)
         rgb = np.clip(np.array(SHAPE_PALETTE[color][1], dtype=np.float32) * gain, 0, 255) / 255
         image = coverage[None, :, :] * rgb[:, None, None]  # (3, S, S) in [0, 1]
+        if self.channels == 1:
+            image = np.tensordot(LUMA, image, axes=1)[None]  # (3, S, S) -> (1, S, S)
         return torch.from_numpy(image * 2 - 1).float()
+
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 grey of RGB, PIL's convert("L")
 
 
 def shape_caption(color, shape):
@@ -177,8 +186,8 @@ class ClassDataset(Dataset):
     `augmentation` that the base's transform applies at `image_size`.
     """
 
-    def __init__(self, base, size=None, seed=0, image_size=None, augment=None):
-        self.base, self.image_size, self.augment = base, image_size, augment
+    def __init__(self, base, size=None, seed=0, image_size=None, augment=None, channels=3):
+        self.base, self.image_size, self.augment, self.channels = base, image_size, augment, channels
         self.classes = list(base.classes)
         self.indices = list(range(len(base)))
         if size is not None and size < len(base):
@@ -198,10 +207,12 @@ class ClassDataset(Dataset):
 
 
 AUGMENTATIONS = ("resize", "flip", "reference")
+CHANNELS = (1, 3)  # grey or RGB
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # PIL modes of grey image files
 
 
-def augmentation(image_size, mode="resize"):
-    """PIL image -> (3, S, S) tensor in [-1, 1].
+def augmentation(image_size, mode="resize", channels=3):
+    """PIL image -> (C, S, S) tensor in [-1, 1]: RGB, or its grey (PIL's ITU-R 601 luma) with channels=1.
 
     resize: short side to S, then the centre S x S crop: the data distribution as it is. flip: the same, plus a
     random horizontal flip, for data whose classes keep their meaning in a mirror (CIFAR-10, as in the DDPM
@@ -217,8 +228,27 @@ def augmentation(image_size, mode="resize"):
         geometry = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
         if mode == "flip":
             geometry.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose([*geometry, transforms.ToTensor(),
-                               transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    grey = [transforms.Grayscale(1)] if channels == 1 else []
+    return transforms.Compose([*geometry, *grey, transforms.ToTensor(),
+                               transforms.Normalize((0.5,) * channels, (0.5,) * channels)])
+
+
+def dataset_channels(name, path, limit=500):
+    """The channels of a data set where it is clear from its files: 1 for a folder (imagefolder, captions) whose image
+    files are all grey (PIL modes L, I, I;16, F, ...; up to `limit` of them, evenly spread, are opened, headers only),
+    else 3: shapes, CIFAR-10, colour folders, grey pictures stored as RGB, and folders that do not exist yet."""
+    if name not in ("imagefolder", "captions") or not path or not os.path.isdir(path):
+        return 3
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                   if f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS))
+    modes = set()
+    for file in files[::max(1, len(files) // limit)]:
+        try:
+            with Image.open(file) as image:
+                modes.add(image.mode)
+        except OSError:
+            continue
+    return 1 if modes and modes <= set(GREY_MODES) else 3
 
 
 def _image_folder(path, transform):
@@ -262,7 +292,6 @@ def write_digits_folder(path):
         from sklearn.datasets import load_digits
     except ImportError:
         raise UsageError("the digits folder comes from scikit-learn: pip install scikit-learn") from None
-    from PIL import Image
 
     if os.path.isdir(path) and os.listdir(path):
         raise UsageError(f"'{path}' is not empty: pass a new folder, or delete it first")
@@ -287,8 +316,8 @@ def _cifar10(path, train, transform):
     return base
 
 
-def get_dataset(name, path, image_size, seed=0, train=True, size=None, augment=None):
-    """A data set of ((3, S, S) image in [-1, 1], int label) with `classes` and `caption(i)`.
+def get_dataset(name, path, image_size, seed=0, train=True, size=None, augment=None, channels=3):
+    """A data set of ((C, S, S) image in [-1, 1], int label) with `classes` and `caption(i)`; C = `channels`.
 
     `name` is cifar10, imagefolder or shapes. `augment` is a mode of `augmentation` for the file data sets
     (None: flip for cifar10, resize for imagefolder, which may hold digits or text); shapes are never augmented.
@@ -299,13 +328,17 @@ def get_dataset(name, path, image_size, seed=0, train=True, size=None, augment=N
         raise UsageError(f"image_size {image_size} is not divisible by 8: the U-Net halves it 3 times; "
                          "use 16, 32 or 64")
     if name == "shapes":
-        return ShapesDataset(image_size=image_size, size=5000 if size is None else size, seed=seed)
+        return ShapesDataset(image_size=image_size, size=5000 if size is None else size, seed=seed, channels=channels)
+    if channels not in CHANNELS:
+        raise UsageError(f"channels {channels} is not supported: use 1 (grey) or 3 (RGB)")
     if name == "cifar10":
         augment = augment or "flip"
-        return ClassDataset(_cifar10(path, train, augmentation(image_size, augment)), size, seed, image_size, augment)
+        base = _cifar10(path, train, augmentation(image_size, augment, channels))
+        return ClassDataset(base, size, seed, image_size, augment, channels)
     if name == "imagefolder":
         augment = augment or "resize"
-        return ClassDataset(_image_folder(path, augmentation(image_size, augment)), size, seed, image_size, augment)
+        base = _image_folder(path, augmentation(image_size, augment, channels))
+        return ClassDataset(base, size, seed, image_size, augment, channels)
     raise UsageError(f"unknown dataset '{name}': choose cifar10, imagefolder or shapes")
 
 
@@ -371,7 +404,7 @@ class CaptionFolder(Dataset):
     """A folder of images with captions: a metadata.jsonl ({"file_name": ..., "text": ...} per line, as in
     Hugging Face's imagefolder), or else a `.txt` caption file beside each image."""
 
-    def __init__(self, path, image_size, size=None):
+    def __init__(self, path, image_size, size=None, channels=3):
         if not path or not os.path.isdir(path):
             raise UsageError(f"caption folder '{path}' does not exist: pass --dataset_path to a folder of images "
                              "with captions")
@@ -383,7 +416,7 @@ class CaptionFolder(Dataset):
             raise UsageError(f"caption folder '{path}' holds no images: add .png/.jpg files with captions")
         self.items = self.items[:size]  # the first `size` in file order (all with None)
         self.path = path
-        self.transform = augmentation(image_size)
+        self.transform = augmentation(image_size, channels=channels)
 
     def __len__(self):
         return len(self.items)
@@ -456,13 +489,13 @@ def holdout_split(dataset, n, seed=0):
     return CaptionSubset(dataset, sorted(order[n:])), CaptionSubset(dataset, order[:n])
 
 
-def get_caption_dataset(name, path, image_size, seed=0, size=None):
-    """Items (image (3, S, S) in [-1, 1], caption). `name`: shapes | cifar10 | imagefolder | captions."""
+def get_caption_dataset(name, path, image_size, seed=0, size=None, channels=3):
+    """Items (image (C, S, S) in [-1, 1], caption). `name`: shapes | cifar10 | imagefolder | captions."""
     if name == "captions":
-        return CaptionFolder(path, image_size, size)
+        return CaptionFolder(path, image_size, size, channels)
     if name not in ("shapes", "cifar10", "imagefolder"):
         raise UsageError(f"unknown dataset '{name}': choose shapes, cifar10, imagefolder or captions")
-    return Captioned(get_dataset(name, path, image_size, seed=seed, size=size))
+    return Captioned(get_dataset(name, path, image_size, seed=seed, size=size, channels=channels))
 
 
 def default_prompts(dataset, limit=10, scan=1000):
@@ -533,7 +566,7 @@ def without_random_augmentation(dataset):
             return None, False
         fixed = copy.copy(dataset)
         fixed.base = copy.copy(dataset.base)
-        fixed.base.transform = augmentation(dataset.image_size, "resize")
+        fixed.base.transform = augmentation(dataset.image_size, "resize", dataset.channels)
         return fixed, True
     if isinstance(dataset, (Captioned, CaptionSubset)):
         base, flips = without_random_augmentation(dataset.base)

@@ -30,6 +30,14 @@ class Config:
     cache_latents: bool = arg(False, "encode the images once with the VAE, then train from the cache (fixes one "
                                      "augmentation per image)")
     cache_dir: str = arg("data/latent_cache", "folder of the latent caches, one file per cache key")
+    channels: int | None = arg(None, "image channels: 1 (grey) | 3 (RGB); None: the data set's (1 for a folder of grey "
+                                     "image files, such as the digits; else 3)")
+    backbone: str = arg("unet", "the network: unet (the reference's U-Net) | dit (a Diffusion Transformer with "
+                                "adaLN-Zero, Peebles & Xie 2023)")
+    dit_size: str = arg("dit-s", "DiT depth, width and heads: dit-t | dit-xs (CPU sizes) | dit-s | dit-b (the "
+                                 "paper's S and B)")
+    patch_size: int = arg(2, "DiT patch size in pixels (latent pixels with --vae): 2 | 4 (tokens: side^2 / "
+                                   "patch_size^2)")
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
     attn_factors: str = arg("1,2,4,8", "self-attention after the U-Net blocks at these downsampling factors (1: full "
                                        "resolution, 8: the lowest); the reference: all four")
@@ -41,8 +49,12 @@ class Config:
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
     schedule: str = arg("linear", "noise schedule: linear (the DDPM paper's) | cosine (Nichol & Dhariwal 2021)")
-    min_snr_gamma: float | None = arg(5.0, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
-                                           "2023); None: the plain DDPM loss of the reference")
+    min_snr_gamma: float | None = arg(5.0, "Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR_t, gamma) / SNR_t "
+                                           "for epsilon, min(SNR_t, gamma) for sample, min(SNR_t, gamma) / "
+                                           "(SNR_t + 1) for v_prediction; None: the plain DDPM loss of the reference")
+    prediction_type: str = arg("epsilon", "what the network predicts: epsilon (the noise, DDPM) | v_prediction "
+                                          "(v = sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0, Salimans & Ho 2022) | "
+                                          "sample (x_0)")
     lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
     lr_decay: str = arg("none", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, "
                                      "or at the last epoch)")
@@ -59,6 +71,8 @@ class Config:
     eval_samples: int = arg(100, "samples per --eval_every measurement, balanced over the classes")
     n_samples: int = arg(16, "images in each grid")
     log_every: int = arg(10, "save grids, loss plot and checkpoints every this many epochs")
+    report_to: str = arg("tensorboard", "experiment tracking through Accelerate: none | tensorboard (offline, in "
+                                        "results/<run_name>/logs) | wandb (offline unless logged in) | all")
     gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
     checkpoint_every: int = arg(500, "optimizer steps between checkpoints (training_state.pt for --resume)")
     keep_checkpoints: int = arg(2, "training states kept in models/<run_name>/checkpoints/, the newest included")
@@ -69,6 +83,9 @@ class Config:
     mixed_precision: str | None = arg(None, "no | fp16 | bf16 (through Accelerate); None: the launcher's "
                                             "(accelerate launch --mixed_precision, accelerate config), else no")
     compile: bool = arg(False, "torch.compile the network")
+    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block (DiT: each block) in "
+                                              "the backward pass (torch.utils.checkpoint): less activation "
+                                              "memory, more compute")
     channels_last: bool = arg(False, "channels_last memory format (slower on the CPU; unmeasured on a GPU: see the "
                                      "layout row of scripts/gpu_check.sh)")
     num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")
@@ -80,8 +97,9 @@ class Config:
 # ----------------------------------------------------------------------------- the math
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++ode", "euler_a")
 SCHEDULES = ("linear", "cosine")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # the diffusers names
 REFERENCE_SCHEDULE = {"noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "schedule": "linear",
-                      "min_snr_gamma": None}
+                      "min_snr_gamma": None, "prediction_type": "epsilon"}
 DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++ode": 20, "euler_a": 30}
 
 
@@ -125,13 +143,22 @@ class Diffusion:
     authors' code and improved-diffusion's clip_denoised). False, the default here, is the reference's
     unclipped Alg. 2; the pixel-space scripts turn it on, train_sd.py only without a VAE (latents have no range).
 
-    min_snr_gamma: None is the simple loss of Alg. 1. A number gamma weights the loss at t by
-    min(SNR_t, gamma) / SNR_t, with SNR_t = alpha_hat_t / (1 - alpha_hat_t) (Min-SNR-gamma, Hang et al. 2023,
-    for eps prediction): the nearly clean timesteps, whose eps is easy to guess and says little, weigh less.
+    prediction_type: what the network outputs, in the diffusers names: "epsilon" (eps, DDPM), "v_prediction"
+    (v = sqrt(alpha_hat_t) eps - sqrt(1 - alpha_hat_t) x_0, Salimans & Ho 2022, eq. 9 ff.) or "sample" (x_0). The
+    loss regresses that target; every sampler converts it (`predict_x0`, `eps_from_output`), and the diffusers
+    schedulers are told the type. Guidance mixes the outputs, which is the same as mixing the eps, since each
+    conversion is affine in the output at fixed x_t and t.
+
+    min_snr_gamma: None is the simple loss of Alg. 1 (an unweighted MSE to the target). A number gamma weights the
+    loss at t so that every target gets the x_0-space weight min(SNR_t, gamma), with SNR_t = alpha_hat_t /
+    (1 - alpha_hat_t) (Min-SNR-gamma, Hang et al. 2023): as ||eps - eps_pred||^2 = SNR_t ||x_0 - x0_pred||^2 and
+    ||v - v_pred||^2 = (SNR_t + 1) ||x_0 - x0_pred||^2, the weight is min(SNR_t, gamma) / SNR_t for epsilon,
+    min(SNR_t, gamma) for sample and min(SNR_t, gamma) / (SNR_t + 1) for v_prediction. The nearly clean
+    timesteps, whose eps is easy to guess and says little, weigh less.
     """
 
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, c_in=3, device="cpu",
-                 clip_x0=False, schedule="linear", min_snr_gamma=None):
+                 clip_x0=False, schedule="linear", min_snr_gamma=None, prediction_type="epsilon"):
         if img_size % 8:
             raise ValueError(f"img_size {img_size} is not divisible by 8: the U-Net halves it 3 times; "
                              "use 16, 32 or 64")
@@ -142,6 +169,10 @@ class Diffusion:
         self.device = torch.device(device)
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma {min_snr_gamma} is not positive: use e.g. 5, or None for the plain loss")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction_type!r} is unknown: use one of "
+                             f"{', '.join(PREDICTION_TYPES)}")
+        self.prediction_type = prediction_type
         self.schedule = schedule
         self.min_snr_gamma = min_snr_gamma
         self.beta = make_betas(schedule, noise_steps, beta_start, beta_end).to(self.device)  # float32, as the reference
@@ -166,23 +197,47 @@ class Diffusion:
         x_t = alpha_hat.sqrt() * x_0 + (1.0 - alpha_hat).sqrt() * eps
         return x_t, eps
 
+    def target(self, x_0, t, eps):
+        """What the network learns to output for x_t = noise_images(x_0, t, eps): eps, v or x_0 (prediction_type)."""
+        if self.prediction_type == "epsilon":
+            return eps
+        if self.prediction_type == "sample":
+            return x_0
+        signal, noise = self._scales(t, x_0)
+        return signal * eps - noise * x_0  # v, Salimans & Ho 2022
+
+    def snr(self, t):
+        """SNR_t = alpha_hat_t / (1 - alpha_hat_t), per row of t (B,)."""
+        return self.alpha_hat[t] / (1.0 - self.alpha_hat[t])
+
+    def loss_weight(self, t):
+        """Min-SNR-gamma weight of each row (B,): min(SNR, gamma) in x_0 space, divided by what the target's squared
+        error is worth there: SNR for eps, 1 for x_0, SNR + 1 for v (see the class docstring)."""
+        snr = self.snr(t)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "sample":
+            return clipped
+        return clipped / (snr + 1.0)
+
     def loss(self, model, x_0, labels=None):
-        """The simple DDPM objective (Alg. 1): MSE between eps and the model's prediction of it, each row
-        weighted by min(SNR_t, gamma) / SNR_t when min_snr_gamma is set.
+        """The simple DDPM objective (Alg. 1): MSE between the target (eps, v or x_0) and the model's prediction of it,
+        each row weighted by `loss_weight` when min_snr_gamma is set.
 
         `labels` is the model's conditioning for each row (class ids, or text embeddings), or None.
         """
         t = self.sample_timesteps(x_0.shape[0])
         x_t, eps = self.noise_images(x_0, t)
-        eps_pred = model(x_t, t) if labels is None else model(x_t, t, labels)
+        prediction = model(x_t, t) if labels is None else model(x_t, t, labels)
+        target = self.target(x_0.float(), t, eps.float())
         if self.min_snr_gamma is None:
-            return F.mse_loss(eps_pred.float(), eps.float())
-        per_row = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").mean(dim=tuple(range(1, x_0.dim())))
-        snr = self.alpha_hat[t] / (1.0 - self.alpha_hat[t])
-        return (per_row * snr.clamp(max=self.min_snr_gamma) / snr).mean()
+            return F.mse_loss(prediction.float(), target)
+        per_row = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=tuple(range(1, x_0.dim())))
+        return (per_row * self.loss_weight(t)).mean()
 
-    def predict_eps(self, model, x_t, t, labels=None, null_labels=None, cfg_scale=0.0):
-        """The model's eps for x_t at timesteps t (B,), guided when cfg_scale > 0.
+    def predict(self, model, x_t, t, labels=None, null_labels=None, cfg_scale=0.0):
+        """The model's output (eps, v or x_0: prediction_type) for x_t at timesteps t (B,), guided when cfg_scale > 0.
 
         With guidance, the conditional and unconditional predictions are one forward pass of 2B rows.
         """
@@ -190,23 +245,55 @@ class Diffusion:
             return model(x_t, t)
         if cfg_scale == 0:
             return model(x_t, t, labels)
-        eps_both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null_labels]))
-        eps_cond, eps_uncond = eps_both.chunk(2)
-        return torch.lerp(eps_uncond, eps_cond, cfg_scale)  # CFG, Ho & Salimans 2022, eq. 6
+        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null_labels]))
+        cond, uncond = both.chunk(2)
+        return torch.lerp(uncond, cond, cfg_scale)  # CFG, Ho & Salimans 2022, eq. 6
 
-    def predict_x0(self, x_t, t, eps):
-        """x_0 implied by eps: (x_t - sqrt(1 - alpha_hat_t) eps) / sqrt(alpha_hat_t); t an int or a (B,) tensor."""
+    def predict_eps(self, model, x_t, t, labels=None, null_labels=None, cfg_scale=0.0):
+        """The model's eps for x_t at timesteps t (B,), guided when cfg_scale > 0, whatever it predicts."""
+        return self.eps_from_output(x_t, t, self.predict(model, x_t, t, labels, null_labels, cfg_scale))
+
+    def _scales(self, t, x):
+        """(sqrt(alpha_hat_t), sqrt(1 - alpha_hat_t)) for t an int or a (B,) tensor, broadcastable against x."""
         alpha_hat = self.alpha_hat[t]
         if alpha_hat.dim():
-            alpha_hat = broadcast(alpha_hat, x_t)
-        return (x_t - (1.0 - alpha_hat).sqrt() * eps) / alpha_hat.sqrt()
+            alpha_hat = broadcast(alpha_hat, x)
+        return alpha_hat.sqrt(), (1.0 - alpha_hat).sqrt()
+
+    def predict_x0(self, x_t, t, output, prediction_type=None):
+        """x_0 implied by the network's output at x_t; t an int or a (B,) tensor. prediction_type: the output's kind
+        (None: this Diffusion's). epsilon: (x_t - sqrt(1 - alpha_hat_t) eps) / sqrt(alpha_hat_t); v_prediction:
+        sqrt(alpha_hat_t) x_t - sqrt(1 - alpha_hat_t) v; sample: the output itself."""
+        prediction_type = prediction_type or self.prediction_type
+        if prediction_type == "sample":
+            return output
+        signal, noise = self._scales(t, x_t)
+        if prediction_type == "v_prediction":
+            return signal * x_t - noise * output
+        return (x_t - noise * output) / signal
+
+    def eps_from_output(self, x_t, t, output):
+        """eps implied by the network's output at x_t (this Diffusion's prediction_type)."""
+        if self.prediction_type == "epsilon":
+            return output
+        if self.prediction_type == "sample":
+            return self.eps_from_x0(x_t, t, output)
+        signal, noise = self._scales(t, x_t)
+        return signal * output + noise * x_t  # eps from v
+
+    def output_from_x0(self, x_t, t, x_0):
+        """The inverse of `predict_x0`: the output (of this Diffusion's prediction_type) that implies x_0 at x_t."""
+        if self.prediction_type == "sample":
+            return x_0
+        if self.prediction_type == "epsilon":
+            return self.eps_from_x0(x_t, t, x_0)
+        signal, noise = self._scales(t, x_t)
+        return (signal * x_t - x_0) / noise  # v
 
     def eps_from_x0(self, x_t, t, x_0):
-        """The inverse of `predict_x0`: eps = (x_t - sqrt(alpha_hat_t) x_0) / sqrt(1 - alpha_hat_t)."""
-        alpha_hat = self.alpha_hat[t]
-        if alpha_hat.dim():
-            alpha_hat = broadcast(alpha_hat, x_t)
-        return (x_t - alpha_hat.sqrt() * x_0) / (1.0 - alpha_hat).sqrt()
+        """eps = (x_t - sqrt(alpha_hat_t) x_0) / sqrt(1 - alpha_hat_t): the eps that `predict_x0` maps to x_0."""
+        signal, noise = self._scales(t, x_t)
+        return (x_t - signal * x_0) / noise
 
     def p_sample_step(self, x_t, t, eps, z, clip_x0=False):
         """One step of DDPM Alg. 2 at the integer timestep t >= 1, with sigma_t^2 = beta_t and noise z.
@@ -220,7 +307,7 @@ class Diffusion:
             mean = (x_t - (1.0 - alpha) / (1.0 - alpha_hat).sqrt() * eps) / alpha.sqrt()
             return mean + beta.sqrt() * z
         alpha_hat_prev = self.alpha_hat[t - 1]
-        x_0 = self.predict_x0(x_t, t, eps).clamp(-1.0, 1.0)
+        x_0 = self.predict_x0(x_t, t, eps, "epsilon").clamp(-1.0, 1.0)
         coef_x0 = alpha_hat_prev.sqrt() * beta / (1.0 - alpha_hat)  # DDPM eq. 7, mu_tilde
         coef_xt = alpha.sqrt() * (1.0 - alpha_hat_prev) / (1.0 - alpha_hat)
         return coef_x0 * x_0 + coef_xt * x_t + beta.sqrt() * z
@@ -268,7 +355,7 @@ class Diffusion:
             x_t = sqrt(alpha_hat_t) x_0 + sqrt(1 - alpha_hat_t) eps for every sampler: ddpm, ddim and dpm++ keep
             their state in it; euler_a keeps x_t / sqrt(alpha_hat_t) (x_0 + sigma_t eps), which its
             scale_model_input turns into x_t. x0_pred is the scheduler's pred_original_sample where it has one,
-            else `predict_x0(x_t, t, eps)`.
+            else `predict_x0` of the network's output.
         """
         self._check_sample_args(model, n, labels, cfg_scale, sampler)
         if labels is not None and null_labels is None:
@@ -289,14 +376,14 @@ class Diffusion:
         return x
 
     def _ddpm_loop(self, model, x, labels, null_labels, cfg_scale, generator, progress, clip_x0, callback=None):
-        """DDPM Alg. 2, exactly as the reference runs it when clip_x0 is False."""
+        """DDPM Alg. 2, exactly as the reference runs it when clip_x0 is False; a v or x_0 output is turned into eps."""
         n = x.shape[0]
         timesteps = range(self.noise_steps - 1, 0, -1)
         for step_index, i in enumerate(tqdm(timesteps, desc="ddpm", leave=False, disable=not progress)):
             t = torch.full((n,), i, dtype=torch.long, device=self.device)
             eps = self.predict_eps(model, x, t, labels, null_labels, cfg_scale)
             if callback is not None:
-                x0_pred = self.predict_x0(x, i, eps)
+                x0_pred = self.predict_x0(x, i, eps, "epsilon")
                 callback(step_index, i, x, x0_pred.clamp(-1.0, 1.0) if clip_x0 else x0_pred)
             if i > 1:
                 z = torch.randn(x.shape, generator=generator, device=self.device)
@@ -311,12 +398,13 @@ class Diffusion:
         "trailing" spacing starts at t = T-1 and never asks for t = 0, which training never drew. clip_x0 sets the
         scheduler's own clipping of its predicted x_0: clip_sample (ddpm, ddim), or thresholding with
         sample_max_value 1, which clamps the quantile s to 1 and so is the plain clip to [-1, 1] (dpm++).
-        EulerAncestralDiscreteScheduler has no such option: `_scheduler_loop` clips its eps instead.
+        EulerAncestralDiscreteScheduler has no such option: `_scheduler_loop` clips its input instead. Each scheduler
+        is told the network's prediction_type, except euler_a for "sample", which it lacks: it is given eps.
         """
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
         common = dict(num_train_timesteps=self.noise_steps, trained_betas=self.beta.cpu().numpy(),
-                      timestep_spacing="trailing", prediction_type="epsilon")
+                      timestep_spacing="trailing", prediction_type=self.scheduler_prediction_type(sampler))
         if sampler == "ddpm":
             # "fixed_small" (the posterior variance) is 0 at the last strided step; "fixed_large" would add noise there.
             scheduler = DDPMScheduler(variance_type="fixed_small", clip_sample=clip_x0, clip_sample_range=1.0,
@@ -340,10 +428,15 @@ class Diffusion:
                              f"neighbouring count, at most {2 * self.noise_steps // 3 - 1}")
         return scheduler
 
+    def scheduler_prediction_type(self, sampler):
+        """The prediction_type the scheduler of `sampler` is given: the network's, but eps for euler_a's x_0."""
+        return "epsilon" if sampler == "euler_a" and self.prediction_type == "sample" else self.prediction_type
+
     def _scheduler_loop(self, model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator, progress,
                         clip_x0, callback=None):
         scheduler = self.make_scheduler(sampler, steps, clip_x0)
-        clip_eps = clip_x0 and sampler == "euler_a"  # the one scheduler without an x_0 clipping option
+        clip_input = clip_x0 and sampler == "euler_a"  # the one scheduler without an x_0 clipping option
+        as_eps = self.scheduler_prediction_type(sampler) != self.prediction_type
         # DDIM needs its eps re-derived from the clipped x_0 (improved-diffusion's ddim_sample): a clipped x_0 beside
         # the raw eps is no point of q(x_t | x_0), and its samples go wrong.
         step_kwargs = {"eta": eta, "use_clipped_model_output": clip_x0} if sampler == "ddim" else {}
@@ -351,20 +444,20 @@ class Diffusion:
         n = x.shape[0]
         for step_index, t in enumerate(tqdm(scheduler.timesteps, desc=sampler, leave=False, disable=not progress)):
             x_in = scheduler.scale_model_input(x, t)  # the DDPM x_t (euler_a's state is x_t / sqrt(alpha_hat_t))
-            eps = self.predict_eps(model, x_in, t.expand(n), labels, null_labels, cfg_scale)
-            if clip_eps:  # x_in is x_t in DDPM scale: replace eps by the one whose x_0 is clipped
-                t_int = int(t)
-                eps = self.eps_from_x0(x_in, t_int, self.predict_x0(x_in, t_int, eps).clamp(-1.0, 1.0))
-            out = scheduler.step(eps, t, x, generator=generator, **step_kwargs)
+            output = self.predict(model, x_in, t.expand(n), labels, null_labels, cfg_scale)
+            t_int = int(t)
+            if clip_input:  # x_in is x_t in DDPM scale: replace the output by the one whose x_0 is clipped
+                output = self.output_from_x0(x_in, t_int, self.predict_x0(x_in, t_int, output).clamp(-1.0, 1.0))
+            out = scheduler.step(self.eps_from_output(x_in, t_int, output) if as_eps else output, t, x,
+                                 generator=generator, **step_kwargs)
             if callback is not None:
                 x0_pred = getattr(out, "pred_original_sample", None)
                 if x0_pred is None:
-                    x0_pred = self.predict_x0(x_in, int(t), eps)
+                    x0_pred = self.predict_x0(x_in, t_int, output)
                     x0_pred = x0_pred.clamp(-1.0, 1.0) if clip_x0 else x0_pred
-                callback(step_index, int(t), x_in, x0_pred)
+                callback(step_index, t_int, x_in, x0_pred)
             x = out.prev_sample
         return x
-
 
 def main(argv=None):
     from training import train_images

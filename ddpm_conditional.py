@@ -28,6 +28,14 @@ class Config:
     cache_latents: bool = arg(False, "encode the images once with the VAE, then train from the cache (fixes one "
                                      "augmentation per image)")
     cache_dir: str = arg("data/latent_cache", "folder of the latent caches, one file per cache key")
+    channels: int | None = arg(None, "image channels: 1 (grey) | 3 (RGB); None: the data set's (1 for a folder of grey "
+                                     "image files, such as the digits; else 3)")
+    backbone: str = arg("unet", "the network: unet (the reference's U-Net) | dit (a Diffusion Transformer with "
+                                "adaLN-Zero, Peebles & Xie 2023)")
+    dit_size: str = arg("dit-s", "DiT depth, width and heads: dit-t | dit-xs (CPU sizes) | dit-s | dit-b (the "
+                                 "paper's S and B)")
+    patch_size: int = arg(2, "DiT patch size in pixels (latent pixels with --vae): 2 | 4 (tokens: side^2 / "
+                                   "patch_size^2)")
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
     attn_factors: str = arg("1,2,4,8", "self-attention after the U-Net blocks at these downsampling factors (1: full "
                                        "resolution, 8: the lowest); the reference: all four")
@@ -40,8 +48,12 @@ class Config:
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
     schedule: str = arg("linear", "noise schedule: linear (the DDPM paper's) | cosine (Nichol & Dhariwal 2021)")
-    min_snr_gamma: float | None = arg(5.0, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
-                                           "2023); None: the plain DDPM loss of the reference")
+    min_snr_gamma: float | None = arg(5.0, "Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR_t, gamma) / SNR_t "
+                                           "for epsilon, min(SNR_t, gamma) for sample, min(SNR_t, gamma) / "
+                                           "(SNR_t + 1) for v_prediction; None: the plain DDPM loss of the reference")
+    prediction_type: str = arg("epsilon", "what the network predicts: epsilon (the noise, DDPM) | v_prediction "
+                                          "(v = sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0, Salimans & Ho 2022) | "
+                                          "sample (x_0)")
     lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
     lr_decay: str = arg("none", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, "
                                      "or at the last epoch)")
@@ -60,6 +72,8 @@ class Config:
     eval_samples: int = arg(100, "samples per --eval_every measurement, balanced over the classes")
     n_per_class: int = arg(8, "images in each class row of the grids")
     log_every: int = arg(10, "save grids, loss plot and checkpoints every this many epochs")
+    report_to: str = arg("tensorboard", "experiment tracking through Accelerate: none | tensorboard (offline, in "
+                                        "results/<run_name>/logs) | wandb (offline unless logged in) | all")
     gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
     checkpoint_every: int = arg(500, "optimizer steps between checkpoints (training_state.pt for --resume)")
     keep_checkpoints: int = arg(2, "training states kept in models/<run_name>/checkpoints/, the newest included")
@@ -70,6 +84,9 @@ class Config:
     mixed_precision: str | None = arg(None, "no | fp16 | bf16 (through Accelerate); None: the launcher's "
                                             "(accelerate launch --mixed_precision, accelerate config), else no")
     compile: bool = arg(False, "torch.compile the network")
+    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block (DiT: each block) in "
+                                              "the backward pass (torch.utils.checkpoint): less activation "
+                                              "memory, more compute")
     channels_last: bool = arg(False, "channels_last memory format (slower on the CPU; unmeasured on a GPU: see the "
                                      "layout row of scripts/gpu_check.sh)")
     num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")

@@ -36,7 +36,7 @@ from data import ShapesDataset, classify_colors, get_dataset
 from ddpm import DEFAULT_STEPS, SAMPLERS
 from latents import run_latents
 from modules import JudgeNet
-from sample import load_model, make_diffusion
+from sample import describe, load_model, make_diffusion
 from utils import (UsageError, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli, save_figure,
                    to_uint8, write_json)
 
@@ -117,14 +117,14 @@ class Judge:
 
     @torch.no_grad()
     def features(self, images, batch_size=500):
-        """uint8 images (N, 3, S, S) -> float64 features (N, D), in batches."""
+        """uint8 images (N, C, S, S) -> float64 features (N, D), in batches."""
         device = next(self.net.parameters()).device
         out = [self.net.features(to_float(images[i:i + batch_size]).to(device)).double().cpu()
                for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy()
 
     def predict(self, images, batch_size=500):
-        """uint8 images (N, 3, S, S) -> class ids (N,)."""
+        """uint8 images (N, C, S, S) -> class ids (N,)."""
         features = torch.from_numpy(self.features(images, batch_size)).float()
         return self.net.head(features.to(next(self.net.parameters()).device)).argmax(dim=1).cpu()
 
@@ -134,10 +134,11 @@ def to_float(images):
     return images.float() / 127.5 - 1.0
 
 
-def real_images(dataset, dataset_path, image_size, num_real, seed=0):
-    """(uint8 images (n, 3, S, S), labels (n,), class names) of up to num_real training images, drawn with `seed`."""
+def real_images(dataset, dataset_path, image_size, num_real, seed=0, channels=3):
+    """(uint8 images (n, C, S, S), labels (n,), class names) of up to num_real training images, drawn with `seed`."""
     # "resize": the real images as they are, without random flips or crops
-    data = get_dataset(dataset, dataset_path, image_size, seed=seed, train=True, size=num_real, augment="resize")
+    data = get_dataset(dataset, dataset_path, image_size, seed=seed, train=True, size=num_real, augment="resize",
+                       channels=channels)
     loader = torch.utils.data.DataLoader(data, batch_size=500, shuffle=False, num_workers=0)
     images, labels = [], []
     for x, y in tqdm(loader, desc="real images", leave=False):
@@ -146,12 +147,15 @@ def real_images(dataset, dataset_path, image_size, num_real, seed=0):
     return torch.cat(images), torch.cat(labels), list(data.classes)
 
 
-def judge_path(dataset, dataset_path, image_size, num_real, epochs, seed, root):
-    """data/judges/<dataset>-<S>px-<num_real>-<hash of every setting>.pt"""
+def judge_path(dataset, dataset_path, image_size, num_real, epochs, seed, root, channels=3):
+    """data/judges/<dataset>-<S>px-<num_real>-<hash of every setting>.pt (a grey judge: ...-grey-<hash>.pt)"""
     key = {"dataset": dataset, "path": None if dataset == "shapes" else os.path.abspath(dataset_path or ""),
            "image_size": image_size, "num_real": num_real, "epochs": epochs, "seed": seed, "version": JUDGE_VERSION}
+    if channels != 3:  # the RGB judges cached before channels existed keep their files
+        key["channels"] = channels
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(root, f"{dataset}-{image_size}px-{num_real}-{digest}.pt")
+    grey = "-grey" if channels == 1 else ""
+    return os.path.join(root, f"{dataset}-{image_size}px-{num_real}{grey}-{digest}.pt")
 
 
 def train_judge(images, labels, num_classes, epochs, seed=0, device="cpu", batch_size=64):
@@ -161,7 +165,7 @@ def train_judge(images, labels, num_classes, epochs, seed=0, device="cpu", batch
     n_train = max(1, int(0.8 * len(images)))
     train_idx, held_idx = order[:n_train], order[n_train:]
     torch.manual_seed(seed)
-    net = JudgeNet(num_classes).to(device)
+    net = JudgeNet(num_classes, channels=images.shape[1]).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     net.train()
     for _ in tqdm(range(epochs), desc="training the judge", leave=False):
@@ -178,23 +182,26 @@ def train_judge(images, labels, num_classes, epochs, seed=0, device="cpu", batch
     return judge
 
 
-def get_judge(dataset, dataset_path, image_size, num_real=5000, epochs=5, seed=0, device="cpu", root="data/judges"):
-    """The judge of a data set at a resolution: loaded from `root`, or trained on its real images and saved there."""
-    path = judge_path(dataset, dataset_path, image_size, num_real, epochs, seed, root)
+def get_judge(dataset, dataset_path, image_size, num_real=5000, epochs=5, seed=0, device="cpu", root="data/judges",
+              channels=3):
+    """The judge of a data set at a resolution and channel count: loaded from `root`, or trained on its real images
+    (grey with channels=1) and saved there."""
+    path = judge_path(dataset, dataset_path, image_size, num_real, epochs, seed, root, channels)
     if os.path.isfile(path):
         state = load_checkpoint(path)
-        net = JudgeNet(state["num_classes"])
+        net = JudgeNet(state["num_classes"], channels=state.get("channels", 3))
         net.load_state_dict(state["net"])
         net.eval().requires_grad_(False).to(device)
         return Judge(net, state["heldout_accuracy"], state["real_mu"].numpy(), state["real_sigma"].numpy(), path)
     with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream (e.g. a training run's) as it was
-        images, labels, classes = real_images(dataset, dataset_path, image_size, num_real, seed)
+        images, labels, classes = real_images(dataset, dataset_path, image_size, num_real, seed, channels)
         print(f"training the judge on {len(images)} real {dataset} images at {image_size} px (once; cached in "
               f"{root}/)")
         judge = train_judge(images, labels, len(classes), epochs, seed, device)
     judge.real_mu, judge.real_sigma = feature_statistics(judge.features(images))
     judge.path = path
-    atomic_save({"net": judge.net.state_dict(), "num_classes": len(classes), "heldout_accuracy": judge.heldout_accuracy,
+    atomic_save({"net": judge.net.state_dict(), "num_classes": len(classes), "channels": channels,
+                 "heldout_accuracy": judge.heldout_accuracy,
                  "real_mu": torch.from_numpy(judge.real_mu), "real_sigma": torch.from_numpy(judge.real_sigma)}, path)
     return judge
 
@@ -293,7 +300,8 @@ def attribute_figures(shape_judge, images, colors, shapes):
 
 # ----------------------------------------------------------------------------- FID and KID (torch-fidelity)
 class Uint8Images(Dataset):
-    """uint8 images (N, 3, H, W) as the Dataset of tensors that torch-fidelity reads."""
+    """uint8 images (N, 3, H, W) as the Dataset of tensors that torch-fidelity reads; grey images (N, 1, H, W) are
+    repeated to 3 channels, as Inception needs."""
 
     def __init__(self, images):
         self.images = images
@@ -302,7 +310,8 @@ class Uint8Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        return self.images[index]
+        image = self.images[index]
+        return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
 def inception_unavailable(weights_path):
@@ -422,7 +431,8 @@ def main(argv=None):
     cfg_scales = parse_list(cfg.cfg_scale, float, "cfg_scale") if num_classes is not None else [None]
     steps_list = parse_list(cfg.steps, int, "steps")
 
-    judge = get_judge(dataset, dataset_path, image_size, cfg.num_real, cfg.judge_epochs, device=device)
+    judge = get_judge(dataset, dataset_path, image_size, cfg.num_real, cfg.judge_epochs, device=device,
+                      channels=latents.image_channels)
     if num_classes is not None and judge.net.head.out_features != num_classes:
         raise UsageError(f"the checkpoint has {num_classes} classes but {dataset} has {judge.net.head.out_features}: "
                          "pass the --dataset (and --dataset_path) it was trained on")
@@ -432,11 +442,11 @@ def main(argv=None):
     skip = "FID and KID off (--inception false)" if not cfg.inception else inception_unavailable(cfg.inception_weights)
     real, real_name = None, os.path.splitext(os.path.basename(judge.path))[0]  # names data set, size, images
     if skip is None:
-        real, _, _ = real_images(dataset, dataset_path, image_size, cfg.num_real)
+        real, _, _ = real_images(dataset, dataset_path, image_size, cfg.num_real, channels=latents.image_channels)
     kind = "unconditional" if num_classes is None else f"conditional ({num_classes} classes)"
     space = "" if latents.vae is None else f", decoded from the latents of --vae {saved['vae']}"
-    print(f"{kind} U-Net from {cfg.ckpt}; {dataset} at {image_size} px{space}; N = {cfg.num_samples} per row "
-          f"on {device}")
+    print(f"{kind} {describe(arch)} from {cfg.ckpt}; {dataset} at {image_size} px{space}; N = {cfg.num_samples} "
+          f"per row on {device}")
 
     model.to(device)
     rows = []

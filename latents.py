@@ -85,11 +85,16 @@ def vae_digest(name):
 
 class Latents:
     """The frozen VAE: pixels in [-1, 1] <-> scaled latents (z - shift_factor) * scaling_factor. With vae=None it
-    is pixel space (the identity)."""
+    is pixel space (the identity).
 
-    def __init__(self, vae):
+    image_channels: the images' channels. Grey images (1) are repeated to the VAE's input channels for encoding, and
+    its decoded images averaged back to grey.
+    """
+
+    def __init__(self, vae, image_channels=3):
         self.vae = vae
-        self.channels = 3 if vae is None else vae.config.latent_channels
+        self.image_channels = image_channels
+        self.channels = image_channels if vae is None else vae.config.latent_channels
         self.factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         self.scale = 1.0 if vae is None else vae.config.scaling_factor
         self.shift = 0.0 if vae is None else (getattr(vae.config, "shift_factor", None) or 0.0)
@@ -109,23 +114,26 @@ class Latents:
 
     @torch.no_grad()
     def encode(self, images):
-        """(B, 3, H, W) -> mean and std of the scaled posterior, (B, C, H/f, W/f) float32."""
+        """(B, image_channels, H, W) -> mean and std of the scaled posterior, (B, C, H/f, W/f) float32."""
         if self.vae is None:
             return images.float(), torch.zeros_like(images, dtype=torch.float32)
+        images = images.expand(-1, self.vae.config.in_channels, -1, -1) if images.shape[1] == 1 else images
         dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
         return (dist.mean.float() - self.shift) * self.scale, dist.std.float() * self.scale
 
     @torch.no_grad()
     def decode(self, latents):
-        """Scaled latents (B, C, h, w) -> pixels (B, 3, h*f, w*f) in [-1, 1]."""
+        """Scaled latents (B, C, h, w) -> pixels (B, image_channels, h*f, w*f) in [-1, 1]."""
         if self.vae is not None:
             latents = self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample
+            if self.image_channels == 1:
+                latents = latents.mean(dim=1, keepdim=True)  # (B, 3, H, W) -> (B, 1, H, W)
         return latents.float().clamp(-1, 1)
 
 
-def load_latents(name, device="cpu", mixed_precision=None):
-    """Latents of the VAE `name` ('none': pixel space), in the training precision."""
-    return Latents(load_vae(name, device, DTYPES[mixed_precision]))
+def load_latents(name, device="cpu", mixed_precision=None, image_channels=3):
+    """Latents of the VAE `name` ('none': pixel space), in the training precision, for images of image_channels."""
+    return Latents(load_vae(name, device, DTYPES[mixed_precision]), image_channels)
 
 
 def draw_latents(mean, std):
@@ -134,9 +142,11 @@ def draw_latents(mean, std):
 
 
 def run_latents(saved, c_in, device):
-    """The Latents of a saved run config (its `vae`; pixel space for runs without one), checked against the U-Net's
-    input channels `c_in`."""
-    latents = load_latents(saved.get("vae", PIXEL_SPACE), device)
+    """The Latents of a saved run config (its `vae`; pixel space for runs without one), checked against the
+    network's input channels `c_in`. The images are c_in's in pixel space, else the saved `channels` (RGB for a
+    run saved before --channels)."""
+    name = saved.get("vae", PIXEL_SPACE)
+    latents = load_latents(name, device, image_channels=c_in if is_pixel_space(name) else saved.get("channels") or 3)
     if latents.channels != c_in:
         raise UsageError(f"the run's VAE '{saved.get('vae')}' has {latents.channels} latent channels but its U-Net "
                          f"takes {c_in}: pass a checkpoint of a run trained on that VAE")
@@ -144,13 +154,15 @@ def run_latents(saved, c_in, device):
 
 
 # ----------------------------------------------------------------------------- the latent cache
-def latent_cache_path(cfg, dataset, **fields):
+def latent_cache_path(cfg, dataset, channels=3, **fields):
     """cfg.cache_dir/<key>.pt, the latent cache of `dataset` through cfg.vae. The key hashes the VAE (its digest too,
-    so a VAE retrained into the same folder is encoded anew), the images, the precision, and `fields`: whatever
-    else the cache depends on (the text encoder of train_sd.py, the augmentation of a class data set)."""
+    so a VAE retrained into the same folder is encoded anew), the images and their `channels`, the precision, and
+    `fields`: whatever else the cache depends on (the text encoder of train_sd.py, the augmentation of a class data
+    set)."""
+    grey = {"channels": channels} if channels != 3 else {}  # RGB caches keep their keys
     key = cache_key(vae=cfg.vae, vae_digest=vae_digest(cfg.vae), image_size=cfg.image_size, dataset=cfg.dataset,
                     dataset_path=os.path.abspath(cfg.dataset_path), dataset_size=len(dataset), seed=cfg.seed,
-                    precision=cfg.mixed_precision, **fields)
+                    precision=cfg.mixed_precision, **grey, **fields)
     return os.path.join(cfg.cache_dir, f"{key}.pt")
 
 

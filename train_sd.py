@@ -1,13 +1,13 @@
-"""Latent text-to-image: a small Stable Diffusion (U-Net with cross-attention on CLIP token states).
+"""Latent text-to-image: a small Stable Diffusion (U-Net or DiT with cross-attention on CLIP token states).
 
     python train_sd.py                              (CIFAR-10 captions at 128 px in SD's VAE latents: a GPU job)
     python train_sd.py --make_tiny_models data/tiny_sd && python train_sd.py --config configs/sd_quick_cpu.json
     python train_sd.py --sample --ckpt models/SD_text/ema_ckpt.pt --prompt "a photo of a cat" --out cat.png
 
 A frozen VAE (diffusers' AutoencoderKL) maps images to latents, a frozen CLIP text encoder maps captions to
-token states, and only the U-Net trains, with the DDPM loss of ddpm.py on the scaled latents. Each caption
-is replaced by "" with probability p_uncond, so one network learns eps(x_t, t, text) and eps(x_t, t, "");
-sampling mixes the two with classifier-free guidance. `--vae none` trains in pixel space instead.
+token states, and only the U-Net (or with `--backbone dit` the DiT) trains, with the DDPM loss of ddpm.py on the
+scaled latents. Each caption is replaced by "" with probability p_uncond, so one network learns eps(x_t, t, text)
+and eps(x_t, t, ""); sampling mixes the two with classifier-free guidance. `--vae none` trains in pixel space.
 """
 import dataclasses
 import os
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, default_prompts, get_caption_dataset,
+from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, dataset_channels, default_prompts, get_caption_dataset,
                   normalize_caption, parse_shape_caption, without_captions)
 from ddpm import Diffusion, broadcast
 from latents import DTYPES, draw_latents, latent_cache_path, load_latents, open_cache, vae_digest
-from modules import UNet_text
-from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, parse_attn_factors, train, validate
+from modules import DiT_text, UNet_text
+from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, dit_size, parse_attn_factors, train, validate
 from utils import (UsageError, arg, from_pretrained, load_checkpoint, load_state_dict_strict, parse_config,
                    pick_device, read_json_object, run_cli, save_images, save_individual, with_defaults)
 
@@ -36,12 +36,19 @@ class Config:
     dataset_path: str = arg("./data", "folder of the dataset (cifar10 downloads here)")
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
     image_size: int = arg(128, "training resolution in pixels; the latents are image_size / VAE factor")
+    channels: int | None = arg(None, "image channels: 1 (grey: repeated for an RGB VAE, its decoding averaged) | 3 "
+                                     "(RGB); None: the data set's (1 for a folder of grey image files, else 3)")
     vae: str = arg("stabilityai/sd-vae-ft-mse", "frozen AutoencoderKL: Hub id, or a folder such as models/<run>/vae "
                                                 "of train_vae.py; none = pixel space")
     text_encoder: str = arg("openai/clip-vit-large-patch14", "Hub id or folder holding CLIPTextModel + tokenizer")
     conditioning: str = arg("cross_attention", "cross_attention (token states) | add (pooled embedding)")
     cache_latents: bool = arg(False, "encode images and captions once, then train from the cache (no augmentation)")
     cache_dir: str = arg("data/latent_cache", "folder of the latent caches, one file per cache key")
+    backbone: str = arg("unet", "the network: unet (the reference's U-Net) | dit (a Diffusion Transformer with "
+                                "adaLN-Zero, Peebles & Xie 2023)")
+    dit_size: str = arg("dit-s", "DiT depth, width and heads: dit-t | dit-xs (CPU sizes) | dit-s | dit-b (the "
+                                 "paper's S and B)")
+    patch_size: int = arg(2, "DiT patch size in latent pixels: 2 | 4 (tokens: latent size^2 / patch_size^2)")
     base_channels: int = arg(64, "U-Net width")
     attn_factors: str = arg("1,2,4,8", "attention (self and cross) after the U-Net blocks at these downsampling "
                                        "factors (1: full resolution, 8: the lowest)")
@@ -53,8 +60,11 @@ class Config:
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule")
     beta_end: float = arg(0.02, "beta_T of the linear schedule")
     schedule: str = arg("linear", "noise schedule: linear (the DDPM paper's) | cosine (Nichol & Dhariwal 2021)")
-    min_snr_gamma: float | None = arg(None, "weight each t's loss by min(SNR_t, gamma) / SNR_t (Hang et al. 2023; "
-                                            "5 in the paper); None: the plain DDPM loss")
+    min_snr_gamma: float | None = arg(None, "Min-SNR-gamma loss weights (Hang et al. 2023; 5 in the paper): "
+                                            "min(SNR_t, gamma) / SNR_t for epsilon, min(SNR_t, gamma) for sample, "
+                                            "min(SNR_t, gamma) / (SNR_t + 1) for v_prediction; None: the plain DDPM loss")
+    prediction_type: str = arg("epsilon", "what the U-Net predicts: epsilon (the noise) | v_prediction (v = "
+                                          "sqrt(alpha_hat) eps - sqrt(1 - alpha_hat) x_0) | sample (x_0)")
     lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0 (the DDPM paper: 5000)")
     lr_decay: str = arg("none", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, "
                                      "or at the last epoch)")
@@ -73,6 +83,8 @@ class Config:
                                          "sampling them measures composition (repeat the flag)")
     n_per_prompt: int = arg(8, "images in each prompt's row")
     log_every: int = arg(5, "save grids, loss plot and checkpoints every this many epochs")
+    report_to: str = arg("tensorboard", "experiment tracking through Accelerate: none | tensorboard (offline, in "
+                                        "results/<run_name>/logs) | wandb (offline unless logged in) | all")
     gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
     checkpoint_every: int = arg(500, "optimizer steps between checkpoints (training_state.pt for --resume)")
     keep_checkpoints: int = arg(2, "training states kept in models/<run_name>/checkpoints/, the newest included")
@@ -81,6 +93,9 @@ class Config:
     seed: int = arg(0, "seed of the data order, the noise and the grids")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     compile: bool = arg(False, "torch.compile the U-Net")
+    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block (DiT: each block) in "
+                                              "the backward pass (torch.utils.checkpoint): less activation "
+                                              "memory, more compute")
     mixed_precision: str | None = arg(None, "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to "
                                             "it); None: the launcher's (accelerate launch / config), else no")
     num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")
@@ -133,7 +148,7 @@ def load_frozen(cfg, device):
     """(Latents, TextEncoder), in eval mode, without gradients, in the training precision."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    latents = load_latents(cfg.vae, device, cfg.mixed_precision)
+    latents = load_latents(cfg.vae, device, cfg.mixed_precision, cfg.channels or 3)
     tokenizer = from_pretrained(CLIPTokenizer, cfg.text_encoder)
     model = from_pretrained(CLIPTextModel, cfg.text_encoder, dtype=DTYPES[cfg.mixed_precision])
     return latents, TextEncoder(tokenizer, model.to(device).eval().requires_grad_(False), cfg.conditioning)
@@ -147,7 +162,11 @@ def check(cfg):
         raise UsageError(f"n_per_prompt {cfg.n_per_prompt} must be positive")
 
 
-def build_unet(cfg, latents, text):
+def build_network(cfg, latents, text):
+    """The text-conditioned network of --backbone: UNet_text or DiT_text, on the VAE's latent channels."""
+    if cfg.backbone == "dit":
+        return DiT_text(c_in=latents.channels, c_out=latents.channels, patch_size=cfg.patch_size,
+                        context_dim=text.dim, conditioning=cfg.conditioning, **dit_size(cfg.dit_size))
     return UNet_text(c_in=latents.channels, c_out=latents.channels, base_channels=cfg.base_channels,
                      context_dim=text.dim, conditioning=cfg.conditioning,
                      attn_factors=parse_attn_factors(cfg.attn_factors))
@@ -157,7 +176,7 @@ def make_diffusion(cfg, latents, device):
     """The DDPM of ddpm.py on latents of size image_size / factor, which the U-Net halves 3 times."""
     return Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, latents.latent_size(cfg.image_size),
                      c_in=latents.channels, device=device, clip_x0=latents.clip_x0(cfg.clip_x0), schedule=cfg.schedule,
-                     min_snr_gamma=cfg.min_snr_gamma)
+                     min_snr_gamma=cfg.min_snr_gamma, prediction_type=cfg.prediction_type)
 
 
 class CaptionStates:
@@ -204,7 +223,7 @@ def training_batch(batch, latents, text, contexts, null_context, p_uncond):
 
 
 def cache_path(cfg, dataset):
-    return latent_cache_path(cfg, dataset, text_encoder=cfg.text_encoder, conditioning=cfg.conditioning,
+    return latent_cache_path(cfg, dataset, cfg.channels, text_encoder=cfg.text_encoder, conditioning=cfg.conditioning,
                              holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts))
 
 
@@ -224,10 +243,11 @@ def sample_grid(cfg, diffusion, net, latents, text, prompts, path):
 def text_task(cfg, accelerator):
     """What training.train trains here: captions through the frozen VAE and CLIP, or through their cache."""
     device = accelerator.device
+    cfg = dataclasses.replace(cfg, channels=cfg.channels or dataset_channels(cfg.dataset, cfg.dataset_path))
     with accelerator.main_process_first():  # one process downloads (the Hub's models, CIFAR-10); the others read them
         latents, text = load_frozen(cfg, device)
         dataset = get_caption_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed,
-                                      size=cfg.dataset_size)
+                                      size=cfg.dataset_size, channels=cfg.channels)
     diffusion = make_diffusion(cfg, latents, device)
     dataset = without_captions(dataset, cfg.holdout_prompts)  # the held-out prompts never occur in an epoch
     if cfg.holdout_prompts:
@@ -249,7 +269,7 @@ def text_task(cfg, accelerator):
     def draw_grid(module, path):
         sample_grid(cfg, diffusion, module, latents, text, prompts, path)
 
-    return Task(dataset, build_unet(cfg, latents, text), diffusion, make_batch, draw_grid,
+    return Task(dataset, build_network(cfg, latents, text), diffusion, make_batch, draw_grid, channels=cfg.channels,
                 vae_digest=vae_digest(cfg.vae))
 
 
@@ -337,7 +357,7 @@ def sample(cfg, flags):
         requested = judged_attributes(run_cfg)  # a prompt the judges cannot read fails before sampling
     device = torch.device(pick_device(run_cfg.device))
     latents, text = load_frozen(dataclasses.replace(run_cfg, mixed_precision="no"), device)
-    net = build_unet(run_cfg, latents, text)
+    net = build_network(run_cfg, latents, text)
     load_state_dict_strict(net, weights)
     net.to(device)
     out = flags.out or os.path.join("results", run_cfg.run_name, "samples.png")

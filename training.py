@@ -11,8 +11,10 @@ import copy
 import dataclasses
 import datetime
 import functools
+import importlib.util
 import json
 import math
+import netrc
 import os
 import signal
 import threading
@@ -23,14 +25,15 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from data import AUGMENTATIONS, data_on_device, get_dataset, make_dataloader
-from ddpm import SAMPLERS, SCHEDULES, Diffusion
+from data import AUGMENTATIONS, CHANNELS, data_on_device, dataset_channels, get_dataset, make_dataloader
+from ddpm import PREDICTION_TYPES, SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
 from latents import draw_latents, latent_cache_path, load_latents, open_cache, vae_digest
-from modules import EMA, NULL_LABEL, UNet, UNet_conditional
+from modules import DIT_SIZES, EMA, NULL_LABEL, PATCH_SIZES, DiT, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
                    parse_config, pick_device, plot_loss, rng_state, save_config, save_images, save_kept,
                    seed_everything, set_rng_state, use_tf32, with_defaults, write_json)
@@ -41,7 +44,8 @@ KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the la
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
                     "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
                     "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0", "data_on_device",
-                    "cache_latents", "cache_dir")
+                    "cache_latents", "cache_dir", "gradient_checkpointing", "report_to")
+FIELDS_BEFORE = {"channels": 3}  # what the runs saved before a field existed had, where it is not the default
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
     ("--overwrite", {"action": "store_true", "help": "start over even if models/<run_name>/ holds a run"}),
@@ -68,10 +72,16 @@ def validate(cfg):
     if getattr(cfg, "eval_every", None) is not None and (cfg.eval_every <= 0 or cfg.eval_samples < 2):
         raise UsageError(f"eval_every {cfg.eval_every} / eval_samples {cfg.eval_samples}: use a positive --eval_every "
                          "(or None: off) and --eval_samples 2 or more, e.g. 100")
+    trackers(getattr(cfg, "report_to", "none"))
+    if getattr(cfg, "channels", None) not in (None, *CHANNELS):
+        raise UsageError(f"channels {cfg.channels} is not supported: use 1 (grey), 3 (RGB) or None (the data set's)")
     if getattr(cfg, "augment", None) not in (None, *AUGMENTATIONS):
         raise UsageError(f"augment '{cfg.augment}' is unknown: use one of {', '.join(AUGMENTATIONS)}, or None")
     if getattr(cfg, "schedule", SCHEDULES[0]) not in SCHEDULES:
         raise UsageError(f"schedule '{cfg.schedule}' is unknown: use one of {', '.join(SCHEDULES)}")
+    if getattr(cfg, "prediction_type", PREDICTION_TYPES[0]) not in PREDICTION_TYPES:
+        raise UsageError(f"prediction_type '{cfg.prediction_type}' is unknown: use one of "
+                         f"{', '.join(PREDICTION_TYPES)}")
     if getattr(cfg, "min_snr_gamma", None) is not None and cfg.min_snr_gamma <= 0:
         raise UsageError(f"min_snr_gamma {cfg.min_snr_gamma} must be positive: use e.g. 5, or None for the plain loss")
     if getattr(cfg, "lr_decay", "none") not in LR_DECAYS:
@@ -80,6 +90,13 @@ def validate(cfg):
         raise UsageError(f"lr_warmup {cfg.lr_warmup} is negative: use 0 (no warm-up) or a number of steps")
     if hasattr(cfg, "attn_factors"):
         parse_attn_factors(cfg.attn_factors)
+    if getattr(cfg, "backbone", "unet") not in BACKBONES:
+        raise UsageError(f"backbone '{cfg.backbone}' is unknown: use one of {', '.join(BACKBONES)}")
+    if getattr(cfg, "backbone", "unet") == "dit":
+        dit_size(cfg.dit_size)
+        if cfg.patch_size not in PATCH_SIZES:
+            raise UsageError(f"patch_size {cfg.patch_size} is not allowed: use "
+                             f"{' or '.join(map(str, PATCH_SIZES))}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise UsageError(f"grad_clip {cfg.grad_clip} must be positive: use e.g. 1.0, or None for no clipping")
     for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps", "gradient_accumulation_steps",
@@ -123,7 +140,50 @@ def claim_gpu(device):
     torch.cuda.set_device(int(device.split(":")[1]))
 
 
-def make_accelerator(cfg):
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+WANDB_PROJECT = "Diffusion-Models-pytorch"  # the wandb project of every run, unless WANDB_PROJECT says another
+
+
+def trackers(report_to):
+    """The tracker names of --report_to; an unknown value is a UsageError."""
+    if report_to not in REPORT_TO:
+        raise UsageError(f"report_to '{report_to}' is unknown: use one of {', '.join(REPORT_TO)}")
+    return {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+
+
+def wandb_logged_in():
+    """Whether `wandb login` (or WANDB_API_KEY) has given this machine a key: its ~/.netrc entry for the wandb host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def make_trackers(cfg, results_dir):
+    """Accelerate's trackers of --report_to: TensorBoard writing to results/<run_name>/logs, wandb in the project
+    WANDB_PROJECT (default Diffusion-Models-pytorch) under the run's name, offline unless logged in (or WANDB_MODE)."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    made = []
+    for name in trackers(getattr(cfg, "report_to", "none")):
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"--report_to {cfg.report_to} needs the {name} package: pip install {name} (or pass "
+                             "--report_to none)")
+        if name == "tensorboard":
+            made.append(TensorBoardTracker("logs", results_dir))
+        else:
+            mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+            made.append(WandBTracker(os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=cfg.run_name,
+                                     dir=results_dir, mode=mode))
+    return made
+
+
+def make_accelerator(cfg, results_dir=None):
+    """The run's Accelerator: device, precision, accumulation, seeded data order, collective timeout, and the trackers
+    of --report_to (which need `results_dir`)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
@@ -140,7 +200,8 @@ def make_accelerator(cfg):
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                                  non_blocking=on_gpu),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+                       log_with=(make_trackers(cfg, results_dir) if results_dir is not None else None) or None)
 
 
 def run_dirs(cfg, resume, overwrite):
@@ -193,7 +254,9 @@ def restore_run(cfg, models_dir, net, ema_net, ema, optimizer, num_processes=1, 
     on the latents it began with: `vae_digest` (the Task's) must be the saved one.
     """
     state = load_checkpoint(os.path.join(models_dir, STATE_FILE))
-    saved = with_defaults(state["config"], type(cfg))  # a run saved before a field existed used its default
+    # a run saved before a field existed used its default, or for channels (default None: the data set's) RGB
+    before = {key: value for key, value in FIELDS_BEFORE.items() if hasattr(cfg, key)}
+    saved = with_defaults({**before, **state["config"]}, type(cfg))
     changed = diff_configs(saved, config_to_dict(cfg), ignore=resumable)
     if changed:
         raise UsageError(f"--resume with a different config: {'; '.join(changed)}; use the saved values "
@@ -242,6 +305,7 @@ class Task:
     grid of `module`'s samples from fixed noise and conditioning. measure(module), if given, returns the
     offline quality figures of `module`'s samples (evaluate.offline_figures), for --eval_every. classes: the
     class names of a conditional model, saved as models/<run_name>/classes.json for sample.py's grid captions.
+    channels: the images' channels the task resolved (--channels None: the data set's), saved in the run's config.
     loss(model, x_0, conditioning, step), if given, replaces the diffusion loss (train_vae.py's autoencoder has
     no diffusion). vae_digest: the VAE whose latents the run trains on (latents.vae_digest), saved in each
     checkpoint, so that --resume refuses another VAE.
@@ -253,6 +317,7 @@ class Task:
     draw_grid: Callable
     measure: Callable | None = None
     classes: list[str] | None = None
+    channels: int = 3
     loss: Callable | None = None
     vae_digest: str | None = None
 
@@ -275,12 +340,29 @@ def parse_attn_factors(text):
     return factors
 
 
+BACKBONES = ("unet", "dit")
+
+
+def dit_size(name):
+    """The DiT constructor's depth, dim and heads of a named size (modules.DIT_SIZES); another name is a UsageError."""
+    if name not in DIT_SIZES:
+        raise UsageError(f"dit_size '{name}' is unknown: use one of {', '.join(DIT_SIZES)}")
+    depth, dim, heads = DIT_SIZES[name]
+    return {"depth": depth, "dim": dim, "heads": heads}
+
+
 def build_model(cfg, num_classes, channels=3):
-    """The U-Net of ddpm.py (num_classes None) or ddpm_conditional.py, on images or latents of `channels`."""
+    """The network of ddpm.py (num_classes None) or ddpm_conditional.py on images or latents of `channels`: its
+    --backbone, class-conditional when num_classes is given."""
+    conditioning = getattr(cfg, "conditioning", "add")
+    if getattr(cfg, "backbone", "unet") == "dit":
+        if conditioning != "add":
+            raise UsageError(f"conditioning '{conditioning}' is a U-Net mode: DiT reads the label by adaLN-Zero; "
+                             "drop --conditioning, or use --backbone unet")
+        return DiT(channels, channels, num_classes=num_classes, patch_size=cfg.patch_size, **dit_size(cfg.dit_size))
     attn_factors = parse_attn_factors(getattr(cfg, "attn_factors", "1,2,4,8"))
     if num_classes is None:
         return UNet(channels, channels, base_channels=cfg.base_channels, attn_factors=attn_factors)
-    conditioning = getattr(cfg, "conditioning", "add")
     if conditioning not in UNet_conditional.CONDITIONINGS:
         raise UsageError(f"conditioning '{conditioning}' is unknown: use one of "
                          f"{', '.join(UNet_conditional.CONDITIONINGS)}")
@@ -309,15 +391,16 @@ def image_task(cfg, accelerator, conditional):
     if device.type == "cpu" and cfg.max_steps is None and cfg.base_channels >= 64 and cfg.image_size >= 32:
         warnings.warn("this full-size config takes days on the CPU: try --config configs/quick_cpu.json "
                       "(shapes at 16 px, a few minutes)", stacklevel=2)
+    channels = cfg.channels or dataset_channels(cfg.dataset, cfg.dataset_path)
     with accelerator.main_process_first():  # one process downloads (CIFAR-10, a Hub VAE); the others then read them
-        latents = load_latents(cfg.vae, device, cfg.mixed_precision)
+        latents = load_latents(cfg.vae, device, cfg.mixed_precision, image_channels=channels)
         dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
-                              augment=cfg.augment)
+                              augment=cfg.augment, channels=channels)
     num_classes = len(dataset.classes) if conditional else None
     classes = list(dataset.classes)
     diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, latents.latent_size(cfg.image_size),
                           c_in=latents.channels, device=device, clip_x0=latents.clip_x0(cfg.clip_x0),
-                          schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma)
+                          schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma, prediction_type=cfg.prediction_type)
     labels = grid_labels(cfg, num_classes, device)
     n = cfg.n_samples if labels is None else labels.shape[0]
 
@@ -335,7 +418,7 @@ def image_task(cfg, accelerator, conditional):
     measure = None
     if cfg.eval_every and accelerator.is_main_process:  # one process trains and caches the judge
         judge = get_judge(cfg.dataset, cfg.dataset_path, cfg.image_size, num_real=min(5000, len(dataset)),
-                          device=device)
+                          device=device, channels=channels)
         print(f"--eval_every {cfg.eval_every}: judge accuracy on held-out real images {judge.heldout_accuracy:.3f}")
         measure = functools.partial(offline_figures, diffusion=diffusion, judge=judge, num_classes=num_classes,
                                     n=cfg.eval_samples, cfg_scale=getattr(cfg, "cfg_scale", 0.0),
@@ -343,8 +426,8 @@ def image_task(cfg, accelerator, conditional):
                                     decode=latents.decode)
 
     if cfg.cache_latents:  # batches of (posterior mean, std, label)
-        cache = open_cache(accelerator, latent_cache_path(cfg, dataset, augment=cfg.augment), dataset, latents,
-                           None, cfg.batch_size, cfg.num_workers)
+        path = latent_cache_path(cfg, dataset, channels, augment=cfg.augment)
+        cache = open_cache(accelerator, path, dataset, latents, None, cfg.batch_size, cfg.num_workers)
         dataset = TensorDataset(cache["mean"], cache["std"], cache["label"])
 
     def x_0_and_labels(batch):
@@ -363,7 +446,7 @@ def image_task(cfg, accelerator, conditional):
         def make_batch(batch):
             return x_0_and_labels(batch)[0], None
     return Task(dataset, build_model(cfg, num_classes, latents.channels), diffusion, make_batch, draw_grid, measure,
-                classes if conditional else None, vae_digest=vae_digest(cfg.vae))
+                classes if conditional else None, channels, vae_digest=vae_digest(cfg.vae))
 
 
 # ----------------------------------------------------------------------------- the loop's bookkeeping
@@ -396,14 +479,16 @@ class StopRequest:
 
 
 class LossLog:
-    """Each optimizer step's loss and whether its update was skipped, kept on the device until `read`.
+    """Each optimizer step's loss, gradient norm and whether its update was skipped, kept on the device until `read`.
 
     `add` and `end_step` never wait for the device; `read` moves what is pending to the host in one
-    transfer, averaged over the processes, and appends one loss per step to `losses`.
+    transfer, averaged over the processes, appends one loss per step to `losses`, and hands each step to
+    `report(step, loss, grad_norm, skipped)` when given (skipped: the steps skipped so far).
     """
 
-    def __init__(self, accelerator, losses, skipped, max_nonfinite, fp16=False):
+    def __init__(self, accelerator, losses, skipped, max_nonfinite, fp16=False, report=None):
         self.accelerator, self.losses, self.skipped, self.max_nonfinite = accelerator, losses, skipped, max_nonfinite
+        self.report = report
         self.micro, self.pending, self.in_a_row = [], [], 0
         # fp16: GradScaler starts at a loss scale of 2^16 and halves it after each step whose gradients overflow,
         # so the first steps of a run are skipped as a rule; they are overflow, not a loss that is not finite
@@ -413,20 +498,23 @@ class LossLog:
     def add(self, loss):
         self.micro.append(loss.detach().float())
 
-    def end_step(self, skip):
-        self.pending.append(torch.stack([torch.stack(self.micro).mean(), skip.float()]))
+    def end_step(self, skip, grad_norm=None):
+        grad_norm = torch.full_like(skip, float("nan")) if grad_norm is None else grad_norm
+        self.pending.append(torch.stack([torch.stack(self.micro).mean(), skip.float(), grad_norm.float()]))
         self.micro = []
 
     def read(self, stop_signal=None):
         """Move the pending values to `losses`; True if any process got a stop signal. A TrainingError after
         `max_nonfinite` skipped steps in a row."""
         if self.pending:
-            values = self.accelerator.reduce(torch.stack(self.pending), "mean").tolist()  # (steps, 2): loss, skipped
+            values = self.accelerator.reduce(torch.stack(self.pending), "mean").tolist()  # (steps, 3)
             self.pending = []
-            for loss, skip in values:
+            for loss, skip, grad_norm in values:
                 self.losses.append(loss)
                 self.skipped += skip > 0.5
                 self.in_a_row = self.in_a_row + 1 if skip > 0.5 else 0
+                if self.report is not None:
+                    self.report(len(self.losses), loss, grad_norm, self.skipped)
                 if self.in_a_row >= self.max_nonfinite:
                     what = (f"the fp16 gradients overflowed for {self.in_a_row} steps in a row, although GradScaler "
                             "halved the loss scale after each" if self.fp16 else
@@ -436,6 +524,43 @@ class LossLog:
                                         "bf16 / no")
         stop = torch.tensor(float(stop_signal is not None), device=self.accelerator.device)
         return self.accelerator.reduce(stop, "sum").item() > 0
+
+
+class Tracking:
+    """--report_to through Accelerate's trackers, started on entry and finished on exit, on the main process only.
+
+    Every value is logged at its optimizer step (1 = the first), so a resumed run continues the curves at the step
+    it resumes from; TensorBoard hides what a stopped run had logged after that step (SummaryWriter's purge_step).
+    """
+
+    def __init__(self, accelerator, cfg, step):
+        self.accelerator, self.cfg, self.step = accelerator, cfg, step
+
+    def __enter__(self):
+        for tracker in self.accelerator.log_with:
+            if tracker.name == "tensorboard" and self.step:
+                tracker.init_kwargs["purge_step"] = self.step + 1  # passed to SummaryWriter
+        config = {key: ", ".join(map(str, value)) if isinstance(value, list) else value
+                  for key, value in config_to_dict(self.cfg).items()}  # trackers take numbers, strings, None
+        self.accelerator.init_trackers(self.cfg.run_name, config=config)
+        return self
+
+    def image(self, tag, path, step):
+        """The grid file `path`, as it was saved, under `tag` at `step`."""
+        if not self.accelerator.trackers:
+            return
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({tag: pixels[None]}, step=step, dataformats="NHWC")
+                tracker.writer.flush()
+            else:
+                tracker.log_images({tag: [pixels]}, step=step)
+
+    def __exit__(self, *exc_info):
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 LR_DECAYS = ("none", "cosine")
@@ -469,19 +594,23 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
     """
     validate(cfg)
     results_dir, models_dir = run_dirs(cfg, flags.resume, flags.overwrite)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, results_dir)
     precision_source = mixed_precision(cfg)[1]
     cfg = dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision)  # the config saved says what ran
     device = accelerator.device
     seed_everything(cfg.seed)  # the same initial weights on every process
 
     task = make_task(cfg, accelerator)
+    if hasattr(cfg, "channels"):
+        cfg = dataclasses.replace(cfg, channels=task.channels)  # the config saved says what ran, as with the precision
     # --data_on_device: the DataLoader yields batches of indices, in the order it would yield the data set's
     held, data_note = data_on_device(task.dataset, device, cfg.data_on_device, cfg.num_workers)
     dataloader = make_dataloader(task.dataset if held is None else held, cfg.batch_size,
                                  cfg.num_workers if held is None else 0, seed=cfg.seed,
                                  pin_memory=device.type == "cuda")
     net = task.net
+    if getattr(cfg, "gradient_checkpointing", False):
+        net.enable_gradient_checkpointing()
     if getattr(cfg, "channels_last", False):
         net = net.to(memory_format=torch.channels_last)
     ema_net = copy.deepcopy(net).requires_grad_(False).to(device)
@@ -512,7 +641,18 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                       f"mixed precision {cfg.mixed_precision} ({precision_source})")
     accelerator.print(data_note)
     step, start_epoch, losses = run["step"], run["epoch"], run["losses"]
-    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite, fp16=cfg.mixed_precision == "fp16")
+    decay = getattr(cfg, "lr_decay", "none")
+    steps_per_epoch = len(dataloader) // cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch  # the cosine's end
+    tracking = Tracking(accelerator, cfg, step)
+
+    def report(n, loss, grad_norm, skipped):  # optimizer step n, counted from the run's start: the same on --resume
+        lr = learning_rate(cfg.lr, n - 1, cfg.lr_warmup, decay, total_steps)
+        accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                         "train/skipped_steps": skipped}, step=n)
+
+    log = LossLog(accelerator, losses, run["skipped"], cfg.max_nonfinite, fp16=cfg.mixed_precision == "fp16",
+                  report=report)
 
     def save(epoch, batches_done):
         if accelerator.is_main_process:
@@ -522,13 +662,10 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 models_dir)
         accelerator.wait_for_everyone()
 
-    decay = getattr(cfg, "lr_decay", "none")
-    steps_per_epoch = len(dataloader) // cfg.gradient_accumulation_steps
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch  # the cosine's end
     epoch, stopped = start_epoch, None
     start, measuring = time.perf_counter(), 0.0  # train_seconds: the run's wall-clock time less --eval_every's
     cpu_start = time.process_time()  # this process's CPU time, all threads: what a busy shared machine cannot inflate
-    with StopRequest() as stop:
+    with StopRequest() as stop, tracking:
         for epoch in range(start_epoch, cfg.epochs):
             batches_done = run["batches_done"] if epoch == start_epoch else 0
             pbar = epoch_batches(accelerator, dataloader, epoch, batches_done)
@@ -542,7 +679,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                     loss = task.compute_loss(model, x_0, conditioning, step)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        skip = (~torch.isfinite(gradient_norm(accelerator, model, cfg.grad_clip))).float()
+                        grad_norm = gradient_norm(accelerator, model, cfg.grad_clip)
+                        skip = (~torch.isfinite(grad_norm)).float()
                         adamw.found_inf = skip  # fused AdamW leaves weights and moments as they are when 1
                         for group in adamw.param_groups:
                             group["lr"] = learning_rate(cfg.lr, step, cfg.lr_warmup, decay, total_steps)
@@ -552,7 +690,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 log.add(loss)
                 if not accelerator.sync_gradients:
                     continue
-                log.end_step(skip)
+                log.end_step(skip, grad_norm)
                 if accelerator.is_main_process:
                     ema.step_ema(ema_net, net)
                 step += 1
@@ -568,6 +706,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                         seconds = round(measure_start - start - measuring, 1)
                         measuring += time.perf_counter() - measure_start
                         quality.append({"step": step, "seconds": seconds, **figures})
+                        accelerator.log({f"eval/{key}": value for key, value in figures.items() if value is not None},
+                                        step=step)
                         write_json(quality, quality_path)
                     accelerator.wait_for_everyone()
                 if stopped or (cfg.max_steps is not None and step >= cfg.max_steps):
@@ -581,6 +721,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
             if accelerator.is_main_process and (last or (epoch + 1) % cfg.log_every == 0):
                 for suffix, module in (("", net), ("_ema", ema_net)):
                     task.draw_grid(module, os.path.join(results_dir, f"{epoch}{suffix}.jpg"))
+                    tracking.image(f"samples{suffix}", os.path.join(results_dir, f"{epoch}{suffix}.jpg"), step)
                 plot_loss(losses, os.path.join(results_dir, "loss.png"), quality=quality)
             if last or (epoch + 1) % cfg.log_every == 0:
                 save(epoch, batches_done)

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 import sample
 import train_sd
-from data import get_dataset
+from data import dataset_channels, get_dataset
 from ddpm import SAMPLERS, Diffusion
 from latents import run_latents
 from modules import NULL_LABEL
@@ -121,7 +121,7 @@ def load_text_run(cfg, path, device):
     weights, run_cfg = train_sd.saved_run(path)
     run_cfg = dataclasses.replace(run_cfg, mixed_precision="no")
     latents, text = train_sd.load_frozen(run_cfg, device)
-    net = train_sd.build_unet(run_cfg, latents, text)
+    net = train_sd.build_network(run_cfg, latents, text)
     load_state_dict_strict(net, weights, what=f"checkpoint '{path}'")
     prompt = cfg.prompt or (run_cfg.prompt[0] if run_cfg.prompt else None)
     if prompt is None:
@@ -215,8 +215,10 @@ def noising(cfg, saved, device):
     """x_0, then x_t = sqrt(alpha_hat_t) x_0 + sqrt(1 - alpha_hat_t) eps at each t, one eps per row."""
     dataset_name = cfg.dataset or saved.get("dataset", "shapes")
     image_size = cfg.image_size or saved.get("image_size", 64)
-    dataset = get_dataset(dataset_name, cfg.dataset_path or saved.get("dataset_path", "./data"), image_size,
-                          seed=cfg.seed, train=True, size=None)
+    dataset_path = cfg.dataset_path or saved.get("dataset_path", "./data")
+    channels = saved.get("channels") or dataset_channels(dataset_name, dataset_path)
+    dataset = get_dataset(dataset_name, dataset_path, image_size, seed=cfg.seed, train=True, size=None,
+                          channels=channels)
     diffusion = Diffusion.from_settings(saved, image_size, device=device)
     timesteps = noising_timesteps(cfg, diffusion.noise_steps)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -39,6 +39,10 @@ def test_tiny_benchmark_writes_positive_finite_fields(tmp_path, capsys):
     assert forward["evals_per_s"] == pytest.approx(2 / forward["call_s"])  # --batch 2
     for part in (train, forward):
         assert part["fraction_of_peak"] == pytest.approx(part["flops_per_s"] / peak)
+    # checkpointed training, side by side: the same images per step, with the blocks' forward passes counted again
+    checkpointed = result["train_checkpointed"]
+    assert positive_finite(checkpointed["images_per_s"]) and positive_finite(checkpointed["peak_mem_mib"])
+    assert checkpointed["flops_per_step"] > 1.2 * train["flops_per_step"]
     # forward + backward is about 3 forwards: counted per image, the training step costs 2..4 times a forward
     ratio = (result["train"]["flops_per_step"] / 2) / (result["forward"]["flops_per_call"] / 2)
     assert 2 < ratio < 4

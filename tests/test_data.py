@@ -402,3 +402,52 @@ def test_holdout_split_is_disjoint_seeded_and_keeps_every_item():
     assert data.holdout_split(dataset, 10, seed=3)[1].indices == held.indices
     assert data.holdout_split(dataset, 10, seed=4)[1].indices != held.indices
     assert torch.equal(held[0][0], dataset[held.indices[0]][0]) and held.caption(0) == dataset.caption(held.indices[0])
+
+
+# ----------------------------------------------------------------------------- grey images (--channels 1)
+
+def _grey_folder(root, size=16, per_class=4, mode="L"):
+    """Two classes of grey images whose pixel values are known: image i of class k is filled with 20 k + 7 i."""
+    for k, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.full((size, size), 20 * k + 7 * i, dtype=np.uint8)
+            image = Image.fromarray(pixels, mode="L")
+            (image.convert("I;16") if mode == "I;16" else image).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16"])
+def test_dataset_channels_is_1_only_for_a_folder_of_grey_files(tmp_path, mode):
+    folder = _grey_folder(tmp_path / "grey", mode=mode)
+    assert data.dataset_channels("imagefolder", str(folder)) == 1
+    assert data.dataset_channels("captions", str(folder)) == 1
+    Image.new("RGB", (16, 16), (10, 10, 10)).save(folder / "a" / "rgb.png")  # one colour file: not clearly grey
+    assert data.dataset_channels("imagefolder", str(folder)) == 3
+    assert data.dataset_channels("shapes", None) == data.dataset_channels("cifar10", str(folder)) == 3
+    assert data.dataset_channels("imagefolder", str(tmp_path / "nowhere")) == 3  # get_dataset names that error
+
+
+def test_grey_images_keep_their_pixels_on_both_data_paths(tmp_path):
+    dataset = data.get_dataset("imagefolder", str(_grey_folder(tmp_path)), 16, channels=1)
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        value = 20 * label + 7 * int(dataset.base.samples[dataset.indices[index]][0][-5])
+        assert image.shape == (1, 16, 16) and torch.equal(image, torch.full_like(image, value / 127.5 - 1))
+    held, _ = data.data_on_device(dataset, "cpu", wanted=True)
+    assert held.fields[0].dtype == torch.uint8 and held.fields[0].shape == (8, 1, 16, 16)
+    batch = held.fetch(torch.arange(8), seed=0)
+    assert torch.equal(batch[0], torch.stack([dataset[i][0] for i in range(8)]))
+    rgb = data.get_dataset("imagefolder", str(tmp_path), 16, channels=3)[0][0]
+    assert rgb.shape == (3, 16, 16) and torch.equal(rgb[:1], dataset[0][0])
+    with pytest.raises(UsageError, match="channels 2 is not supported: use 1"):
+        data.get_dataset("imagefolder", str(tmp_path), 16, channels=2)
+
+
+def test_grey_shapes_are_the_luma_of_the_colour_ones():
+    rgb, grey = data.ShapesDataset(16, size=10), data.ShapesDataset(16, size=10, channels=1)
+    for index in range(10):
+        colour = (rgb[index][0] + 1) / 2
+        expected = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        assert grey[index][1] == rgb[index][1]
+        torch.testing.assert_close((grey[index][0][0] + 1) / 2, expected, atol=1e-6, rtol=0)

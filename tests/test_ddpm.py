@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ddpm import SCHEDULES, Diffusion, make_betas
+from ddpm import PREDICTION_TYPES, SCHEDULES, Diffusion, make_betas
 from modules import NULL_LABEL, UNet, UNet_conditional
 
 
@@ -178,6 +178,103 @@ def test_min_snr_loss_weighs_each_row_by_min_snr_gamma_over_snr():
     assert loss.item() < 0.9  # most t have SNR > 5 on the linear schedule, so the weights are < 1
     with pytest.raises(ValueError, match="min_snr_gamma 0 is not positive"):
         Diffusion(min_snr_gamma=0)
+
+
+def replayed_draw(diffusion, x_0, seed=0):
+    """The t, x_t and eps that `diffusion.loss` draws under torch.manual_seed(seed), drawn again, and the target of
+    its prediction_type in closed form: eps, x_0, or v = sqrt(alpha_hat_t) eps - sqrt(1 - alpha_hat_t) x_0."""
+    torch.manual_seed(seed)
+    t = diffusion.sample_timesteps(x_0.shape[0])
+    x_t, eps = diffusion.noise_images(x_0, t)
+    a = diffusion.alpha_hat[t].view(-1, 1, 1, 1)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x_0
+    return t, x_t, eps, {"epsilon": eps, "sample": x_0, "v_prediction": v}[diffusion.prediction_type]
+
+
+class Half(torch.nn.Module):
+    def forward(self, x, t):
+        return x / 2
+
+
+# The Min-SNR-gamma weights in closed form (Hang et al. 2023, with v's as in their eq. for v: min(SNR, g) / (SNR + 1)),
+# written out from SNR alone, so that a weight computed from the wrong target's formula fails.
+CLOSED_FORM_WEIGHTS = {
+    "epsilon": lambda snr, gamma: torch.minimum(snr, torch.full_like(snr, gamma)) / snr,
+    "sample": lambda snr, gamma: torch.minimum(snr, torch.full_like(snr, gamma)),
+    "v_prediction": lambda snr, gamma: torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1),
+}
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_each_prediction_type_regresses_its_own_target(prediction_type):
+    """The plain loss is mean((model(x_t, t) - target)^2) with target eps, x_0 or v = sqrt(a) eps - sqrt(1 - a) x_0."""
+    diffusion = Diffusion(img_size=8, prediction_type=prediction_type)
+    x_0 = torch.randn(16, 3, 8, 8)
+    torch.manual_seed(0)
+    loss = diffusion.loss(Half(), x_0)
+    _, x_t, _, target = replayed_draw(diffusion, x_0)
+    assert loss.item() == pytest.approx((x_t / 2 - target).pow(2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_min_snr_weight_of_each_target_is_its_closed_form(prediction_type, schedule):
+    """loss_weight over every t, and the weighted loss of a zero model (row loss mean(target^2) times the weight)."""
+    gamma = 5.0
+    diffusion = Diffusion(img_size=8, schedule=schedule, min_snr_gamma=gamma, prediction_type=prediction_type)
+    t_all = torch.arange(1, diffusion.noise_steps)
+    alpha_hat = torch.cumprod(1 - make_betas(schedule, diffusion.noise_steps).double(), 0)[t_all]
+    snr = alpha_hat / (1 - alpha_hat)
+    torch.testing.assert_close(diffusion.loss_weight(t_all).double(), CLOSED_FORM_WEIGHTS[prediction_type](snr, gamma),
+                               rtol=1e-4, atol=1e-6)
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    x_0 = torch.randn(16, 3, 8, 8)
+    torch.manual_seed(0)
+    loss = diffusion.loss(Zero(), x_0)
+    t, _, _, target = replayed_draw(diffusion, x_0)
+    snr_t = (diffusion.alpha_hat[t] / (1 - diffusion.alpha_hat[t])).double()
+    expected = (target.pow(2).mean(dim=(1, 2, 3)).double() * CLOSED_FORM_WEIGHTS[prediction_type](snr_t, gamma)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_every_target_weighs_its_x0_error_by_min_snr_gamma():
+    """The reason for the three weights: a network output that is off by d in x_0 costs min(SNR, gamma) d^2 whatever
+    it predicts (eps is then off by sqrt(SNR) d, v by sqrt(SNR + 1) d)."""
+    x_0 = torch.randn(64, 3, 8, 8)
+    costs = []
+    for prediction_type in PREDICTION_TYPES:
+        diffusion = Diffusion(img_size=8, min_snr_gamma=5.0, prediction_type=prediction_type)
+        t = replayed_draw(diffusion, x_0)[0]
+
+        class OffInX0(torch.nn.Module):  # the exact output of x_0 + 0.1, in this target's kind
+            def forward(self, x, t_in, diffusion=diffusion):
+                return diffusion.output_from_x0(x, t_in, x_0 + 0.1)
+
+        torch.manual_seed(0)
+        costs.append(diffusion.loss(OffInX0(), x_0).item())
+    snr = Diffusion().alpha_hat[t] / (1 - Diffusion().alpha_hat[t])
+    assert costs == pytest.approx([(0.01 * snr.clamp(max=5.0)).mean().item()] * 3, rel=1e-3)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_output_conversions_invert_each_other(prediction_type):
+    diffusion = Diffusion(img_size=8, prediction_type=prediction_type)
+    x_0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    t = torch.tensor([1, 200, 700, 999])
+    x_t, eps = diffusion.noise_images(x_0, t)
+    output = diffusion.target(x_0, t, eps)
+    torch.testing.assert_close(diffusion.predict_x0(x_t, t, output), x_0, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(diffusion.eps_from_output(x_t, t, output), eps, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(diffusion.output_from_x0(x_t, t, x_0), output, atol=2e-3, rtol=1e-3)
+
+
+def test_an_unknown_prediction_type_is_a_value_error():
+    with pytest.raises(ValueError, match=r"prediction_type 'x0' is unknown: use one of epsilon, v_prediction, sample"):
+        Diffusion(prediction_type="x0")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
+from ddpm import DEFAULT_STEPS, PREDICTION_TYPES, SAMPLERS, Diffusion
 from modules import NULL_LABEL, UNet_conditional
 
 NUM_CLASSES = 3
@@ -361,3 +361,53 @@ def test_point_mass_oracle_on_the_cosine_schedule(sampler, clip_x0):
                               sampler=sampler, seed=3, progress=False)
     error = (x_0 - guided_point(labels_for(4), 3.0)).abs().max().item()
     assert error < ORACLE_TOLERANCE[sampler], f"{sampler}: max |x_0 - c| = {error:.3g}"
+
+
+class PointMassOutput(PointMassEps):
+    """The exact prediction of PointMassEps's data in another kind: x_0 (sample) or v, from its exact eps."""
+
+    def __init__(self, alpha_hat, prediction_type, **kwargs):
+        super().__init__(alpha_hat, **kwargs)
+        self.prediction_type = prediction_type
+
+    def forward(self, x, t, y=None):
+        eps = super().forward(x, t, y)
+        alpha_hat = self.alpha_hat[t.long()].view(-1, 1, 1, 1)
+        x_0 = (x - (1 - alpha_hat).sqrt() * eps) / alpha_hat.sqrt()  # the point c (of class y), written out
+        if self.prediction_type == "sample":
+            return x_0
+        return alpha_hat.sqrt() * eps - (1 - alpha_hat).sqrt() * x_0  # v
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("schedule, clip_x0", [("linear", False), ("cosine", True)])
+def test_point_mass_oracle_for_v_and_x0_prediction(sampler, prediction_type, schedule, clip_x0):
+    """Every sampler, given the exact v or x_0 of data that is one point per class, returns that point (guided)."""
+    diffusion = Diffusion(img_size=8, schedule=schedule, clip_x0=clip_x0, prediction_type=prediction_type)
+    model = PointMassOutput(diffusion.alpha_hat, prediction_type, label_offset=LABEL_OFFSET)
+    x_0 = diffusion.sample_x0(model, 4, labels_for(4), 3.0, sampler=sampler, seed=3, progress=False)
+    error = (x_0 - guided_point(labels_for(4), 3.0)).abs().max().item()
+    assert error < ORACLE_TOLERANCE[sampler], f"{sampler}, {prediction_type}: max |x_0 - c| = {error:.3g}"
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_the_callback_sees_the_x0_of_every_prediction_type(sampler, prediction_type):
+    """The predicted x_0 handed to the callback is the point from the first step on, whatever the network predicts."""
+    diffusion = Diffusion(img_size=8, prediction_type=prediction_type)
+    model = PointMassOutput(diffusion.alpha_hat, prediction_type) if prediction_type != "epsilon" else \
+        PointMassEps(diffusion.alpha_hat)
+    seen = []
+    diffusion.sample_x0(model, 2, None, 0.0, sampler=sampler, steps=10 if sampler == "ddpm" else None, seed=0,
+                        progress=False, callback=lambda i, t, x_t, x0: seen.append((x0 - POINT).abs().max().item()))
+    assert max(seen) < 1e-2
+
+
+def test_schedulers_are_told_the_prediction_type_but_euler_a_gets_eps_for_x0():
+    for prediction_type in PREDICTION_TYPES:
+        diffusion = Diffusion(img_size=8, prediction_type=prediction_type)
+        for sampler in ("ddpm", "ddim", "dpm++", "dpm++ode", "euler_a"):
+            expected = "epsilon" if (sampler, prediction_type) == ("euler_a", "sample") else prediction_type
+            assert diffusion.make_scheduler(sampler, 10).config.prediction_type == expected
+

@@ -14,7 +14,7 @@ import torchvision.transforms.functional as TF
 import data
 import ddpm_conditional
 import evaluate
-from modules import UNet, UNet_conditional
+from modules import DIT_SIZES, DiT, UNet, UNet_conditional
 from utils import load_checkpoint, run_cli, save_config, to_uint8
 
 FAST = ["--sampler", "ddim", "--steps", "2", "--num_real", "2000", "--judge_epochs", "4", "--device", "cpu"]
@@ -117,6 +117,13 @@ def workdir(tmp_path_factory):
         save_config(cfg, str(root / "models" / name / "config.json"))
     (root / "bare").mkdir()
     torch.save(UNet_conditional(num_classes=10, base_channels=8).state_dict(), root / "bare" / "ckpt.pt")
+    depth, dim, heads = DIT_SIZES["dit-n"]
+    (root / "models" / "D").mkdir(parents=True)
+    torch.save(DiT(num_classes=10, patch_size=4, depth=depth, dim=dim, heads=heads).state_dict(),
+               root / "models" / "D" / "ema_ckpt.pt")
+    cfg = ddpm_conditional.Config(run_name="D", dataset="shapes", image_size=16, noise_steps=100, backbone="dit",
+                                  dit_size="dit-n", patch_size=4)
+    save_config(cfg, str(root / "models" / "D" / "config.json"))
     return root
 
 
@@ -180,6 +187,14 @@ def test_clip_x0_defaults_to_the_runs_setting_and_the_flag_overrides_it(offline,
     rows = [evaluate.main(base + flags)["rows"][0] for flags in ([], ["--clip_x0", "false"], ["--clip_x0", "true"])]
     assert seen == [True, False, True]  # the run's config says clip_x0 true (ddpm_conditional's default)
     assert [row["clip_x0"] for row in rows] == seen
+
+
+def test_a_dit_checkpoint_is_measured_like_a_unet(offline, capsys):
+    metrics = evaluate.main(["--ckpt", "models/D/ema_ckpt.pt", "--num_samples", "10", "--inception", "false"] + FAST)
+    (row,) = metrics["rows"]
+    assert 0 <= row["class_accuracy"] <= 1 and row["judge_fd"] > 0 and row["num_samples"] == 10
+    assert metrics["run_name"] == "D" and (offline / "results" / "D" / "metrics.json").is_file()
+    assert "conditional (10 classes) DiT dit-n/4 from models/D/ema_ckpt.pt" in capsys.readouterr().out
 
 
 def test_unconditional_checkpoint_skips_accuracy_with_a_note(offline):
@@ -335,3 +350,11 @@ def test_cli_subprocess_writes_metrics_and_exits_2_on_bad_input(workdir):
     bad = subprocess.run([sys.executable, script, "--ckpt", "bare/ckpt.pt"], cwd=workdir, capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--dataset" in bad.stderr
+
+
+def test_grey_images_reach_inception_as_three_equal_channels():
+    grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    rgb = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(evaluate.Uint8Images(grey)[1], grey[1].repeat(3, 1, 1))
+    assert torch.equal(evaluate.Uint8Images(rgb)[1], rgb[1])
+

@@ -85,6 +85,45 @@ def test_the_unconditional_script_trains_and_samples_in_latents(tmp_path, monkey
     assert images.shape == (3, 3, 16, 16) and decoded[-1] == (3, 4, 8, 8)
 
 
+def test_a_dit_trains_on_the_latents_of_grey_images_and_sample_decodes_them_grey(tmp_path, monkeypatch, encoded,
+                                                                                 decoded):
+    """--backbone dit with --vae: the DiT's patches hold the 4 latent channels; grey images (--channels None on a
+    folder of grey files) are repeated to the VAE's 3 input channels, cached with their own key, and sample.py
+    rebuilds the DiT and averages the decoded images back to grey; compare.py counts the FLOPs on the latents."""
+    import numpy as np
+    from PIL import Image
+
+    import compare
+    import sample
+    from bench import count_flops
+
+    monkeypatch.chdir(tmp_path)
+    for k in range(2):
+        (tmp_path / "grey" / f"c{k}").mkdir(parents=True)
+        for i in range(4):
+            pixels = np.random.default_rng([k, i]).integers(0, 256, (16, 16), dtype=np.uint8)
+            Image.fromarray(pixels, mode="L").save(tmp_path / "grey" / f"c{k}" / f"{i}.png")
+    vae = write_tiny_vae(tmp_path / "vae")
+    argv = class_argv(vae, "dit", dataset="imagefolder", dataset_path="grey", dataset_size=None, cache_latents="true",
+                      backbone="dit", dit_size="dit-n", patch_size=2)
+    ddpm_conditional.main(argv)
+    assert encoded == [(8, 1, 16, 16)]  # the grey images, once, into the cache
+    saved = json.loads((tmp_path / "models" / "dit" / "config.json").read_text())
+    assert (saved["channels"], saved["backbone"]) == (1, "dit")
+    weights = load_checkpoint("models/dit/ema_ckpt.pt")
+    assert weights["patch_embed.weight"].shape[1] == 2 * 2 * 4  # patches of the 4 latent channels
+    images = sample.main(["--ckpt", "models/dit/ema_ckpt.pt", "--n_per_label", "1", "--sampler", "ddim", "--steps",
+                          "2", "--out", "grid.png", "--device", "cpu"])
+    assert images.shape == (2, 1, 16, 16) and decoded[-1] == (2, 4, 8, 8)
+    model, _, _ = sample.load_model("models/dit/ema_ckpt.pt")
+    with torch.no_grad():  # the FLOPs of the network on its (4, 8, 8) latents, not on 16 px
+        flops = count_flops(lambda: model(torch.zeros(1, 4, 8, 8), torch.tensor([500]), torch.tensor([0])))
+    assert compare.gflops_per_image("models/dit/ema_ckpt.pt") == round(flops / 1e9, 4)
+    ddpm_conditional.main(class_argv(vae, "rgb", dataset="imagefolder", dataset_path="grey", dataset_size=None,
+                                     cache_latents="true", channels=3))
+    assert len(os.listdir("cache")) == 2  # the RGB images of the same folder have a cache of their own
+
+
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
 
 def fails(capsys, argv):

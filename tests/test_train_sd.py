@@ -60,11 +60,26 @@ def test_shapes_through_every_stage(tiny, conditioning, context_shape):
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, std = latents.encode(images)
     assert mean.shape == std.shape == (2, 4, 8, 8) and latents.factor == 2
-    net = train_sd.build_unet(cfg, latents, text)
+    net = train_sd.build_network(cfg, latents, text)
     eps = net(mean, torch.tensor([1, 500]), context)
     assert eps.shape == (2, 4, 8, 8)
     assert latents.decode(mean).shape == (2, 3, 16, 16)
     assert train_sd.make_diffusion(cfg, latents, "cpu").img_size == 8
+
+
+def test_grey_images_through_an_rgb_vae_and_in_pixel_space(tiny):
+    """Grey images are repeated to the VAE's 3 input channels and its decodings averaged back to grey."""
+    latents, _ = train_sd.load_frozen(tiny_cfg(tiny, channels=1), "cpu")
+    grey = torch.rand(2, 1, 16, 16) * 2 - 1
+    mean, _ = latents.encode(grey)
+    torch.testing.assert_close(mean, latents.encode(grey.repeat(1, 3, 1, 1))[0])
+    decoded = latents.decode(mean)
+    assert decoded.shape == (2, 1, 16, 16)
+    with torch.no_grad():
+        rgb = latents.vae.decode(mean / latents.scale + latents.shift).sample  # (2, 3, 16, 16)
+    torch.testing.assert_close(decoded, rgb.mean(dim=1, keepdim=True).clamp(-1, 1))
+    pixels, _ = train_sd.load_frozen(tiny_cfg(tiny, channels=1, vae="none"), "cpu")
+    assert pixels.channels == 1 and pixels.decode(grey).shape == (2, 1, 16, 16)
 
 
 def test_pixel_space_and_image_size_check(tiny):
@@ -221,7 +236,7 @@ def test_guidance_is_one_batched_pass_with_the_empty_prompt(tiny, tmp_path):
     cfg = tiny_cfg(tiny, n_per_prompt=3, sample_steps=4, cfg_scale=7.5)
     latents, text = train_sd.load_frozen(cfg, "cpu")
     torch.manual_seed(0)
-    net = Counting(train_sd.build_unet(cfg, latents, text)).eval()
+    net = Counting(train_sd.build_network(cfg, latents, text)).eval()
     diffusion = train_sd.make_diffusion(cfg, latents, "cpu")
     prompts = ["a red circle", "a blue triangle"]
     images = train_sd.sample_grid(cfg, diffusion, net, latents, text, prompts, str(tmp_path / "grid.png"))
@@ -316,6 +331,35 @@ def test_cli_trains_then_samples_a_captioned_grid(tiny, tmp_path):
     for top in (0, strip + row):
         assert (pixels[top:top + strip] < 128).any() and (pixels[top:top + strip] == 255).mean() > 0.5  # dark text
         assert (pixels[top + strip:top + strip + 2] == 0).all()  # the row's black top padding
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "add"])
+def test_backbone_dit_trains_on_latents_and_samples_from_its_checkpoint(tiny, tmp_path, monkeypatch, conditioning):
+    """--backbone dit: DiT_text on the tiny VAE's 8 px latents (patch size 2: 16 tokens), through the one loop;
+    --sample rebuilds it from the saved config, and the prompt reaches the prediction."""
+    from modules import DiT_text
+
+    monkeypatch.chdir(tmp_path)
+    train_sd.main(tiny_argv(tiny, "dit", backbone="dit", dit_size="dit-n", patch_size=2, conditioning=conditioning,
+                            max_steps=2))
+    weights, cfg = train_sd.saved_run("models/dit/ema_ckpt.pt")
+    assert (cfg.backbone, cfg.dit_size, cfg.patch_size) == ("dit", "dit-n", 2)
+    latents, text = train_sd.load_frozen(cfg, "cpu")
+    net = train_sd.build_network(cfg, latents, text)
+    assert type(net) is DiT_text and net.conditioning == conditioning
+    assert (net.patch_embed.in_features, net.out.out_features) == (2 * 2 * 4, 2 * 2 * 4)  # 4 latent channels
+    net.load_state_dict(weights)
+    with torch.no_grad():
+        for p in net.parameters():  # move the zero-initialised weights, as a longer run would
+            if not p.any():
+                p.normal_(0, 0.1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    context = text(["a red circle", "a red circle"])
+    with torch.no_grad():
+        assert not torch.allclose(net(x, t, context), net(x, t, text(["a blue square", "a blue square"])))
+    images = train_sd.main(["--sample", "--ckpt", "models/dit/ema_ckpt.pt", "--prompt", "a red circle",
+                            "--n_per_prompt", "2", "--sample_steps", "2", "--out", "grid.png"])
+    assert images == "grid.png" and (tmp_path / "grid.png").is_file()
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -425,7 +469,7 @@ def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
     seconds = time.time() - start
     cfg = tiny_cfg(tiny, **{**overrides, "n_per_prompt": 10, "sample_steps": 20})
     latents, text = train_sd.load_frozen(cfg, "cpu")
-    net = train_sd.build_unet(cfg, latents, text)
+    net = train_sd.build_network(cfg, latents, text)
     net.load_state_dict(torch.load("models/learn/ema_ckpt.pt", weights_only=True))
     prompts = [data.shape_caption(c, (3 * c) % 10) for c in range(10)]  # every colour once
     diffusion = train_sd.make_diffusion(cfg, latents, "cpu")

@@ -168,7 +168,9 @@ def test_two_processes_match_one_process_with_twice_the_batch(launcher, tmp_path
     assert sorted(os.listdir(models)) == ["checkpoints", "ckpt.pt", "classes.json", "config.json", "ema_ckpt.pt",
                                          "training_state.pt"]
     assert sorted(os.listdir(models / "checkpoints")) == ["step_000000002.pt", "step_000000003.pt"]
-    assert sorted(os.listdir(results)) == ["1.jpg", "1_ema.jpg", "config.json", "loss.png"]
+    assert sorted(os.listdir(results)) == ["1.jpg", "1_ema.jpg", "config.json", "logs", "loss.png"]
+    events = [name for name in os.listdir(results / "logs") if name.startswith("events.out.tfevents")]
+    assert len(events) == 1  # TensorBoard: the main process's only
 
     losses = {name: load_checkpoint(run[0] / "models" / "R" / "training_state.pt")["losses"]
               for name, run in runs.items()}
