@@ -170,11 +170,11 @@ def test_prediction_type_comes_from_the_saved_config_and_old_configs_predict_eps
 def test_defaults_passed_to_the_sampler(ref_cond, ref_uncond, tmp_path, monkeypatch):
     calls = []
 
-    def fake_sample(self, model, n, labels, cfg_scale, **kwargs):
+    def fake_sample_x0(self, model, n, labels, cfg_scale, **kwargs):
         calls.append((n, labels, cfg_scale, kwargs))
-        return torch.zeros(n, 3, self.img_size, self.img_size, dtype=torch.uint8)
+        return torch.zeros(n, self.c_in, self.img_size, self.img_size)
 
-    monkeypatch.setattr(sample.Diffusion, "sample", fake_sample)
+    monkeypatch.setattr(sample.Diffusion, "sample_x0", fake_sample_x0)  # what sample.main calls, then decodes
     sample.main(["--ckpt", ref_cond, "--out", str(tmp_path / "c.png")])
     n, labels, cfg_scale, kwargs = calls[-1]
     assert n == 30 and labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10 and cfg_scale == 3.0
