@@ -2,6 +2,7 @@
 
     python compare.py --variants configs/compare_recipes.json --seeds 0,1,2 --eval_every 250   (the training recipe)
     python compare.py --variants configs/compare_conditioning.json --max_steps 300   (add, concat, xattn, adanorm)
+    python compare.py --variants configs/compare_backbones.json --threads 1   (the U-Net beside DiT)
     python compare.py --variants configs/compare_conditioning.json --preset None --max_steps 30000 --seeds 0,1,2 \
         --num_samples 5000 --num_real 10000 --train_args "--image_size 32 --batch_size 128 --mixed_precision bf16"
 
@@ -9,7 +10,8 @@ A variants file is a JSON object {name: "ddpm_conditional.py flags"}. Every vari
 preset, budget and seeds; its flags are the only difference. evaluate.py then measures each run's EMA
 weights with the same sampler, steps, guidance and noise seed: class accuracy by its learned judge and the
 Frechet distance in the judge's feature space (not comparable with published FID). The table gives each
-figure as mean +- sd over the seeds, with the parameters, the training seconds and throughputs.
+figure as mean +- sd over the seeds, with the parameters, the GFLOPs of one network evaluation of one image
+(torch.utils.flop_counter; a guided sampling step makes two), the training seconds and throughputs.
 --eval_every N also measures every run during training (its --eval_every) and plots class accuracy against
 steps, one line per variant (mean over the seeds, the band from the lowest to the highest seed).
 Written to out_dir (default results/compare/<variants file name>): table.md, table.json, <variant>.png (a
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latents import run_latents
 from utils import (UsageError, _atomic_write, arg, config_to_dict, load_checkpoint, parse_config, pick_device,
                    read_json_object, run_cli, save_figure, save_images, write_json)
 
@@ -170,17 +173,35 @@ def evaluate_run(cfg, ckpt, out):
             "judge_heldout_accuracy": metrics["judge"]["heldout_accuracy"]}
 
 
+def gflops_per_image(ckpt):
+    """GFLOPs of one evaluation of the checkpoint's network on one image at its training size (its latents for a run
+    with --vae; the VAE not counted), with a label when it is conditional (FlopCounterMode through
+    bench.count_flops; a multiply-add counts 2)."""
+    import sample
+    from bench import count_flops
+
+    model, arch, saved = sample.load_model(ckpt)
+    latents = run_latents(saved, arch["c_in"], "cpu")
+    size = latents.latent_size(saved.get("image_size", sample.REFERENCE_IMAGE_SIZE))
+    x, t = torch.zeros(1, arch["c_in"], size, size), torch.tensor([500])
+    labels = () if arch["num_classes"] is None else (torch.tensor([0]),)
+    with torch.no_grad():
+        return round(count_flops(lambda: model(x, t, *labels)) / 1e9, 4)
+
+
 def draw_grid(cfg, ckpt, path):
     """A grid of the run's EMA weights, one row per class, with the comparison's sampler; returns img/s."""
     import sample
 
     device = pick_device(cfg.device)
     model, arch, saved = sample.load_model(ckpt)
-    diffusion = sample.make_diffusion(sample.Config(ckpt=ckpt), saved, arch["c_in"], device)
+    latents = run_latents(saved, arch["c_in"], device)  # a run with --vae samples latents: decoded here
+    diffusion = sample.make_diffusion(sample.Config(ckpt=ckpt), saved, arch["c_in"], device, latents)
     labels = torch.arange(arch["num_classes"], device=device).repeat_interleave(cfg.n_per_class)
     start = time.perf_counter()
-    images = diffusion.sample(model.to(device), len(labels), labels, cfg.cfg_scale, sampler=cfg.sampler,
+    x_0 = diffusion.sample_x0(model.to(device), len(labels), labels, cfg.cfg_scale, sampler=cfg.sampler,
                               steps=cfg.steps, seed=0, progress=False)
+    images = latents.decode(x_0)
     seconds = time.perf_counter() - start
     save_images(images, path, nrow=cfg.n_per_class, captions=sample.class_names(ckpt, arch["num_classes"]))
     return round(len(labels) / seconds, 2)
@@ -198,12 +219,17 @@ def measure(cfg, name, flags, seed, first_seed):
             raise UsageError(f"{record_path} was measured with other options ({record.get('options')}): pass "
                              "--overwrite to measure again, or another --run_prefix and --out_dir")
         print(f"{run_name}: reusing {record_path}")
+        ckpt = os.path.join("models", run_name, "ema_ckpt.pt")
+        if "gflops_per_image" not in record and os.path.isfile(ckpt):  # a record written before the column
+            record["gflops_per_image"] = gflops_per_image(ckpt)
+            write_json(record, record_path)
         return record
     record = {"variant": name, "seed": seed, "run_name": run_name, "options": options,
               **train_run(cfg, flags, seed, run_name)}
     ckpt = os.path.join("models", run_name, "ema_ckpt.pt")
     state = load_checkpoint(ckpt)
     record["parameters"] = sum(v.numel() for v in state.values())
+    record["gflops_per_image"] = gflops_per_image(ckpt)
     if seed == first_seed:
         record["sample_img_per_s"] = draw_grid(cfg, ckpt, os.path.join(cfg.out_dir, f"{name}.png"))
     if cfg.evaluate:
@@ -227,6 +253,7 @@ def summarize(records, names):
     for name in names:
         runs = [r for r in records if r["variant"] == name]
         row = {"variant": name, "seeds": [r["seed"] for r in runs], "parameters": runs[0]["parameters"],
+               "gflops_per_image": runs[0].get("gflops_per_image"),
                "sample_img_per_s": next((r["sample_img_per_s"] for r in runs if "sample_img_per_s" in r), None)}
         for key in ("class_accuracy", "judge_fd", "train_seconds", "train_img_per_s"):
             row[key], row[key + "_sd"] = mean_sd([r.get(key) for r in runs])
@@ -240,12 +267,17 @@ def markdown_table(rows):
             return "-"
         return f"{row[key]:.{digits}f} +- {row[key + '_sd']:.{digits}f}"
 
-    lines = ["| variant | class accuracy | judge-space FD | parameters | train seconds | train img/s | sample img/s |",
-             "|---|---|---|---|---|---|---|"]
+    def plain(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| variant | class accuracy | judge-space FD | parameters | GFLOPs per image | train seconds | "
+             "train img/s | sample img/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        sample_rate = "-" if row["sample_img_per_s"] is None else f"{row['sample_img_per_s']:.1f}"
+        sample_rate = plain(row["sample_img_per_s"], 1)
         lines.append(f"| {row['variant']} | {cell(row, 'class_accuracy', 3)} | {cell(row, 'judge_fd', 2)} | "
-                     f"{row['parameters'] / 1e6:.2f}M | {cell(row, 'train_seconds', 0)} | "
+                     f"{row['parameters'] / 1e6:.2f}M | {plain(row['gflops_per_image'], 3)} | "
+                     f"{cell(row, 'train_seconds', 0)} | "
                      f"{cell(row, 'train_img_per_s', 1)} | {sample_rate} |")
     return "\n".join(lines) + "\n"
 

@@ -3,8 +3,8 @@
 Class data sets (shapes, imagefolder, cifar10) yield (image, int label); caption data sets yield (image,
 caption string). Images are float (C, S, S) tensors in [-1, 1], C = 3 (RGB) or 1 (grey: --channels 1, the default
 of a folder of grey image files: `dataset_channels`), and every data set has `caption(i)`, so
-captions can be read without decoding an image. The latent cache stores what train_sd.py's frozen VAE and
-text encoder make of a data set, so training can skip both networks. `DeviceData` holds a data set that fits as
+captions can be read without decoding an image. The latent cache stores what a frozen VAE (and train_sd.py's
+text encoder) make of a data set, so training can skip both networks. `DeviceData` holds a data set that fits as
 tensors on the training device (--data_on_device), so batches need no DataLoader workers.
 """
 import copy
@@ -451,7 +451,8 @@ def normalize_caption(caption):
 
 
 class CaptionSubset(Dataset):
-    """The items `indices` of a caption data set, with their captions."""
+    """The items `indices` of a data set, with their captions: a caption data set without its held-out prompts, or
+    the two parts of `holdout_split`."""
 
     def __init__(self, base, indices):
         self.base, self.indices = base, list(indices)
@@ -479,6 +480,13 @@ def without_captions(dataset, holdout):
         raise UsageError(f"holdout prompt '{missing[0]}' is no caption of the data set: fix it or remove it from "
                          "--holdout_prompts")
     return CaptionSubset(dataset, [i for i, c in enumerate(captions) if c not in held])
+
+
+def holdout_split(dataset, n, seed=0):
+    """(the rest, n held-out items) of a data set, the held-out ones drawn with `seed`: train_vae.py measures its
+    reconstructions on images it never trained on."""
+    order = np.random.default_rng(seed).permutation(len(dataset)).tolist()  # held-out in random order: mixed classes
+    return CaptionSubset(dataset, sorted(order[n:])), CaptionSubset(dataset, order[:n])
 
 
 def get_caption_dataset(name, path, image_size, seed=0, size=None, channels=3):
@@ -516,6 +524,7 @@ def build_cache(dataset, encode_images, encode_prompts, batch_size, num_workers=
 
     Returns {"mean", "std": (N, C, h, w) float32, "caption_index": (N,) long into "captions" (U strings),
     "contexts": (U, ...) text states}. Captions are stored once each: CIFAR-10 has 10 for 50000 images.
+    With encode_prompts None the data set's items are (image, class label), and the labels are stored as "label".
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     means, stds, captions = [], [], []
@@ -524,6 +533,8 @@ def build_cache(dataset, encode_images, encode_prompts, batch_size, num_workers=
         means.append(mean.cpu())
         stds.append(std.cpu())
         captions += list(batch_captions)
+    if encode_prompts is None:
+        return {"mean": torch.cat(means), "std": torch.cat(stds), "label": torch.as_tensor(captions, dtype=torch.long)}
     distinct = list(dict.fromkeys(captions))
     position = {caption: i for i, caption in enumerate(distinct)}
     contexts = torch.cat([encode_prompts(distinct[i:i + batch_size]).cpu()

@@ -24,9 +24,20 @@ class Config:
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
     augment: str | None = arg(None, "resize (+ centre crop) | flip (+ horizontal flips) | reference (its random crop); "
                                     "None: flip for cifar10, else resize")
-    image_size: int = arg(64, "training resolution in pixels, divisible by 8")
+    image_size: int = arg(64, "training resolution in pixels, divisible by 8 (by 8 times the VAE's factor with --vae)")
+    vae: str = arg("none", "train in the latents of this frozen AutoencoderKL: a folder of train_vae.py "
+                           "(models/<run>/vae) or a Hub id; none = pixel space")
+    cache_latents: bool = arg(False, "encode the images once with the VAE, then train from the cache (fixes one "
+                                     "augmentation per image)")
+    cache_dir: str = arg("data/latent_cache", "folder of the latent caches, one file per cache key")
     channels: int | None = arg(None, "image channels: 1 (grey) | 3 (RGB); None: the data set's (1 for a folder of grey "
                                      "image files, such as the digits; else 3)")
+    backbone: str = arg("unet", "the network: unet (the reference's U-Net) | dit (a Diffusion Transformer with "
+                                "adaLN-Zero, Peebles & Xie 2023)")
+    dit_size: str = arg("dit-s", "DiT depth, width and heads: dit-t | dit-xs (CPU sizes) | dit-s | dit-b (the "
+                                 "paper's S and B)")
+    patch_size: int = arg(2, "DiT patch size in pixels (latent pixels with --vae): 2 | 4 (tokens: side^2 / "
+                                   "patch_size^2)")
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
     attn_factors: str = arg("1,2,4,8", "self-attention after the U-Net blocks at these downsampling factors (1: full "
                                        "resolution, 8: the lowest); the reference: all four")
@@ -51,7 +62,8 @@ class Config:
     ema_start: int = arg(0, "steps during which the EMA model is a plain copy (the reference: 2000)")
     ema_warmup: bool = arg(True, "EMA decay min(ema_beta, (1 + n) / (10 + n)) at update n (false: the reference)")
     grad_clip: float | None = arg(1.0, "clip the gradient norm to this, as the DDPM paper (None: the reference)")
-    clip_x0: bool = arg(True, "clip the predicted x_0 to [-1, 1] at each sampling step (false: the reference)")
+    clip_x0: bool | None = arg(None, "clip the predicted x_0 to [-1, 1] at each sampling step (None: in pixel space "
+                                     "only, where it is true; false: the reference)")
     sampler: str = arg("ddpm", "sampler of the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
     sample_steps: int | None = arg(None, "network steps of the grid sampler (None: its default)")
     eval_every: int | None = arg(None, "every this many steps, measure eval_samples EMA samples with evaluate.py's judge "
@@ -71,8 +83,9 @@ class Config:
     mixed_precision: str | None = arg(None, "no | fp16 | bf16 (through Accelerate); None: the launcher's "
                                             "(accelerate launch --mixed_precision, accelerate config), else no")
     compile: bool = arg(False, "torch.compile the network")
-    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block in the backward pass "
-                                              "(torch.utils.checkpoint): less activation memory, more compute")
+    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block (DiT: each block) in "
+                                              "the backward pass (torch.utils.checkpoint): less activation "
+                                              "memory, more compute")
     channels_last: bool = arg(False, "channels_last memory format (slower on the CPU; unmeasured on a GPU: see the "
                                      "layout row of scripts/gpu_check.sh)")
     num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")

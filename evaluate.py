@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 from data import ShapesDataset, classify_colors, get_dataset
 from ddpm import DEFAULT_STEPS, SAMPLERS
+from latents import run_latents
 from modules import JudgeNet
-from sample import load_model, make_diffusion
+from sample import describe, load_model, make_diffusion
 from utils import (UsageError, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli, save_figure,
                    to_uint8, write_json)
 
@@ -232,11 +233,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 
-def generate(model, diffusion, num_classes, n, cfg_scale, sampler, steps, seed, batch_size=250, progress=True):
+def generate(model, diffusion, num_classes, n, cfg_scale, sampler, steps, seed, batch_size=250, progress=True,
+             decode=None):
     """n uint8 samples (n, C, S, S) and the labels they were asked for (n,) (None if unconditional).
 
     Labels cycle through the classes (0, 1, .., K-1, 0, ..), so every class gets n // K or n // K + 1 samples.
-    The noise of every batch comes from one generator seeded with `seed`.
+    The noise of every batch comes from one generator seeded with `seed`. decode: latents -> pixels in [-1, 1]
+    (latents.Latents.decode) for a run in a VAE's latents; None in pixel space.
     """
     labels = None if num_classes is None else torch.arange(n) % num_classes
     generator = torch.Generator(diffusion.device).manual_seed(seed)
@@ -246,9 +249,9 @@ def generate(model, diffusion, num_classes, n, cfg_scale, sampler, steps, seed, 
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             y = None if labels is None else labels[start:start + b].to(diffusion.device)
-            x = diffusion.sample(model, b, y, cfg_scale, sampler=sampler, steps=steps, generator=generator,
-                                 progress=False)
-            out.append(x.cpu())
+            x_0 = diffusion.sample_x0(model, b, y, cfg_scale, sampler=sampler, steps=steps, generator=generator,
+                                      progress=False)
+            out.append(to_uint8(x_0 if decode is None else decode(x_0)).cpu())
             bar.update(b)
     return torch.cat(out), labels
 
@@ -266,10 +269,10 @@ def sample_figures(judge, samples, labels):
 
 
 def offline_figures(model, diffusion, judge, num_classes, n, cfg_scale=3.0, sampler="dpm++", steps=None, seed=0,
-                    batch_size=250):
+                    batch_size=250, decode=None):
     """Class accuracy and judge-space Frechet distance of n fresh samples; what training's --eval_every logs."""
     samples, labels = generate(model, diffusion, num_classes, n, cfg_scale, sampler, steps, seed, batch_size,
-                               progress=False)
+                               progress=False, decode=decode)
     return sample_figures(judge, samples, labels)
 
 
@@ -416,7 +419,9 @@ def main(argv=None):
     device = pick_device(cfg.device)
     model, arch, saved = load_model(cfg.ckpt, cfg.weights)
     dataset, dataset_path = resolve_data(cfg, saved)
-    diffusion = make_diffusion(cfg, saved, arch["c_in"], device)
+    latents = run_latents(saved, arch["c_in"], device)
+    diffusion = make_diffusion(cfg, saved, arch["c_in"], device, latents)
+    image_size = diffusion.img_size * latents.factor  # of the decoded samples, which the judge reads
     num_classes = arch["num_classes"]
     if num_classes is not None and cfg.num_samples < num_classes:
         raise UsageError(f"num_samples {cfg.num_samples} is smaller than the model's {num_classes} classes: pass "
@@ -426,8 +431,8 @@ def main(argv=None):
     cfg_scales = parse_list(cfg.cfg_scale, float, "cfg_scale") if num_classes is not None else [None]
     steps_list = parse_list(cfg.steps, int, "steps")
 
-    judge = get_judge(dataset, dataset_path, diffusion.img_size, cfg.num_real, cfg.judge_epochs, device=device,
-                      channels=arch["c_in"])
+    judge = get_judge(dataset, dataset_path, image_size, cfg.num_real, cfg.judge_epochs, device=device,
+                      channels=latents.image_channels)
     if num_classes is not None and judge.net.head.out_features != num_classes:
         raise UsageError(f"the checkpoint has {num_classes} classes but {dataset} has {judge.net.head.out_features}: "
                          "pass the --dataset (and --dataset_path) it was trained on")
@@ -437,10 +442,11 @@ def main(argv=None):
     skip = "FID and KID off (--inception false)" if not cfg.inception else inception_unavailable(cfg.inception_weights)
     real, real_name = None, os.path.splitext(os.path.basename(judge.path))[0]  # names data set, size, images
     if skip is None:
-        real, _, _ = real_images(dataset, dataset_path, diffusion.img_size, cfg.num_real, channels=arch["c_in"])
+        real, _, _ = real_images(dataset, dataset_path, image_size, cfg.num_real, channels=latents.image_channels)
     kind = "unconditional" if num_classes is None else f"conditional ({num_classes} classes)"
-    print(f"{kind} U-Net from {cfg.ckpt}; {dataset} at {diffusion.img_size} px; N = {cfg.num_samples} per row "
-          f"on {device}")
+    space = "" if latents.vae is None else f", decoded from the latents of --vae {saved['vae']}"
+    print(f"{kind} {describe(arch)} from {cfg.ckpt}; {dataset} at {image_size} px{space}; N = {cfg.num_samples} "
+          f"per row on {device}")
 
     model.to(device)
     rows = []
@@ -448,7 +454,7 @@ def main(argv=None):
         for steps in steps_list:
             start = time.perf_counter()
             samples, labels = generate(model, diffusion, num_classes, cfg.num_samples, cfg_scale or 0.0, cfg.sampler,
-                                       steps, cfg.seed, cfg.batch_size)
+                                       steps, cfg.seed, cfg.batch_size, decode=latents.decode)
             steps_run = steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
             row = {"sampler": cfg.sampler, "steps": steps, "steps_run": steps_run, "cfg_scale": cfg_scale,
                    "clip_x0": diffusion.clip_x0, "num_samples": cfg.num_samples, "seed": cfg.seed,
@@ -467,7 +473,7 @@ def main(argv=None):
         print(skip)
 
     print_table(rows, judge)
-    metrics = {"checkpoint": cfg.ckpt, "run_name": run_name, "dataset": dataset, "image_size": diffusion.img_size,
+    metrics = {"checkpoint": cfg.ckpt, "run_name": run_name, "dataset": dataset, "image_size": image_size,
                "judge": {"path": judge.path, "heldout_accuracy": judge.heldout_accuracy, "num_real": cfg.num_real},
                "judge_fd_note": "Frechet distance in the judge's feature space; not comparable with published FID",
                "config": dataclasses.asdict(cfg), "notes": notes, "rows": rows}

@@ -1,5 +1,5 @@
 """Networks only: the U-Net that predicts the noise eps, its blocks, the judge classifier of evaluate.py, and
-the EMA of its weights.
+the EMA of its weights; the PatchGAN discriminator that train_vae.py may train beside diffusers' AutoencoderKL.
 
 `UNet` and `UNet_conditional` keep the parameter names and shapes of the reference repository
 (dome272/Diffusion-Models-pytorch), so its released 64x64 checkpoints load with `strict=True` and give the
@@ -7,6 +7,8 @@ same outputs. Unlike the reference they run at any H and W divisible by 8, read 
 use fused attention and broadcast the embeddings. `UNet_conditional(conditioning=...)` offers three more
 ways to condition on the class label (concat, xattn, adanorm) built from the same blocks; `add` is the
 reference's. `UNet_text` is the same network with cross-attention on text tokens, for latent text-to-image.
+`DiT` and `DiT_text` are the transformer backbone beside them (Diffusion Transformers, Peebles & Xie 2023):
+patches as tokens, adaLN-Zero blocks, the same `attention` helper and the same forward signatures.
 Nothing here knows about betas or timesteps beyond encoding `t`.
 """
 import functools
@@ -24,6 +26,17 @@ def timestep_encoding(t, dim):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=t.device).float() / dim))  # (dim/2,)
     angles = t.float()[:, None] * inv_freq[None, :]  # (B, 1) * (1, dim/2) -> (B, dim/2)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def zero_modulation(emb_dim, out_features):
+    """SiLU, then a zero-initialised Linear: an embedding (B, emb_dim) -> modulation parameters (B, out_features).
+
+    Zero at initialisation (DiT's adaLN-Zero), so a block that it modulates starts as the block without it.
+    """
+    linear = nn.Linear(emb_dim, out_features)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.SiLU(), linear)
 
 
 class DoubleConv(nn.Module):
@@ -47,9 +60,7 @@ class DoubleConv(nn.Module):
         )
         if norm_emb_dim is not None:
             self.split = [mid_channels, mid_channels, out_channels, out_channels]  # scale1, shift1, scale2, shift2
-            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(norm_emb_dim, sum(self.split)))
-            nn.init.zeros_(self.modulation[1].weight)
-            nn.init.zeros_(self.modulation[1].bias)
+            self.modulation = zero_modulation(norm_emb_dim, sum(self.split))
 
     def convolve(self, x, norm_emb):
         if norm_emb is None:
@@ -214,7 +225,26 @@ def check_image_size(x):
         )
 
 
-class UNet(nn.Module):
+class GradientCheckpointing:
+    """`enable_gradient_checkpointing()` and `block` of the U-Net and DiT: the blocks that a network passes through
+    `self.block(module, *args)` are recomputed in the backward pass (torch.utils.checkpoint, non-reentrant) instead
+    of storing their activations, while gradients are recorded and the switch is on (off by default)."""
+
+    gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, enabled=True):
+        """Recompute each checkpointed block in the backward pass instead of storing its activations."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def block(self, module, *args):
+        """module(*args), checkpointed when gradient checkpointing is on and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled() and not isinstance(module, NoAttention):
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+
+class UNet(GradientCheckpointing, nn.Module):
     """The reference U-Net: 3 downsamplings, each followed by attention; widths scale with base_channels.
 
     `attention(channels)` builds the block that follows each Down and Up; the default is the reference's
@@ -260,18 +290,6 @@ class UNet(nn.Module):
         self.up3 = Up(2 * c, c, time_dim, n)
         self.sa6 = attention_at(1, c)
         self.outc = nn.Conv2d(c, c_out, kernel_size=1)
-        self.gradient_checkpointing = False
-
-    def enable_gradient_checkpointing(self, enabled=True):
-        """Recompute each Down, Up and attention block in the backward pass instead of storing its activations."""
-        self.gradient_checkpointing = enabled
-        return self
-
-    def block(self, module, *args):
-        """module(*args), checkpointed when gradient checkpointing is on and gradients are being recorded."""
-        if self.gradient_checkpointing and torch.is_grad_enabled() and not isinstance(module, NoAttention):
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
 
     def time_embedding(self, t):
         return timestep_encoding(t, self.time_dim)
@@ -294,6 +312,18 @@ class UNet(nn.Module):
 
     def forward(self, x, t):
         return self.denoise(x, self.time_embedding(t))
+
+
+def all_null_if_none(y, x):
+    """The labels y (B,), or for y=None a NULL_LABEL for every row of the batch x: no row has a label."""
+    if y is None:
+        return torch.full((x.shape[0],), NULL_LABEL, dtype=torch.long, device=x.device)
+    return y
+
+
+def label_rows(y, num_classes):
+    """Rows of an embedding with a learned null label: class ids stay, NULL_LABEL becomes the last row, num_classes."""
+    return torch.where(y == NULL_LABEL, num_classes, y)
 
 
 class UNet_conditional(UNet):
@@ -348,8 +378,7 @@ class UNet_conditional(UNet):
         emb = self.time_embedding(t)
         if self.num_classes is None:
             return self.denoise(x, emb)
-        if y is None:
-            y = torch.full((x.shape[0],), NULL_LABEL, dtype=torch.long, device=x.device)
+        y = all_null_if_none(y, x)
         if self.conditioning == "add":
             return self.denoise(x, emb + self.label_embedding(y))
         if self.conditioning == "adanorm":
@@ -358,12 +387,24 @@ class UNet_conditional(UNet):
             label_map = self.null_masked(self.label_map, y)[:, :, None, None]  # (B, K) -> (B, K, 1, 1)
             label_map = label_map.expand(-1, -1, *x.shape[2:])  # (B, K, 1, 1) -> (B, K, H, W)
             return self.denoise(torch.cat([x, label_map.to(x.dtype)], dim=1), emb)
-        rows = torch.where(y == NULL_LABEL, self.num_classes, y)  # xattn: the null label has its own tokens
+        rows = label_rows(y, self.num_classes)  # xattn: the null label has its own tokens
         context = self.label_tokens(rows).unflatten(1, (self.context_tokens, -1))  # (B, L*D) -> (B, L, D)
         return self.denoise(x, emb, context)
 
 
-class UNet_text(UNet):
+class TextForward:
+    """The forward of a text-conditioned network (UNet_text, DiT_text), given its `time_embedding`, `denoise` and,
+    for conditioning "add", `text_proj`: the pooled text embedding is added to the time embedding, or the token
+    states go to the cross-attentions."""
+
+    def forward(self, x, t, context):
+        emb = self.time_embedding(t)
+        if self.conditioning == "add":
+            return self.denoise(x, emb + self.text_proj(context))
+        return self.denoise(x, emb, context)
+
+
+class UNet_text(TextForward, UNet):
     """The U-Net conditioned on text, for latent text-to-image (a small Stable Diffusion).
 
     conditioning="cross_attention": every attention block is a TransformerBlock that attends to the
@@ -389,11 +430,195 @@ class UNet_text(UNet):
         if conditioning == "add":
             self.text_proj = nn.Linear(context_dim, time_dim)
 
-    def forward(self, x, t, context):
-        emb = self.time_embedding(t)
-        if self.conditioning == "add":
-            return self.denoise(x, emb + self.text_proj(context))
-        return self.denoise(x, emb, context)
+
+# ----------------------------------------------------------------------------- the transformer backbone: DiT
+PATCH_SIZES = (2, 4)
+# name: (depth, width, heads). dit-s and dit-b are the paper's S and B (Peebles & Xie 2023, Table 1); the smaller
+# ones are for the CPU: dit-t with patch size 2 matches the FLOPs of the base_channels-32 U-Net at 16 px, dit-xs
+# its parameters.
+DIT_SIZES = {
+    "dit-n": (4, 64, 2),
+    "dit-t": (8, 128, 4),
+    "dit-xs": (8, 192, 3),
+    "dit-s": (12, 384, 6),
+    "dit-b": (12, 768, 12),
+}
+
+
+def check_patch_size(x, patch_size):
+    """DiT cuts the image into patch_size x patch_size patches, so H and W must be multiples of it."""
+    height, width = x.shape[-2:]
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not divisible by the patch size {patch_size}: DiT with "
+                         f"patch_size {patch_size} takes multiples of {patch_size}, e.g. 16, 32 or 64")
+
+
+def patchify(x, patch_size):
+    """(B, C, H, W) -> (B, H/p * W/p, p*p*C): the p x p patches in row-major order, each flattened as (p, p, C)."""
+    check_patch_size(x, patch_size)
+    batch, channels, height, width = x.shape
+    p = patch_size
+    x = x.view(batch, channels, height // p, p, width // p, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, C, H/p, p, W/p, p) -> (B, H/p, W/p, p, p, C)
+    return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+def unpatchify(tokens, patch_size, height, width):
+    """(B, H/p * W/p, p*p*C) -> (B, C, H, W): the inverse of `patchify`, for an image of height x width."""
+    batch, _, features = tokens.shape
+    p = patch_size
+    x = tokens.view(batch, height // p, width // p, p, p, features // (p * p))
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, H/p, W/p, p, p, C) -> (B, C, H/p, p, W/p, p)
+    return x.reshape(batch, features // (p * p), height, width)
+
+
+def position_embedding_2d(rows, cols, dim, device=None):
+    """Fixed 2-D sin-cos position embedding of a rows x cols grid of tokens in row-major order, (rows*cols, dim).
+
+    As DiT (from MAE): the first dim/2 numbers encode the token's row, the last dim/2 its column, each with the
+    sinusoidal encoding of the timesteps.
+    """
+    row = torch.arange(rows, device=device).repeat_interleave(cols)  # (rows*cols,): 0, 0, ..., 1, 1, ...
+    col = torch.arange(cols, device=device).repeat(rows)  # (rows*cols,): 0, 1, ..., 0, 1, ...
+    return torch.cat([timestep_encoding(row, dim // 2), timestep_encoding(col, dim // 2)], dim=1)
+
+
+def modulate(h, shift, scale):
+    """adaLN: a normalised h (B, N, D) scaled and shifted per row by (B, 1, D) parameters, h * (1 + scale) + shift."""
+    return h * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaLN-Zero (Peebles & Xie 2023, Fig. 3): self-attention and an MLP, each pre-norm and residual,
+    with shift, scale and gate of both predicted from the conditioning vector (B, cond_dim).
+
+    The prediction is zero-initialised, so every gate is 0 and the block starts as the identity. With
+    `context_dim`, a cross-attention on context tokens (B, L, context_dim) sits between the two (as PixArt-alpha
+    reads text); its output projection starts at zero too, so the block still starts as the identity.
+    """
+
+    def __init__(self, dim, heads, cond_dim, context_dim=None, mlp_ratio=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.cross_attn = None
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(dim)
+            self.cross_attn = CrossAttention(dim, context_dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * dim, dim))
+        self.modulation = zero_modulation(cond_dim, 6 * dim)
+
+    def forward(self, tokens, cond, context=None):
+        """tokens (B, N, D), cond (B, cond_dim) -> (B, N, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D)
+        tokens = tokens + gate1 * attention(self.attn, modulate(self.norm1(tokens), shift1, scale1))
+        if self.cross_attn is not None:
+            tokens = tokens + self.cross_attn(self.norm_cross(tokens), context)
+        return tokens + gate2 * self.mlp(modulate(self.norm2(tokens), shift2, scale2))
+
+
+class DiT(GradientCheckpointing, nn.Module):
+    """Diffusion Transformer (Peebles & Xie 2023): eps from the patches of x_t, conditioned by adaLN-Zero.
+
+    The image is cut into patch_size x patch_size patches, each a token (a Linear of its pixels, as DiT's strided
+    convolution) plus a fixed 2-D sin-cos position embedding; `depth` DiTBlocks of width `dim`; a final adaLN
+    layer and a Linear to each patch's eps; the patches are put back as an image. The conditioning vector is the
+    time embedding (the sinusoidal encoding through an MLP) plus the class embedding.
+
+    forward(x, t, y): y (B,) holds class ids in 0..num_classes-1, or NULL_LABEL (-1) for rows without a label,
+    which get the learned null class (the embedding's last row); y=None means no row has a label, so one batch
+    holds both halves of guidance. num_classes=None is the unconditional network, forward(x, t).
+    Sizes: any H, W that are multiples of patch_size (2 or 4); the number of tokens is H*W / patch_size^2.
+    c_in = c_out: the image's channels (3, or 1 for grey data) or the latents'. `enable_gradient_checkpointing()`
+    recomputes each DiTBlock in the backward pass (see GradientCheckpointing).
+    """
+
+    def __init__(self, c_in=3, c_out=3, num_classes=None, patch_size=2, depth=12, dim=384, heads=6, time_dim=256,
+                 context_dim=None):
+        super().__init__()
+        if patch_size not in PATCH_SIZES:
+            raise ValueError(f"patch_size {patch_size} is not allowed: use {' or '.join(map(str, PATCH_SIZES))}")
+        if dim % heads or dim % 4:
+            raise ValueError(f"dim {dim} must be divisible by 4 (the 2-D position embedding) and by heads {heads}")
+        self.patch_size = patch_size
+        self.time_dim = time_dim
+        self.num_classes = num_classes
+        self.patch_embed = nn.Linear(patch_size * patch_size * c_in, dim)
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        if num_classes is not None:
+            self.class_emb = nn.Embedding(num_classes + 1, dim)  # the last row: the learned null class
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, dim, context_dim) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation_out = zero_modulation(dim, 2 * dim)
+        self.out = nn.Linear(dim, patch_size * patch_size * c_out)
+        self.initialize()
+
+    def initialize(self):
+        """DiT's initialisation: Xavier-uniform Linears with zero biases, N(0, 0.02) embeddings and time MLP, then
+        zero for every adaLN modulation, the cross-attentions' output and the output layer (adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_mlp[2].weight, std=0.02)
+        if self.num_classes is not None:
+            nn.init.normal_(self.class_emb.weight, std=0.02)
+        zeroed = [self.modulation_out[1], self.out]
+        for block in self.blocks:
+            zeroed.append(block.modulation[1])
+            if block.cross_attn is not None:
+                zeroed.append(block.cross_attn.mha.out_proj)
+        for linear in zeroed:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def time_embedding(self, t):
+        return self.time_mlp(timestep_encoding(t, self.time_dim))  # (B,) -> (B, time_dim) -> (B, D)
+
+    def denoise(self, x, cond, context=None):
+        """The transformer proper: x (B, c_in, H, W), the conditioning vector cond (B, D), for cross-attention the
+        context (B, L, context_dim) -> eps (B, c_out, H, W)."""
+        p = self.patch_size
+        height, width = x.shape[-2:]
+        tokens = self.patch_embed(patchify(x, p))  # (B, C, H, W) -> (B, N, p*p*C) -> (B, N, D)
+        position = position_embedding_2d(height // p, width // p, tokens.shape[-1], x.device)  # (N, D)
+        tokens = tokens + position.to(tokens.dtype)
+        for block in self.blocks:
+            tokens = self.block(block, tokens, cond, context)
+        shift, scale = self.modulation_out(cond)[:, None].chunk(2, dim=-1)  # (B, 2D) -> 2 x (B, 1, D)
+        tokens = self.out(modulate(self.norm_out(tokens), shift, scale))  # (B, N, D) -> (B, N, p*p*c_out)
+        return unpatchify(tokens, p, height, width)
+
+    def forward(self, x, t, y=None):
+        cond = self.time_embedding(t)
+        if self.num_classes is None:
+            return self.denoise(x, cond)
+        y = all_null_if_none(y, x)
+        return self.denoise(x, cond + self.class_emb(label_rows(y, self.num_classes)))
+
+
+class DiT_text(TextForward, DiT):
+    """DiT conditioned on text, for latent text-to-image, as UNet_text.
+
+    conditioning="cross_attention": every block cross-attends to the text encoder's token states; forward(x, t,
+    context) takes context (B, L, context_dim). conditioning="add": the pooled text embedding (B, context_dim) is
+    projected and added to the time embedding in the conditioning vector, like a class label.
+    """
+
+    CONDITIONINGS = UNet_text.CONDITIONINGS
+
+    def __init__(self, c_in=4, c_out=4, patch_size=2, depth=12, dim=384, heads=6, time_dim=256, context_dim=768,
+                 conditioning="cross_attention"):
+        if conditioning not in self.CONDITIONINGS:
+            raise ValueError(f"conditioning {conditioning!r} is unknown: use one of {', '.join(self.CONDITIONINGS)}")
+        tokens_dim = context_dim if conditioning == "cross_attention" else None
+        super().__init__(c_in, c_out, None, patch_size, depth, dim, heads, time_dim, tokens_dim)
+        self.conditioning = conditioning
+        if conditioning == "add":
+            self.text_proj = nn.Linear(context_dim, dim)
 
 
 class JudgeNet(nn.Module):
@@ -416,6 +641,53 @@ class JudgeNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix, Isola et al. 2017), the discriminator of LDM's autoencoders: one real-or-fake logit per
+    overlapping patch. `layers` stride-2 convolutions, then two stride-1 ones: (B, 3, S, S) -> (B, 1, s, s) with
+    s = S / 2^layers - 2 (32 px, 2 layers: 6 x 6 patches of 22 px each)."""
+
+    def __init__(self, channels=64, layers=3):
+        super().__init__()
+        blocks = [nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        width = channels
+        for n in range(1, layers + 1):
+            out = channels * min(2 ** n, 8)
+            stride = 2 if n < layers else 1
+            blocks += [nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.LeakyReLU(0.2)]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.body = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Autoencoder(nn.Module):
+    """diffusers' AutoencoderKL as train_vae.py trains it, with an optional PatchDiscriminator.
+
+    forward(x) runs every network of one training step in one call, so that DDP sees all the parameters used:
+    returns the reconstruction of a posterior sample, the posterior (a DiagonalGaussianDistribution), and, with a
+    discriminator, its logits {"real": D(x), "fake": D(x_rec) for D's loss (x_rec detached), "generator": D(x_rec)
+    for the autoencoder's loss, through D's weights detached}, so each loss reaches only its own network.
+    """
+
+    def __init__(self, vae, discriminator=None):
+        super().__init__()
+        self.vae = vae
+        self.discriminator = discriminator
+
+    def forward(self, x):
+        posterior = self.vae.encode(x).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        if self.discriminator is None:
+            return reconstruction, posterior, None
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        logits = {"real": self.discriminator(x.detach()), "fake": self.discriminator(reconstruction.detach()),
+                  "generator": torch.func.functional_call(self.discriminator, frozen, (reconstruction,))}
+        return reconstruction, posterior, logits
 
 
 class EMA:

@@ -5,10 +5,12 @@
 
 The network is rebuilt from the state_dict itself: it is class-conditional iff it has a label embedding
 (num_classes = its rows), its conditioning mode (add, concat, xattn, adanorm) is the saved config's and
-matches the weights it has, and its widths come from `inc` and `outc`. The schedule and image size come from
-the training config saved with the run (`config.json` beside the checkpoint, or the "config" of a
-`training_state.pt`); the reference's released checkpoints have none and get its 64 px, T = 1000, linear
-betas 1e-4..0.02.
+matches the weights it has, and its widths come from `inc` and `outc`. A DiT (`backbone: dit` in the saved
+config) takes its width, depth and classes from its weights and its patch size and heads from the config. The
+schedule and image size come from the training config saved with the run (`config.json` beside the checkpoint,
+or the "config" of a `training_state.pt`); the reference's released checkpoints have none and get its 64 px,
+T = 1000, linear betas 1e-4..0.02. A run trained in a VAE's latents (--vae) samples latents and decodes
+them through that VAE.
 """
 import json
 import os
@@ -17,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
-from modules import UNet, UNet_conditional
+from latents import Latents, is_pixel_space, run_latents
+from modules import DIT_SIZES, DiT, UNet, UNet_conditional
 from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device, run_cli,
-                   read_json_object, save_images, save_individual, strip_wrapper_prefixes)
+                   read_json_object, save_images, save_individual, strip_wrapper_prefixes, to_uint8)
 
 
 # ----------------------------------------------------------------------------- options
@@ -116,13 +119,49 @@ def infer_conditioning(state_dict):
     return "add"
 
 
-def infer_network(state_dict, path="checkpoint", saved=None):
-    """The U-Net's constructor arguments, read from the shapes of its weights.
+def infer_dit(state_dict, path, saved):
+    """A DiT's constructor arguments: its width, depth, channels and classes from the shapes of its weights, its
+    patch size and heads from the saved config's `patch_size` and `dit_size`, which must agree with the weights
+    (a pixel-space DiT reads patches of the saved `channels`, RGB for a run saved before --channels; a latent run's
+    reads its VAE's latent channels, which run_latents checks)."""
+    size, patch = saved.get("dit_size"), saved.get("patch_size")
+    if size not in DIT_SIZES or not isinstance(patch, int) or patch <= 0:
+        raise UsageError(f"'{path}' holds a DiT, but no saved config names its dit_size and patch_size: keep the "
+                         "run's config.json beside the checkpoint (or pass its training_state.pt)")
+    depth, dim, heads = DIT_SIZES[size]
+    embed = state_dict["patch_embed.weight"]  # (dim, patch * patch * c_in)
+    blocks = {key.split(".")[1] for key in state_dict if key.startswith("blocks.")}
+    per_patch = patch * patch
+    channels = (saved.get("channels") or 3) if is_pixel_space(saved.get("vae")) else embed.shape[1] // per_patch
+    if (len(blocks), embed.shape[0], embed.shape[1]) != (depth, dim, per_patch * channels):
+        raise UsageError(f"'{path}' holds a DiT of depth {len(blocks)}, width {embed.shape[0]} and {embed.shape[1]} "
+                         f"numbers per patch, but its saved config says {size} ({depth} blocks of width {dim}) "
+                         f"with patch_size {patch} on {channels} channels: pass the checkpoint saved with that "
+                         "config")
+    arch = {"backbone": "dit", "c_in": embed.shape[1] // per_patch,
+            "c_out": state_dict["out.weight"].shape[0] // per_patch, "num_classes": None,
+            "conditioning": None, "dit_size": size, "patch_size": patch, "depth": depth, "dim": dim, "heads": heads,
+            "time_dim": state_dict["time_mlp.0.weight"].shape[1]}
+    if "class_emb.weight" in state_dict:  # (num_classes + 1, dim): the last row is the null class
+        arch["num_classes"], arch["conditioning"] = state_dict["class_emb.weight"].shape[0] - 1, "add"
+    return arch
 
-    The conditioning mode is the saved training config's `conditioning`; a checkpoint without one (the
+
+def infer_network(state_dict, path="checkpoint", saved=None):
+    """The network's constructor arguments, read from the shapes of its weights.
+
+    The backbone is the saved config's `backbone` (a DiT: see infer_dit), and must be the one the weights hold.
+    The U-Net's conditioning mode is the saved training config's `conditioning`; a checkpoint without one (the
     reference's) is read from its weights, which gives "add" for the reference's. A config that names
     another mode than the weights hold is an error.
     """
+    saved = saved or {}
+    backbone = "dit" if "patch_embed.weight" in state_dict else "unet"
+    if saved.get("backbone", backbone) != backbone:
+        raise UsageError(f"'{path}' holds a {backbone}, but its saved config says backbone '{saved['backbone']}': "
+                         "pass the checkpoint saved with that config")
+    if backbone == "dit":
+        return infer_dit(state_dict, path, saved)
     for key in ("inc.double_conv.0.weight", "outc.weight", "down1.emb_layer.1.weight"):
         if key not in state_dict or state_dict[key].dim() < 2:
             raise UsageError(f"'{path}' is not a U-Net of this repository or the reference (no U-Net weight "
@@ -132,7 +171,7 @@ def infer_network(state_dict, path="checkpoint", saved=None):
     arch = {"c_in": inc.shape[1], "c_out": state_dict["outc.weight"].shape[0], "base_channels": inc.shape[0],
             "time_dim": time_dim, "num_classes": None, "conditioning": None}
     conditioning = infer_conditioning(state_dict)
-    wanted = (saved or {}).get("conditioning", conditioning)
+    wanted = saved.get("conditioning", conditioning)
     if wanted != conditioning:
         raise UsageError(f"'{path}' holds a U-Net conditioned by '{conditioning}', but its saved config says "
                          f"'{wanted}': pass the checkpoint saved with that config")
@@ -154,13 +193,24 @@ def infer_network(state_dict, path="checkpoint", saved=None):
 
 
 def build_network(arch):
-    """UNet_conditional (in the checkpoint's conditioning mode) when it has classes, else UNet."""
+    """DiT for a DiT's arch; else UNet_conditional (in the checkpoint's conditioning mode) when it has classes, else
+    UNet."""
+    if arch.get("backbone") == "dit":
+        return DiT(arch["c_in"], arch["c_out"], arch["num_classes"], arch["patch_size"], arch["depth"], arch["dim"],
+                   arch["heads"], arch["time_dim"])
     if arch["num_classes"] is None:
         return UNet(arch["c_in"], arch["c_out"], arch["time_dim"], arch["base_channels"],
                     attn_factors=arch["attn_factors"])
     options = {key: arch[key] for key in ("concat_channels", "context_tokens") if key in arch}
     return UNet_conditional(arch["c_in"], arch["c_out"], arch["time_dim"], arch["num_classes"], arch["base_channels"],
                             arch["conditioning"], attn_factors=arch["attn_factors"], **options)
+
+
+def describe(arch):
+    """The network of an arch dict in words, e.g. "U-Net, base_channels 32" or "DiT dit-t/2"."""
+    if arch.get("backbone") == "dit":
+        return f"DiT {arch['dit_size']}/{arch['patch_size']}"
+    return f"U-Net, base_channels {arch['base_channels']}"
 
 
 def class_names(ckpt, num_classes):
@@ -185,14 +235,14 @@ def load_model(path, weights="ema"):
     return model.eval().requires_grad_(False), arch, saved
 
 
-def make_diffusion(cfg, saved, c_in, device):
-    """The schedule of the training run (or the reference's), at --image_size if given."""
+def make_diffusion(cfg, saved, c_in, device, latents=Latents(None)):
+    """The schedule of the training run (or the reference's), at --image_size if given, on the run's latents."""
     image_size = cfg.image_size or saved.get("image_size", REFERENCE_IMAGE_SIZE)
     if not isinstance(image_size, int) or image_size <= 0 or image_size % 8:
         raise UsageError(f"the saved image_size {image_size!r} is not divisible by 8: pass --image_size 64")
     clip_x0 = getattr(cfg, "clip_x0", None)  # visualize.py calls this with a config without the field
-    clip_x0 = saved.get("clip_x0", True) if clip_x0 is None else clip_x0
-    return Diffusion.from_settings(saved, image_size, c_in, device, clip_x0=clip_x0)
+    clip_x0 = latents.clip_x0(saved.get("clip_x0", True) if clip_x0 is None else clip_x0)
+    return Diffusion.from_settings(saved, latents.latent_size(image_size), c_in, device, clip_x0=clip_x0)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -216,19 +266,22 @@ def main(argv=None):
     device = pick_device(cfg.device)
     model, arch, saved = load_model(cfg.ckpt, cfg.weights)
     labels = grid_labels(cfg, arch["num_classes"])
-    diffusion = make_diffusion(cfg, saved, arch["c_in"], device)
+    latents = run_latents(saved, arch["c_in"], device)
+    diffusion = make_diffusion(cfg, saved, arch["c_in"], device, latents)
     n = cfg.n if labels is None else labels.shape[0]
     kind = "unconditional"
     if labels is not None:
         kind = f"conditional ({arch['num_classes']} classes, {arch['conditioning']})"
     steps = cfg.steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
-    print(f"{kind} U-Net, base_channels {arch['base_channels']}, from {cfg.ckpt}: {n} images at "
-          f"{diffusion.img_size} px, {cfg.sampler} with {steps} steps, on {device}")
+    space = "" if latents.vae is None else f" ({diffusion.img_size} px latents of --vae {saved['vae']})"
+    print(f"{kind} {describe(arch)}, from {cfg.ckpt}: {n} images at {diffusion.img_size * latents.factor} px{space}, "
+          f"{cfg.sampler} with {steps} steps, on {device}")
 
     model.to(device)
     labels = None if labels is None else labels.to(device)
     cfg_scale = cfg.cfg_scale if labels is not None else 0.0
-    images = diffusion.sample(model, n, labels, cfg_scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed)
+    x_0 = diffusion.sample_x0(model, n, labels, cfg_scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed)
+    images = to_uint8(latents.decode(x_0))
     if labels is None:
         save_images(images, cfg.out)
     else:

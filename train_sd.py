@@ -1,13 +1,13 @@
-"""Latent text-to-image: a small Stable Diffusion (U-Net with cross-attention on CLIP token states).
+"""Latent text-to-image: a small Stable Diffusion (U-Net or DiT with cross-attention on CLIP token states).
 
     python train_sd.py                              (CIFAR-10 captions at 128 px in SD's VAE latents: a GPU job)
     python train_sd.py --make_tiny_models data/tiny_sd && python train_sd.py --config configs/sd_quick_cpu.json
     python train_sd.py --sample --ckpt models/SD_text/ema_ckpt.pt --prompt "a photo of a cat" --out cat.png
 
 A frozen VAE (diffusers' AutoencoderKL) maps images to latents, a frozen CLIP text encoder maps captions to
-token states, and only the U-Net trains, with the DDPM loss of ddpm.py on the scaled latents. Each caption
-is replaced by "" with probability p_uncond, so one network learns eps(x_t, t, text) and eps(x_t, t, "");
-sampling mixes the two with classifier-free guidance. `--vae none` trains in pixel space instead.
+token states, and only the U-Net (or with `--backbone dit` the DiT) trains, with the DDPM loss of ddpm.py on the
+scaled latents. Each caption is replaced by "" with probability p_uncond, so one network learns eps(x_t, t, text)
+and eps(x_t, t, ""); sampling mixes the two with classifier-free guidance. `--vae none` trains in pixel space.
 """
 import dataclasses
 import os
@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
-from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, cache_key, dataset_channels, default_prompts,
-                  get_caption_dataset, load_or_build_cache, normalize_caption, parse_shape_caption, without_captions)
+from data import (COLOR_NAMES, SHAPE_NAMES, all_shape_captions, dataset_channels, default_prompts, get_caption_dataset,
+                  normalize_caption, parse_shape_caption, without_captions)
 from ddpm import Diffusion, broadcast
-from modules import UNet_text
-from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, parse_attn_factors, train, validate
-from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device,
-                   read_json_object, run_cli, save_images, save_individual, short_reason, with_defaults)
+from latents import DTYPES, draw_latents, latent_cache_path, load_latents, open_cache, vae_digest
+from modules import DiT_text, UNet_text
+from training import RESUMABLE_FIELDS, RUN_FLAGS, Task, dit_size, parse_attn_factors, train, validate
+from utils import (UsageError, arg, from_pretrained, load_checkpoint, load_state_dict_strict, parse_config,
+                   pick_device, read_json_object, run_cli, save_images, save_individual, with_defaults)
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -37,11 +38,17 @@ class Config:
     image_size: int = arg(128, "training resolution in pixels; the latents are image_size / VAE factor")
     channels: int | None = arg(None, "image channels: 1 (grey: repeated for an RGB VAE, its decoding averaged) | 3 "
                                      "(RGB); None: the data set's (1 for a folder of grey image files, else 3)")
-    vae: str = arg("stabilityai/sd-vae-ft-mse", "frozen AutoencoderKL: Hub id or local folder; none = pixel space")
+    vae: str = arg("stabilityai/sd-vae-ft-mse", "frozen AutoencoderKL: Hub id, or a folder such as models/<run>/vae "
+                                                "of train_vae.py; none = pixel space")
     text_encoder: str = arg("openai/clip-vit-large-patch14", "Hub id or folder holding CLIPTextModel + tokenizer")
     conditioning: str = arg("cross_attention", "cross_attention (token states) | add (pooled embedding)")
     cache_latents: bool = arg(False, "encode images and captions once, then train from the cache (no augmentation)")
     cache_dir: str = arg("data/latent_cache", "folder of the latent caches, one file per cache key")
+    backbone: str = arg("unet", "the network: unet (the reference's U-Net) | dit (a Diffusion Transformer with "
+                                "adaLN-Zero, Peebles & Xie 2023)")
+    dit_size: str = arg("dit-s", "DiT depth, width and heads: dit-t | dit-xs (CPU sizes) | dit-s | dit-b (the "
+                                 "paper's S and B)")
+    patch_size: int = arg(2, "DiT patch size in latent pixels: 2 | 4 (tokens: latent size^2 / patch_size^2)")
     base_channels: int = arg(64, "U-Net width")
     attn_factors: str = arg("1,2,4,8", "attention (self and cross) after the U-Net blocks at these downsampling "
                                        "factors (1: full resolution, 8: the lowest)")
@@ -86,8 +93,9 @@ class Config:
     seed: int = arg(0, "seed of the data order, the noise and the grids")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     compile: bool = arg(False, "torch.compile the U-Net")
-    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block in the backward pass "
-                                              "(torch.utils.checkpoint): less activation memory, more compute")
+    gradient_checkpointing: bool = arg(False, "recompute each Down, Up and attention block (DiT: each block) in "
+                                              "the backward pass (torch.utils.checkpoint): less activation "
+                                              "memory, more compute")
     mixed_precision: str | None = arg(None, "no | fp16 | bf16 (the U-Net through Accelerate; VAE and CLIP cast to "
                                             "it); None: the launcher's (accelerate launch / config), else no")
     num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")
@@ -109,55 +117,9 @@ SD_FLAGS = RUN_FLAGS + [
 ]
 SD_RESUMABLE = RESUMABLE_FIELDS + ("prompt", "cfg_scale", "n_per_prompt", "cache_latents", "cache_dir")
 SAMPLING_FIELDS = ("prompt", "cfg_scale", "sampler", "sample_steps", "n_per_prompt", "seed", "device", "clip_x0")
-DTYPES = {"no": torch.float32, None: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: not resolved
 
 
 # ----------------------------------------------------------------------------- frozen VAE and text encoder
-def from_pretrained(cls, name, **kwargs):
-    """`cls.from_pretrained(name)`; failing to load is a one-line UsageError."""
-    advice = "the weights must be downloaded once with internet access, or pass a local folder"
-    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        raise UsageError(f"could not load '{name}' (no such folder): {advice}")
-    try:
-        return cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"could not load '{name}' ({short_reason(exc, 200)}): {advice}") from exc
-
-
-class Latents:
-    """The frozen VAE: pixels in [-1, 1] <-> scaled latents. With vae=None it is pixel space (identity).
-
-    image_channels: the images' channels. Grey images (1) are repeated to the VAE's input channels for encoding, and
-    its decoded images averaged back to grey.
-    """
-
-    def __init__(self, vae, image_channels=3):
-        self.vae = vae
-        self.image_channels = image_channels
-        self.channels = image_channels if vae is None else vae.config.latent_channels
-        self.factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
-        self.scale = 1.0 if vae is None else vae.config.scaling_factor
-        self.shift = 0.0 if vae is None else (getattr(vae.config, "shift_factor", None) or 0.0)
-
-    @torch.no_grad()
-    def encode(self, images):
-        """(B, image_channels, H, W) -> mean and std of the scaled posterior, (B, C, H/f, W/f) float32."""
-        if self.vae is None:
-            return images.float(), torch.zeros_like(images, dtype=torch.float32)
-        images = images.expand(-1, self.vae.config.in_channels, -1, -1) if images.shape[1] == 1 else images
-        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-        return (dist.mean.float() - self.shift) * self.scale, dist.std.float() * self.scale
-
-    @torch.no_grad()
-    def decode(self, latents):
-        """Scaled latents (B, C, h, w) -> pixels (B, image_channels, h*f, w*f) in [-1, 1]."""
-        if self.vae is not None:
-            latents = self.vae.decode((latents / self.scale + self.shift).to(self.vae.dtype)).sample
-            if self.image_channels == 1:
-                latents = latents.mean(dim=1, keepdim=True)  # (B, 3, H, W) -> (B, 1, H, W)
-        return latents.float().clamp(-1, 1)
-
-
 class TextEncoder:
     """The frozen CLIP: prompts -> token states (B, L, D) for cross_attention, or pooled (B, D) for add."""
 
@@ -184,16 +146,12 @@ class TextEncoder:
 
 def load_frozen(cfg, device):
     """(Latents, TextEncoder), in eval mode, without gradients, in the training precision."""
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    dtype = DTYPES[cfg.mixed_precision]
-    vae = None
-    if cfg.vae.lower() != "none":
-        vae = from_pretrained(AutoencoderKL, cfg.vae, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    latents = load_latents(cfg.vae, device, cfg.mixed_precision, cfg.channels or 3)
     tokenizer = from_pretrained(CLIPTokenizer, cfg.text_encoder)
-    model = from_pretrained(CLIPTextModel, cfg.text_encoder, dtype=dtype).to(device).eval().requires_grad_(False)
-    return Latents(vae, cfg.channels or 3), TextEncoder(tokenizer, model, cfg.conditioning)
+    model = from_pretrained(CLIPTextModel, cfg.text_encoder, dtype=DTYPES[cfg.mixed_precision])
+    return latents, TextEncoder(tokenizer, model.to(device).eval().requires_grad_(False), cfg.conditioning)
 
 
 def check(cfg):
@@ -204,7 +162,11 @@ def check(cfg):
         raise UsageError(f"n_per_prompt {cfg.n_per_prompt} must be positive")
 
 
-def build_unet(cfg, latents, text):
+def build_network(cfg, latents, text):
+    """The text-conditioned network of --backbone: UNet_text or DiT_text, on the VAE's latent channels."""
+    if cfg.backbone == "dit":
+        return DiT_text(c_in=latents.channels, c_out=latents.channels, patch_size=cfg.patch_size,
+                        context_dim=text.dim, conditioning=cfg.conditioning, **dit_size(cfg.dit_size))
     return UNet_text(c_in=latents.channels, c_out=latents.channels, base_channels=cfg.base_channels,
                      context_dim=text.dim, conditioning=cfg.conditioning,
                      attn_factors=parse_attn_factors(cfg.attn_factors))
@@ -212,13 +174,8 @@ def build_unet(cfg, latents, text):
 
 def make_diffusion(cfg, latents, device):
     """The DDPM of ddpm.py on latents of size image_size / factor, which the U-Net halves 3 times."""
-    if cfg.image_size % (8 * latents.factor):
-        raise UsageError(f"image_size {cfg.image_size} is not divisible by {8 * latents.factor}: the VAE shrinks it "
-                         f"{latents.factor}x and the U-Net halves it 3 times; use a multiple of {8 * latents.factor}")
-    # A VAE's latents have no [-1, 1] range, so clip_x0 None clips only in pixel space (--vae none).
-    clip_x0 = latents.vae is None if cfg.clip_x0 is None else cfg.clip_x0
-    return Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size // latents.factor,
-                     c_in=latents.channels, device=device, clip_x0=clip_x0, schedule=cfg.schedule,
+    return Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, latents.latent_size(cfg.image_size),
+                     c_in=latents.channels, device=device, clip_x0=latents.clip_x0(cfg.clip_x0), schedule=cfg.schedule,
                      min_snr_gamma=cfg.min_snr_gamma, prediction_type=cfg.prediction_type)
 
 
@@ -262,16 +219,12 @@ def training_batch(batch, latents, text, contexts, null_context, p_uncond):
         drop = drop_mask(len(index), p_uncond, index.device)
         context = contexts[index]
         context = torch.where(broadcast(drop, context), null_context, context)
-    return mean + std * torch.randn_like(mean), context
+    return draw_latents(mean, std), context
 
 
 def cache_path(cfg, dataset):
-    key = cache_key(vae=cfg.vae, text_encoder=cfg.text_encoder, image_size=cfg.image_size, dataset=cfg.dataset,
-                    dataset_path=os.path.abspath(cfg.dataset_path), dataset_size=len(dataset), seed=cfg.seed,
-                    conditioning=cfg.conditioning, precision=cfg.mixed_precision,
-                    holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts),
-                    **({"channels": cfg.channels} if cfg.channels != 3 else {}))  # RGB caches keep their keys
-    return os.path.join(cfg.cache_dir, f"{key}.pt")
+    return latent_cache_path(cfg, dataset, cfg.channels, text_encoder=cfg.text_encoder, conditioning=cfg.conditioning,
+                             holdout=sorted(normalize_caption(c) for c in cfg.holdout_prompts))
 
 
 # ----------------------------------------------------------------------------- grids
@@ -303,10 +256,8 @@ def text_task(cfg, accelerator):
     null_context = text([""])
     contexts = None
     if cfg.cache_latents:
-        path = cache_path(cfg, dataset)
-        with accelerator.main_process_first():  # one process encodes, the others read its file
-            cache, hit = load_or_build_cache(path, dataset, latents.encode, text, cfg.batch_size, cfg.num_workers)
-        accelerator.print(f"latent cache {path}: {'read' if hit else 'written'}")
+        cache = open_cache(accelerator, cache_path(cfg, dataset), dataset, latents, text, cfg.batch_size,
+                           cfg.num_workers)
         contexts = cache["contexts"].to(device)
         dataset = TensorDataset(cache["mean"], cache["std"], cache["caption_index"])
 
@@ -318,7 +269,8 @@ def text_task(cfg, accelerator):
     def draw_grid(module, path):
         sample_grid(cfg, diffusion, module, latents, text, prompts, path)
 
-    return Task(dataset, build_unet(cfg, latents, text), diffusion, make_batch, draw_grid, channels=cfg.channels)
+    return Task(dataset, build_network(cfg, latents, text), diffusion, make_batch, draw_grid, channels=cfg.channels,
+                vae_digest=vae_digest(cfg.vae))
 
 
 # ----------------------------------------------------------------------------- tiny offline models
@@ -405,7 +357,7 @@ def sample(cfg, flags):
         requested = judged_attributes(run_cfg)  # a prompt the judges cannot read fails before sampling
     device = torch.device(pick_device(run_cfg.device))
     latents, text = load_frozen(dataclasses.replace(run_cfg, mixed_precision="no"), device)
-    net = build_unet(run_cfg, latents, text)
+    net = build_network(run_cfg, latents, text)
     load_state_dict_strict(net, weights)
     net.to(device)
     out = flags.out or os.path.join("results", run_cfg.run_name, "samples.png")

@@ -2,7 +2,8 @@
 
 `train` reads top to bottom: data, noise, loss, step, EMA, log, save. What differs between the scripts (the
 data set, the network, what a batch conditions on, how a grid is drawn) comes in as a `Task`, built by
-`image_task` for the pixel-space scripts and by `train_sd.text_task` for text-to-image. Accelerate handles
+`image_task` for the class scripts (in pixel space, or in a VAE's latents with --vae), by `train_sd.text_task`
+for text-to-image, and by `train_vae.vae_task` for the first stage, which brings its own loss. Accelerate handles
 the device, mixed precision and multi-GPU, so the same script runs under `python`, `accelerate launch` and
 `torchrun`.
 """
@@ -25,12 +26,14 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from data import AUGMENTATIONS, CHANNELS, data_on_device, dataset_channels, get_dataset, make_dataloader
 from ddpm import PREDICTION_TYPES, SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
-from modules import EMA, NULL_LABEL, UNet, UNet_conditional
+from latents import draw_latents, latent_cache_path, load_latents, open_cache, vae_digest
+from modules import DIT_SIZES, EMA, NULL_LABEL, PATCH_SIZES, DiT, UNet, UNet_conditional
 from utils import (UsageError, atomic_save, config_to_dict, diff_configs, load_checkpoint, load_state_dict_strict,
                    parse_config, pick_device, plot_loss, rng_state, save_config, save_images, save_kept,
                    seed_everything, set_rng_state, use_tf32, with_defaults, write_json)
@@ -41,7 +44,7 @@ KEPT_DIR = "checkpoints"  # models/<run_name>/checkpoints/step_<step>.pt: the la
 RESUMABLE_FIELDS = ("epochs", "max_steps", "log_every", "num_workers", "device", "n_samples", "n_per_class",
                     "sampler", "sample_steps", "compile", "mixed_precision", "eval_every", "eval_samples",
                     "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "clip_x0", "data_on_device",
-                    "gradient_checkpointing", "report_to")
+                    "cache_latents", "cache_dir", "gradient_checkpointing", "report_to")
 FIELDS_BEFORE = {"channels": 3}  # what the runs saved before a field existed had, where it is not the default
 RUN_FLAGS = [
     ("--resume", {"action": "store_true", "help": f"continue from models/<run_name>/{STATE_FILE}"}),
@@ -62,7 +65,7 @@ def validate(cfg):
         raise UsageError(f"p_uncond {cfg.p_uncond} is not a probability: use a value in [0, 1], e.g. 0.1")
     if getattr(cfg, "cfg_scale", 0.0) < 0:
         raise UsageError(f"cfg_scale {cfg.cfg_scale} is negative: use 0 (no guidance) or e.g. 3")
-    if cfg.sampler not in SAMPLERS:
+    if getattr(cfg, "sampler", SAMPLERS[0]) not in SAMPLERS:  # train_vae.py has no sampler, schedule or U-Net
         raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
     if cfg.mixed_precision not in (None, *PRECISIONS):
         raise UsageError(f"mixed_precision '{cfg.mixed_precision}' is unknown: use no, fp16 or bf16")
@@ -74,12 +77,12 @@ def validate(cfg):
         raise UsageError(f"channels {cfg.channels} is not supported: use 1 (grey), 3 (RGB) or None (the data set's)")
     if getattr(cfg, "augment", None) not in (None, *AUGMENTATIONS):
         raise UsageError(f"augment '{cfg.augment}' is unknown: use one of {', '.join(AUGMENTATIONS)}, or None")
-    if cfg.schedule not in SCHEDULES:
+    if getattr(cfg, "schedule", SCHEDULES[0]) not in SCHEDULES:
         raise UsageError(f"schedule '{cfg.schedule}' is unknown: use one of {', '.join(SCHEDULES)}")
-    if cfg.prediction_type not in PREDICTION_TYPES:
+    if getattr(cfg, "prediction_type", PREDICTION_TYPES[0]) not in PREDICTION_TYPES:
         raise UsageError(f"prediction_type '{cfg.prediction_type}' is unknown: use one of "
                          f"{', '.join(PREDICTION_TYPES)}")
-    if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
+    if getattr(cfg, "min_snr_gamma", None) is not None and cfg.min_snr_gamma <= 0:
         raise UsageError(f"min_snr_gamma {cfg.min_snr_gamma} must be positive: use e.g. 5, or None for the plain loss")
     if getattr(cfg, "lr_decay", "none") not in LR_DECAYS:
         raise UsageError(f"lr_decay '{cfg.lr_decay}' is unknown: use one of {', '.join(LR_DECAYS)}")
@@ -87,11 +90,18 @@ def validate(cfg):
         raise UsageError(f"lr_warmup {cfg.lr_warmup} is negative: use 0 (no warm-up) or a number of steps")
     if hasattr(cfg, "attn_factors"):
         parse_attn_factors(cfg.attn_factors)
+    if getattr(cfg, "backbone", "unet") not in BACKBONES:
+        raise UsageError(f"backbone '{cfg.backbone}' is unknown: use one of {', '.join(BACKBONES)}")
+    if getattr(cfg, "backbone", "unet") == "dit":
+        dit_size(cfg.dit_size)
+        if cfg.patch_size not in PATCH_SIZES:
+            raise UsageError(f"patch_size {cfg.patch_size} is not allowed: use "
+                             f"{' or '.join(map(str, PATCH_SIZES))}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise UsageError(f"grad_clip {cfg.grad_clip} must be positive: use e.g. 1.0, or None for no clipping")
     for name in ("batch_size", "epochs", "log_every", "base_channels", "noise_steps", "gradient_accumulation_steps",
                  "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every"):
-        if getattr(cfg, name) <= 0:
+        if getattr(cfg, name, 1) <= 0:
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
 
 
@@ -212,7 +222,8 @@ def save_run(cfg, net, ema_net, ema, optimizer, progress, models_dir):
     """Plain state_dicts as the reference names them, and the full state for --resume; all atomic.
 
     `progress` holds step, epoch, batches_done (this process's batches of the epoch), batches_per_epoch,
-    num_processes, losses and skipped. A resumed run starts at the next epoch if `epoch` finished.
+    num_processes, losses, skipped and vae_digest (the Task's). A resumed run starts at the next epoch if `epoch`
+    finished.
     A failed write is a TrainingError; the files written before stay whole.
     """
     epoch, batches_done = progress["epoch"], progress["batches_done"]
@@ -221,7 +232,8 @@ def save_run(cfg, net, ema_net, ema, optimizer, progress, models_dir):
     state = {"model": net.state_dict(), "ema": ema_net.state_dict(), "ema_state": ema.state_dict(),
              "optimizer": optimizer.state_dict(), "step": progress["step"], "epoch": epoch,
              "batches_done": batches_done, "num_processes": progress["num_processes"], "losses": progress["losses"],
-             "skipped": progress["skipped"], "rng": rng_state(), "config": config_to_dict(cfg)}
+             "skipped": progress["skipped"], "vae_digest": progress["vae_digest"], "rng": rng_state(),
+             "config": config_to_dict(cfg)}
     try:
         save_kept(state, os.path.join(models_dir, STATE_FILE), os.path.join(models_dir, KEPT_DIR),
                   f"step_{progress['step']:09d}.pt", cfg.keep_checkpoints)
@@ -234,10 +246,12 @@ def save_run(cfg, net, ema_net, ema, optimizer, progress, models_dir):
                             f"{STATE_FILE}, which is intact") from exc
 
 
-def restore_run(cfg, models_dir, net, ema_net, ema, optimizer, num_processes=1, resumable=RESUMABLE_FIELDS):
+def restore_run(cfg, models_dir, net, ema_net, ema, optimizer, num_processes=1, resumable=RESUMABLE_FIELDS,
+                vae_digest=None):
     """Load models/<run_name>/training_state.pt into the run; returns the progress dict of `save_run`.
 
-    A run may resume on another number of processes when the batches done so far split evenly over them.
+    A run may resume on another number of processes when the batches done so far split evenly over them, and only
+    on the latents it began with: `vae_digest` (the Task's) must be the saved one.
     """
     state = load_checkpoint(os.path.join(models_dir, STATE_FILE))
     # a run saved before a field existed used its default, or for channels (default None: the data set's) RGB
@@ -247,6 +261,11 @@ def restore_run(cfg, models_dir, net, ema_net, ema, optimizer, num_processes=1, 
     if changed:
         raise UsageError(f"--resume with a different config: {'; '.join(changed)}; use the saved values "
                          f"({models_dir}/config.json) or start a new --run_name")
+    if state.get("vae_digest", vae_digest) != vae_digest:  # a state saved before the digest existed: not checked
+        raise UsageError(f"--resume with another VAE: --vae '{cfg.vae}' is not the VAE this run began on (digest "
+                         f"{vae_digest}, saved {state['vae_digest']}), so its latents differ: resume with the VAE it "
+                         "trained on (write a retrained VAE to a new train_vae.py --run_name), or start a new "
+                         "--run_name")
     batches = state["batches_done"] * state.get("num_processes", 1)  # of all processes together
     if batches % num_processes:
         raise UsageError(f"--resume on {num_processes} processes: the run stopped after {batches} batches, which do "
@@ -287,15 +306,26 @@ class Task:
     offline quality figures of `module`'s samples (evaluate.offline_figures), for --eval_every. classes: the
     class names of a conditional model, saved as models/<run_name>/classes.json for sample.py's grid captions.
     channels: the images' channels the task resolved (--channels None: the data set's), saved in the run's config.
+    loss(model, x_0, conditioning, step), if given, replaces the diffusion loss (train_vae.py's autoencoder has
+    no diffusion). vae_digest: the VAE whose latents the run trains on (latents.vae_digest), saved in each
+    checkpoint, so that --resume refuses another VAE.
     """
     dataset: torch.utils.data.Dataset
     net: torch.nn.Module
-    diffusion: Diffusion
+    diffusion: Diffusion | None
     make_batch: Callable
     draw_grid: Callable
     measure: Callable | None = None
     classes: list[str] | None = None
     channels: int = 3
+    loss: Callable | None = None
+    vae_digest: str | None = None
+
+    def compute_loss(self, model, x_0, conditioning, step):
+        """The loss of one batch: the task's own, else the DDPM loss of ddpm.py."""
+        if self.loss is not None:
+            return self.loss(model, x_0, conditioning, step)
+        return self.diffusion.loss(model, x_0, conditioning)
 
 
 def parse_attn_factors(text):
@@ -310,11 +340,29 @@ def parse_attn_factors(text):
     return factors
 
 
+BACKBONES = ("unet", "dit")
+
+
+def dit_size(name):
+    """The DiT constructor's depth, dim and heads of a named size (modules.DIT_SIZES); another name is a UsageError."""
+    if name not in DIT_SIZES:
+        raise UsageError(f"dit_size '{name}' is unknown: use one of {', '.join(DIT_SIZES)}")
+    depth, dim, heads = DIT_SIZES[name]
+    return {"depth": depth, "dim": dim, "heads": heads}
+
+
 def build_model(cfg, num_classes, channels=3):
+    """The network of ddpm.py (num_classes None) or ddpm_conditional.py on images or latents of `channels`: its
+    --backbone, class-conditional when num_classes is given."""
+    conditioning = getattr(cfg, "conditioning", "add")
+    if getattr(cfg, "backbone", "unet") == "dit":
+        if conditioning != "add":
+            raise UsageError(f"conditioning '{conditioning}' is a U-Net mode: DiT reads the label by adaLN-Zero; "
+                             "drop --conditioning, or use --backbone unet")
+        return DiT(channels, channels, num_classes=num_classes, patch_size=cfg.patch_size, **dit_size(cfg.dit_size))
     attn_factors = parse_attn_factors(getattr(cfg, "attn_factors", "1,2,4,8"))
     if num_classes is None:
         return UNet(channels, channels, base_channels=cfg.base_channels, attn_factors=attn_factors)
-    conditioning = getattr(cfg, "conditioning", "add")
     if conditioning not in UNet_conditional.CONDITIONINGS:
         raise UsageError(f"conditioning '{conditioning}' is unknown: use one of "
                          f"{', '.join(UNet_conditional.CONDITIONINGS)}")
@@ -337,29 +385,32 @@ def drop_labels(batch, p_uncond):
 
 
 def image_task(cfg, accelerator, conditional):
-    """ddpm.py and ddpm_conditional.py: a class data set in pixel space, with or without its labels."""
+    """ddpm.py and ddpm_conditional.py: a class data set, with or without its labels, in pixel space or in the
+    latents of a frozen VAE (--vae, the code path of train_sd.py), encoded per batch or once (--cache_latents)."""
     device = accelerator.device
     if device.type == "cpu" and cfg.max_steps is None and cfg.base_channels >= 64 and cfg.image_size >= 32:
         warnings.warn("this full-size config takes days on the CPU: try --config configs/quick_cpu.json "
                       "(shapes at 16 px, a few minutes)", stacklevel=2)
     channels = cfg.channels or dataset_channels(cfg.dataset, cfg.dataset_path)
-    with accelerator.main_process_first():  # one process downloads (CIFAR-10); the others then read its files
+    with accelerator.main_process_first():  # one process downloads (CIFAR-10, a Hub VAE); the others then read them
+        latents = load_latents(cfg.vae, device, cfg.mixed_precision, image_channels=channels)
         dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
                               augment=cfg.augment, channels=channels)
     num_classes = len(dataset.classes) if conditional else None
-    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, cfg.image_size, c_in=channels,
-                          device=device, clip_x0=cfg.clip_x0, schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma,
-                          prediction_type=cfg.prediction_type)
+    classes = list(dataset.classes)
+    diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, latents.latent_size(cfg.image_size),
+                          c_in=latents.channels, device=device, clip_x0=latents.clip_x0(cfg.clip_x0),
+                          schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma, prediction_type=cfg.prediction_type)
     labels = grid_labels(cfg, num_classes, device)
     n = cfg.n_samples if labels is None else labels.shape[0]
 
     def draw_grid(module, path):
-        images = diffusion.sample(module, n, labels, getattr(cfg, "cfg_scale", 0.0), sampler=cfg.sampler,
+        x_0 = diffusion.sample_x0(module, n, labels, getattr(cfg, "cfg_scale", 0.0), sampler=cfg.sampler,
                                   steps=cfg.sample_steps, seed=cfg.seed)
         if labels is None:
-            save_images(images, path)
+            save_images(latents.decode(x_0), path)
         else:
-            save_images(images, path, nrow=cfg.n_per_class, captions=dataset.classes)
+            save_images(latents.decode(x_0), path, nrow=cfg.n_per_class, captions=classes)
 
     if cfg.eval_every and num_classes is not None and cfg.eval_samples < num_classes:
         raise UsageError(f"eval_samples {cfg.eval_samples} is smaller than the {num_classes} classes: pass "
@@ -371,16 +422,31 @@ def image_task(cfg, accelerator, conditional):
         print(f"--eval_every {cfg.eval_every}: judge accuracy on held-out real images {judge.heldout_accuracy:.3f}")
         measure = functools.partial(offline_figures, diffusion=diffusion, judge=judge, num_classes=num_classes,
                                     n=cfg.eval_samples, cfg_scale=getattr(cfg, "cfg_scale", 0.0),
-                                    sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed)
+                                    sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed,
+                                    decode=latents.decode)
+
+    if cfg.cache_latents:  # batches of (posterior mean, std, label)
+        path = latent_cache_path(cfg, dataset, channels, augment=cfg.augment)
+        cache = open_cache(accelerator, path, dataset, latents, None, cfg.batch_size, cfg.num_workers)
+        dataset = TensorDataset(cache["mean"], cache["std"], cache["label"])
+
+    def x_0_and_labels(batch):
+        if cfg.cache_latents:
+            mean, std, batch_labels = batch
+            return draw_latents(mean, std), batch_labels
+        images, batch_labels = batch
+        if latents.vae is None:
+            return images, batch_labels
+        return draw_latents(*latents.encode(images)), batch_labels
 
     if conditional:
-        make_batch = functools.partial(drop_labels, p_uncond=cfg.p_uncond)
+        def make_batch(batch):
+            return drop_labels(x_0_and_labels(batch), cfg.p_uncond)
     else:
         def make_batch(batch):
-            return batch[0], None
-    classes = list(dataset.classes) if conditional else None
-    return Task(dataset, build_model(cfg, num_classes, channels), diffusion, make_batch, draw_grid, measure, classes,
-                channels)
+            return x_0_and_labels(batch)[0], None
+    return Task(dataset, build_model(cfg, num_classes, latents.channels), diffusion, make_batch, draw_grid, measure,
+                classes if conditional else None, channels, vae_digest=vae_digest(cfg.vae))
 
 
 # ----------------------------------------------------------------------------- the loop's bookkeeping
@@ -553,7 +619,8 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
 
     run = {"step": 0, "epoch": 0, "batches_done": 0, "losses": [], "skipped": 0}
     if flags.resume:
-        run = restore_run(cfg, models_dir, net, ema_net, ema, adamw, accelerator.num_processes, resumable)
+        run = restore_run(cfg, models_dir, net, ema_net, ema, adamw, accelerator.num_processes, resumable,
+                          task.vae_digest)
     quality_path = os.path.join(results_dir, "quality.json")  # --eval_every: [{"step", "seconds", ...figures}]
     quality = read_quality(quality_path, run["step"]) if flags.resume else []
     model = torch.compile(net) if getattr(cfg, "compile", False) else net
@@ -591,11 +658,13 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
         if accelerator.is_main_process:
             save_run(cfg, net, ema_net, ema, adamw, {
                 "step": step, "epoch": epoch, "batches_done": batches_done, "batches_per_epoch": len(dataloader),
-                "num_processes": n, "losses": losses, "skipped": log.skipped}, models_dir)
+                "num_processes": n, "losses": losses, "skipped": log.skipped, "vae_digest": task.vae_digest},
+                models_dir)
         accelerator.wait_for_everyone()
 
     epoch, stopped = start_epoch, None
     start, measuring = time.perf_counter(), 0.0  # train_seconds: the run's wall-clock time less --eval_every's
+    cpu_start = time.process_time()  # this process's CPU time, all threads: what a busy shared machine cannot inflate
     with StopRequest() as stop, tracking:
         for epoch in range(start_epoch, cfg.epochs):
             batches_done = run["batches_done"] if epoch == start_epoch else 0
@@ -607,7 +676,7 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                         batch = held.fetch(batch, seed + 1)
                     torch.manual_seed(seed)
                     x_0, conditioning = task.make_batch(batch)
-                    loss = task.diffusion.loss(model, x_0, conditioning)
+                    loss = task.compute_loss(model, x_0, conditioning, step)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = gradient_norm(accelerator, model, cfg.grad_clip)
@@ -658,11 +727,13 @@ def train(cfg, flags, make_task, resumable=RESUMABLE_FIELDS):
                 save(epoch, batches_done)
             if last:
                 break
-    accelerator.print(f"done: {step} steps ({log.skipped} skipped: {log.reason}); grids in {results_dir}/, "
-                      f"checkpoints in {models_dir}/")
+    seconds, cpu_seconds = time.perf_counter() - start - measuring, time.process_time() - cpu_start
+    accelerator.print(f"done: {step} steps ({log.skipped} skipped: {log.reason}), {step - run['step']} of them in "
+                      f"{seconds:.1f} s ({cpu_seconds:.1f} s of CPU); grids in {results_dir}/, checkpoints in "
+                      f"{models_dir}/")
     return {"step": step, "epoch": epoch, "losses": losses, "skipped": log.skipped, "stopped": stopped,
-            "results_dir": results_dir, "models_dir": models_dir, "quality": quality,
-            "train_seconds": time.perf_counter() - start - measuring}
+            "results_dir": results_dir, "models_dir": models_dir, "quality": quality, "train_seconds": seconds,
+            "train_cpu_seconds": cpu_seconds}
 
 
 def train_images(config_cls, argv=None, conditional=True, description=None):

@@ -48,6 +48,17 @@ def run_cli(main_fn, argv=None):
         sys.exit(2)
 
 
+def from_pretrained(cls, name, **kwargs):
+    """`cls.from_pretrained(name)`; failing to load is a one-line UsageError."""
+    advice = "the weights must be downloaded once with internet access, or pass a local folder"
+    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise UsageError(f"could not load '{name}' (no such folder): {advice}")
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not load '{name}' ({short_reason(exc, 200)}): {advice}") from exc
+
+
 # ----------------------------------------------------------------------------- configuration
 
 _TRUE = ("true", "1", "yes", "y", "on")

@@ -8,8 +8,8 @@ The mode is the first argument (or --mode MODE). Each mode writes one labelled P
 results/<run_name>/<mode>.png (run_name from the checkpoint's config):
   noising     x_0 and x_t ~ q(x_t | x_0) at a few t, one row per data set image, the same eps along a row;
   trajectory  one reverse run: the network's input x_t (top row) and the x_0 it predicts (bottom row) at a
-              few of the sampler's steps, then the result; every sampler works, and a train_sd.py checkpoint's
-              latents are decoded through its VAE (pass --prompt);
+              few of the sampler's steps, then the result; every sampler works, and the latents of a run with a
+              VAE (train_sd.py, or --vae of ddpm*.py) are decoded through it (pass --prompt to train_sd.py's);
   guidance    the same seeds and label under each guidance scale, one column per scale, after an
               unconditional column; --compare_raw adds the raw weights (ckpt.pt) below the EMA.
 """
@@ -27,6 +27,7 @@ import sample
 import train_sd
 from data import dataset_channels, get_dataset
 from ddpm import SAMPLERS, Diffusion
+from latents import run_latents
 from modules import NULL_LABEL
 from utils import (UsageError, arg, load_state_dict_strict, parse_config, pick_device, run_cli, save_figure, save_gif,
                    to_uint8)
@@ -120,7 +121,7 @@ def load_text_run(cfg, path, device):
     weights, run_cfg = train_sd.saved_run(path)
     run_cfg = dataclasses.replace(run_cfg, mixed_precision="no")
     latents, text = train_sd.load_frozen(run_cfg, device)
-    net = train_sd.build_unet(run_cfg, latents, text)
+    net = train_sd.build_network(run_cfg, latents, text)
     load_state_dict_strict(net, weights, what=f"checkpoint '{path}'")
     prompt = cfg.prompt or (run_cfg.prompt[0] if run_cfg.prompt else None)
     if prompt is None:
@@ -138,18 +139,19 @@ def load(cfg, path, device):
     if cfg.prompt is not None:
         raise UsageError("--prompt is for train_sd.py checkpoints: this is a U-Net checkpoint; use --label")
     net, arch, saved = sample.load_model(path)
-    diffusion = sample.make_diffusion(cfg, saved, arch["c_in"], device)
+    latents = run_latents(saved, arch["c_in"], device)
+    diffusion = sample.make_diffusion(cfg, saved, arch["c_in"], device, latents)
     num_classes = arch["num_classes"]
     if num_classes is None:
         if cfg.label is not None:
             raise UsageError("this checkpoint is unconditional: drop --label")
-        return Loaded(net.to(device), diffusion, lambda x: x, None, None, "unconditional", saved)
+        return Loaded(net.to(device), diffusion, latents.decode, None, None, "unconditional", saved)
     label = 0 if cfg.label is None else cfg.label
     if not 0 <= label < num_classes:
         raise UsageError(f"label {label} is outside the model's {num_classes} classes: use 0..{num_classes - 1}")
     cond = torch.tensor([label], device=device)  # (1,)
     null_cond = torch.full_like(cond, NULL_LABEL)
-    return Loaded(net.to(device), diffusion, lambda x: x, cond, null_cond, f"class {label}", saved)
+    return Loaded(net.to(device), diffusion, latents.decode, cond, null_cond, f"class {label}", saved)
 
 
 def generate(loaded, n, cfg_scale, cfg, callback=None, cond=None):

@@ -1,4 +1,6 @@
 """Fixtures shared by several test files."""
+import os
+
 import pytest
 import torch
 
@@ -21,3 +23,64 @@ def tiny_sd_models(tmp_path_factory):
 
     vae_dir, text_dir = train_sd.make_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
     return {"vae": vae_dir, "text_encoder": text_dir}
+
+
+def write_tiny_vae(path, seed=0, scaling_factor=1.5, shift_factor=0.1):
+    """save_pretrained of a tiny random AutoencoderKL (factor 2, 4 latent channels) with its latent scale in the
+    config, as train_vae.py writes one; returns the folder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                        norm_num_groups=4, sample_size=16)
+    vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
+    vae.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def latent_run(tmp_path_factory):
+    """A ddpm_conditional.py run of 2 steps in the latents of a tiny VAE: shapes at 16 px, latents (4, 8, 8), T = 200.
+    Returns {"root": its working folder, "vae": the VAE folder, "ckpt": models/latent/ema_ckpt.pt}."""
+    import ddpm_conditional
+
+    root = tmp_path_factory.mktemp("latent_run")
+    vae = write_tiny_vae(root / "vae")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        ddpm_conditional.main(["--vae", vae, "--dataset", "shapes", "--dataset_size", "40", "--image_size", "16",
+                               "--base_channels", "8", "--noise_steps", "200", "--batch_size", "8", "--max_steps",
+                               "2", "--n_per_class", "1", "--sample_steps", "2", "--num_workers", "0", "--device",
+                               "cpu", "--run_name", "latent"])
+    finally:
+        os.chdir(here)
+    return {"root": str(root), "vae": vae, "ckpt": str(root / "models" / "latent" / "ema_ckpt.pt")}
+
+
+def record_calls(monkeypatch, method):
+    """Record the shape of the tensor that each call of latents.Latents.<method> gets; returns the list."""
+    import latents
+
+    shapes = []
+    original = getattr(latents.Latents, method)
+
+    def recorded(self, x):
+        shapes.append(tuple(x.shape))
+        return original(self, x)
+
+    monkeypatch.setattr(latents.Latents, method, recorded)
+    return shapes
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The shapes of the latents that the VAE decodes into pixels while the test runs, in order."""
+    return record_calls(monkeypatch, "decode")
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """The shapes of the image batches that the VAE encodes while the test runs, in order."""
+    return record_calls(monkeypatch, "encode")

@@ -3,6 +3,7 @@ import json
 import pathlib
 
 import pytest
+import torch
 from PIL import Image
 
 import compare
@@ -12,6 +13,7 @@ from utils import UsageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONDITIONING = str(REPO / "configs" / "compare_conditioning.json")
+BACKBONES = str(REPO / "configs" / "compare_backbones.json")
 TINY = ["--preset", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "2", "--steps", "2",
         "--n_per_class", "2", "--device", "cpu", "--train_args",
         "--dataset_size 32 --base_channels 8 --batch_size 8 --sampler ddim --sample_steps 2 --num_workers 0"]
@@ -63,6 +65,27 @@ def test_every_variant_is_trained_and_measured_alike(workdir, fake_evaluate):
     summary = json.loads((out / "table.json").read_text())
     assert len(summary["runs"]) == 4 and summary["rows"][0]["variant"] == "add"
     assert not (out / "curves.png").exists()  # no --eval_every
+
+
+def test_the_backbones_compare_the_unet_and_dit_with_their_gflops_per_image(workdir, fake_evaluate):
+    """configs/compare_backbones.json: the U-Net (add, adanorm) beside DiT; every row has the FLOPs of one network
+    evaluation of one image, counted on the run's own checkpoint."""
+    import sample
+    from bench import count_flops
+
+    rows = compare.main(TINY + ["--variants", BACKBONES, "--seeds", "0"])
+    assert [row["variant"] for row in rows] == ["unet-add", "unet-adanorm", "dit-t-2"]
+    for row in rows:
+        model, arch, _ = sample.load_model(str(workdir / "models" / f"cmp_{row['variant']}_s0" / "ema_ckpt.pt"))
+        x, t, y = torch.zeros(1, 3, 16, 16), torch.tensor([9]), torch.tensor([3])
+        with torch.no_grad():
+            flops = count_flops(lambda: model(x, t, y))
+        assert row["gflops_per_image"] == pytest.approx(flops / 1e9, abs=1e-4) and flops > 0
+        assert (arch.get("backbone") == "dit") == (row["variant"] == "dit-t-2")
+    assert rows[2]["gflops_per_image"] > 10 * rows[0]["gflops_per_image"]  # dit-t beside the tiny U-Net (8 channels)
+    table = (workdir / "results" / "compare" / "compare_backbones" / "table.md").read_text()
+    assert "| parameters | GFLOPs per image |" in table
+    assert f"| {rows[2]['gflops_per_image']:.3f} |" in table
 
 
 def test_eval_every_records_each_runs_learning_curve_and_plots_it(workdir, fake_evaluate, monkeypatch, tmp_path):

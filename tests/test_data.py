@@ -394,6 +394,16 @@ def test_data_on_device_holds_what_fits_and_says_why_not(tmp_path, monkeypatch):
     assert data.data_on_device(folder, "cpu", wanted=True)[0] is not None
 
 
+def test_holdout_split_is_disjoint_seeded_and_keeps_every_item():
+    dataset = data.ShapesDataset(8, size=50)
+    rest, held = data.holdout_split(dataset, 10, seed=3)
+    assert len(held) == 10 and len(rest) == 40
+    assert sorted(held.indices + rest.indices) == list(range(50))
+    assert data.holdout_split(dataset, 10, seed=3)[1].indices == held.indices
+    assert data.holdout_split(dataset, 10, seed=4)[1].indices != held.indices
+    assert torch.equal(held[0][0], dataset[held.indices[0]][0]) and held.caption(0) == dataset.caption(held.indices[0])
+
+
 # ----------------------------------------------------------------------------- grey images (--channels 1)
 
 def _grey_folder(root, size=16, per_class=4, mode="L"):

@@ -14,7 +14,7 @@ import torchvision.transforms.functional as TF
 import data
 import ddpm_conditional
 import evaluate
-from modules import UNet, UNet_conditional
+from modules import DIT_SIZES, DiT, UNet, UNet_conditional
 from utils import load_checkpoint, run_cli, save_config, to_uint8
 
 FAST = ["--sampler", "ddim", "--steps", "2", "--num_real", "2000", "--judge_epochs", "4", "--device", "cpu"]
@@ -117,6 +117,13 @@ def workdir(tmp_path_factory):
         save_config(cfg, str(root / "models" / name / "config.json"))
     (root / "bare").mkdir()
     torch.save(UNet_conditional(num_classes=10, base_channels=8).state_dict(), root / "bare" / "ckpt.pt")
+    depth, dim, heads = DIT_SIZES["dit-n"]
+    (root / "models" / "D").mkdir(parents=True)
+    torch.save(DiT(num_classes=10, patch_size=4, depth=depth, dim=dim, heads=heads).state_dict(),
+               root / "models" / "D" / "ema_ckpt.pt")
+    cfg = ddpm_conditional.Config(run_name="D", dataset="shapes", image_size=16, noise_steps=100, backbone="dit",
+                                  dit_size="dit-n", patch_size=4)
+    save_config(cfg, str(root / "models" / "D" / "config.json"))
     return root
 
 
@@ -182,11 +189,27 @@ def test_clip_x0_defaults_to_the_runs_setting_and_the_flag_overrides_it(offline,
     assert [row["clip_x0"] for row in rows] == seen
 
 
+def test_a_dit_checkpoint_is_measured_like_a_unet(offline, capsys):
+    metrics = evaluate.main(["--ckpt", "models/D/ema_ckpt.pt", "--num_samples", "10", "--inception", "false"] + FAST)
+    (row,) = metrics["rows"]
+    assert 0 <= row["class_accuracy"] <= 1 and row["judge_fd"] > 0 and row["num_samples"] == 10
+    assert metrics["run_name"] == "D" and (offline / "results" / "D" / "metrics.json").is_file()
+    assert "conditional (10 classes) DiT dit-n/4 from models/D/ema_ckpt.pt" in capsys.readouterr().out
+
+
 def test_unconditional_checkpoint_skips_accuracy_with_a_note(offline):
     metrics = evaluate.main(["--ckpt", "models/U/ema_ckpt.pt", "--num_samples", "4", "--inception", "false"] + FAST)
     (row,) = metrics["rows"]
     assert row["class_accuracy"] is None and row["judge_fd"] > 0 and row["cfg_scale"] is None
     assert any("class accuracy skipped" in note for note in metrics["notes"])
+
+
+def test_a_latent_run_is_judged_on_its_decoded_samples(offline, latent_run, decoded):
+    metrics = evaluate.main(["--ckpt", latent_run["ckpt"], "--num_samples", "10", "--inception", "false", "--out",
+                             "latent/metrics.json"] + FAST)
+    assert decoded == [(10, 4, 8, 8)]  # 8 px latents, decoded to the 16 px images the judge reads
+    assert metrics["image_size"] == 16 and 0 <= metrics["rows"][0]["class_accuracy"] <= 1
+    assert metrics["rows"][0]["clip_x0"] is False  # latents have no [-1, 1] range
 
 
 @pytest.mark.parametrize("args, message", [

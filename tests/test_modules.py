@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import (EMA, NULL_LABEL, CrossAttention, DoubleConv, NoAttention, SelfAttention, UNet, UNet_conditional,
-                     UNet_text, timestep_encoding)
+from bench import count_flops
+from ddpm import Diffusion
+from modules import (DIT_SIZES, EMA, NULL_LABEL, PATCH_SIZES, CrossAttention, DiT, DiT_text, DoubleConv, NoAttention,
+                     SelfAttention, UNet, UNet_conditional, UNet_text, patchify, position_embedding_2d,
+                     timestep_encoding, unpatchify)
 
 REFERENCE_LAYOUT = pathlib.Path(__file__).parent / "data" / "reference_state_dict.txt"
 
@@ -370,6 +373,178 @@ def test_unknown_conditioning_is_a_value_error():
         UNet_conditional(num_classes=3, conditioning="film")
 
 
+# ----------------------------------------------------------------------------- DiT
+def tiny_dit(**options):
+    torch.manual_seed(0)
+    return DiT(**{"num_classes": 4, "patch_size": 2, "depth": 2, "dim": 32, "heads": 2, **options}).eval()
+
+
+def away_from_zero(model):
+    """Random values for every weight that starts at zero (adaLN-Zero's modulations and gates, the output layer, the
+    cross-attentions' output), as after training."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+# Every allowed size: multiples of the patch size, square or not (the scripts use multiples of 8).
+ALLOWED = [(p, h, w) for p in PATCH_SIZES for h, w in [(8, 8), (16, 16), (24, 24), (32, 32), (16, 32), (32, 8),
+                                                         (3 * p, 5 * p), (p, p)]]
+
+
+@pytest.mark.parametrize("patch_size, height, width", ALLOWED)
+def test_patchify_cuts_row_major_patches_and_unpatchify_is_its_inverse(patch_size, height, width):
+    p = patch_size
+    x = torch.randn(2, 3, height, width)
+    tokens = patchify(x, p)
+    assert tokens.shape == (2, (height // p) * (width // p), p * p * 3)
+    for index in (0, tokens.shape[1] // 2, tokens.shape[1] - 1):  # token k: the patch at row k // (W/p), col k % (W/p)
+        row, col = divmod(index, width // p)
+        patch = x[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p]  # (B, C, p, p)
+        assert torch.equal(tokens[:, index], patch.permute(0, 2, 3, 1).flatten(1))  # flattened as (p, p, C)
+    assert torch.equal(unpatchify(tokens, p, height, width), x)
+    features = torch.randn(2, (height // p) * (width // p), p * p * 4)
+    assert torch.equal(patchify(unpatchify(features, p, height, width), p), features)
+
+
+@pytest.mark.parametrize("patch_size, height, width", ALLOWED)
+def test_dit_output_has_the_input_shape_at_every_allowed_size(patch_size, height, width):
+    x, t = torch.randn(2, 3, height, width), torch.tensor([1, 900])
+    with torch.no_grad():
+        assert tiny_dit(patch_size=patch_size)(x, t, torch.tensor([0, 3])).shape == x.shape
+        assert tiny_dit(patch_size=patch_size, num_classes=None)(x, t).shape == x.shape
+        assert DiT(c_in=4, c_out=2, patch_size=patch_size, depth=1, dim=16, heads=2)(
+            torch.randn(1, 4, height, width), t[:1]).shape == (1, 2, height, width)
+
+
+@pytest.mark.parametrize("patch_size, height, width", [(4, 18, 18), (4, 16, 10), (2, 15, 16), (2, 7, 7)])
+def test_other_sizes_are_one_line_naming_the_allowed_ones(patch_size, height, width):
+    x = torch.randn(1, 3, height, width)
+    message = rf"image size {height}x{width} is not divisible by the patch size {patch_size}: .* multiples of " \
+              rf"{patch_size}, e.g. 16, 32 or 64"
+    for call in (lambda: patchify(x, patch_size), lambda: tiny_dit(patch_size=patch_size)(x, torch.tensor([3]))):
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("patch_size", [1, 3, 8])
+def test_a_patch_size_that_is_not_allowed_is_a_value_error(patch_size):
+    with pytest.raises(ValueError, match=rf"^patch_size {patch_size} is not allowed: use 2 or 4$"):
+        DiT(patch_size=patch_size)
+
+
+def test_position_embedding_is_fixed_sin_cos_of_row_and_column():
+    embedding = position_embedding_2d(3, 4, 16)  # a 3 x 4 grid, row-major
+    assert embedding.shape == (12, 16)
+    for index in range(12):
+        row, col = divmod(index, 4)
+        expected = torch.cat([timestep_encoding(torch.tensor([row]), 8), timestep_encoding(torch.tensor([col]), 8)], 1)
+        torch.testing.assert_close(embedding[index], expected[0])
+    assert len({tuple(v.tolist()) for v in embedding}) == 12  # every position is told apart
+    names = [name for name, _ in tiny_dit().named_parameters()] + [name for name, _ in tiny_dit().named_buffers()]
+    assert not [name for name in names if "pos" in name]  # not learned, not stored: made for each input size
+
+
+def test_adaln_zero_every_block_starts_as_the_identity_so_the_output_ignores_the_class():
+    model = tiny_dit()
+    with torch.no_grad():
+        model.out.weight.normal_()  # a non-zero output layer, so the output below is not zero for a trivial reason
+    tokens, cond = torch.randn(3, 64, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        for block in model.blocks:
+            assert torch.equal(block(tokens, cond), tokens)
+        x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 400, 999])
+        outputs = [model(x, t, y) for y in (torch.tensor([0, 1, 3]), torch.tensor([2, 2, 2]),
+                                            torch.tensor([NULL_LABEL] * 3), None)]
+        assert outputs[0].abs().sum() > 0
+        for out in outputs[1:]:
+            assert torch.equal(out, outputs[0])
+        away_from_zero(model)  # once the modulations have moved, as training moves them, the class counts
+        assert not torch.allclose(model(x, t, torch.tensor([0, 1, 3])), model(x, t, torch.tensor([2, 2, 2])))
+
+
+def test_text_dit_blocks_start_as_the_identity_too():
+    torch.manual_seed(0)
+    model = DiT_text(c_in=4, c_out=4, depth=2, dim=32, heads=2, context_dim=16).eval()
+    tokens, cond, context = torch.randn(2, 16, 32), torch.randn(2, 32), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        for block in model.blocks:
+            assert torch.equal(block(tokens, cond, context), tokens)
+
+
+def test_dit_null_class_is_the_unconditional_branch_and_guidance_is_one_batch():
+    model = away_from_zero(tiny_dit())
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([10, 500, 900, 300])
+    with torch.no_grad():
+        mixed = model(x, t, torch.tensor([2, NULL_LABEL, 1, NULL_LABEL]))
+        uncond = model(x, t)  # y=None: the learned null class for every row
+        cond = model(x, t, torch.tensor([2, 0, 1, 3]))
+    torch.testing.assert_close(mixed[[1, 3]], uncond[[1, 3]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[[0, 2]], cond[[0, 2]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cond, uncond, atol=1e-3)
+    assert model.class_emb.weight.shape == (5, 32)  # 4 classes and the learned null class, the last row
+
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x_t, t, y):
+            calls.append(len(y))
+            return model(x_t, t, y)
+
+    labels = torch.tensor([2, 0, 1, 3])
+    with torch.no_grad():
+        guided = Diffusion(img_size=16).predict_eps(Counting(), x, t, labels, torch.full_like(labels, NULL_LABEL), 3.0)
+    assert calls == [8]  # one forward pass: the conditional and the unconditional half together
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), atol=1e-4, rtol=1e-4)
+
+    model.train()
+    model(x, t, torch.tensor([NULL_LABEL, 1, NULL_LABEL, 1])).square().mean().backward()
+    grad = model.class_emb.weight.grad
+    assert grad[4].abs().sum() > 0 and grad[1].abs().sum() > 0  # the null class is learned like a class
+    assert grad[[0, 2, 3]].abs().sum() == 0
+
+
+def test_dit_attention_runs_on_the_fused_kernel(monkeypatch):
+    fused, modules_called = [], []
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: fused.append(1) or original(*a, **k))
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward", lambda *a, **k: modules_called.append(1))
+    tiny_dit(depth=3)(torch.randn(1, 3, 16, 16), torch.tensor([3]), torch.tensor([1]))
+    assert len(fused) == 3
+    text_dit = DiT_text(depth=3, dim=32, heads=2, context_dim=16)
+    text_dit(torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 5, 16))
+    assert len(fused) == 3 + 6 and not modules_called  # 3 self- and 3 cross-attentions
+
+
+@pytest.mark.parametrize("conditioning", DiT_text.CONDITIONINGS)
+def test_text_dit_reads_the_text(conditioning):
+    torch.manual_seed(0)
+    model = away_from_zero(DiT_text(c_in=4, c_out=4, depth=2, dim=32, heads=2, context_dim=16,
+                                    conditioning=conditioning))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 999])
+    context = torch.randn(2, 7, 16) if conditioning == "cross_attention" else torch.randn(2, 16)
+    with torch.no_grad():
+        out = model(x, t, context)
+        assert out.shape == (2, 4, 8, 8)
+        assert not torch.allclose(out, model(x, t, context + 1.0))
+
+
+def test_dit_t_with_patch_size_2_matches_the_flops_of_the_small_unet():
+    """The comparison of configs/compare_backbones.json is at matched FLOPs: dit-t/2 and the base_channels-32 U-Net
+    at 16 px, per image, within 10%."""
+    x, t, y = torch.randn(1, 3, 16, 16), torch.tensor([5]), torch.tensor([1])
+    depth, dim, heads = DIT_SIZES["dit-t"]
+    dit = DiT(num_classes=10, patch_size=2, depth=depth, dim=dim, heads=heads)
+    unet = UNet_conditional(num_classes=10, base_channels=32)
+    with torch.no_grad():
+        dit_flops, unet_flops = (count_flops(lambda: net(x, t, y)) for net in (dit, unet))
+    assert abs(dit_flops / unet_flops - 1) < 0.1, (dit_flops, unet_flops)
+
+
 # ----------------------------------------------------------------------------- gradient checkpointing
 def loss_and_gradients(model, *inputs):
     model.zero_grad(set_to_none=True)
@@ -408,3 +583,31 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_keeps_loss_and_gradien
     with torch.no_grad():  # sampling: nothing to recompute
         model(*inputs)
     assert calls["down1"] == 4
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_dit_gradient_checkpointing_recomputes_each_block_and_keeps_loss_and_gradients(text):
+    """The same loss and gradients (to float tolerance); each DiTBlock runs twice per step, once under no_grad."""
+    torch.manual_seed(0)
+    if text:
+        model = away_from_zero(DiT_text(c_in=1, c_out=1, patch_size=2, depth=2, dim=32, heads=2, context_dim=16))
+        inputs = (torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16))
+    else:
+        model = away_from_zero(tiny_dit())
+        inputs = (torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, NULL_LABEL]))
+    model.train()
+    calls = [0] * len(model.blocks)
+    for index, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1))
+    loss, grads = loss_and_gradients(model, *inputs)
+    assert calls == [1, 1]
+    model.enable_gradient_checkpointing()
+    loss_ckpt, grads_ckpt = loss_and_gradients(model, *inputs)
+    assert calls == [3, 3]  # the blocks ran again in the backward pass
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=0)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():  # sampling: nothing to recompute
+        model(*inputs)
+    assert calls == [4, 4]

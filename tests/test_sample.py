@@ -15,7 +15,7 @@ sys.path.insert(0, REPO)
 
 import ddpm_conditional  # noqa: E402
 import sample  # noqa: E402
-from modules import UNet, UNet_conditional  # noqa: E402
+from modules import DIT_SIZES, DiT, UNet, UNet_conditional  # noqa: E402
 from utils import load_state_dict_strict, parse_config, run_cli, save_config  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "2"]
@@ -170,11 +170,11 @@ def test_prediction_type_comes_from_the_saved_config_and_old_configs_predict_eps
 def test_defaults_passed_to_the_sampler(ref_cond, ref_uncond, tmp_path, monkeypatch):
     calls = []
 
-    def fake_sample(self, model, n, labels, cfg_scale, **kwargs):
+    def fake_sample_x0(self, model, n, labels, cfg_scale, **kwargs):
         calls.append((n, labels, cfg_scale, kwargs))
-        return torch.zeros(n, 3, self.img_size, self.img_size, dtype=torch.uint8)
+        return torch.zeros(n, self.c_in, self.img_size, self.img_size)
 
-    monkeypatch.setattr(sample.Diffusion, "sample", fake_sample)
+    monkeypatch.setattr(sample.Diffusion, "sample_x0", fake_sample_x0)  # what sample.main calls, then decodes
     sample.main(["--ckpt", ref_cond, "--out", str(tmp_path / "c.png")])
     n, labels, cfg_scale, kwargs = calls[-1]
     assert n == 30 and labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10 and cfg_scale == 3.0
@@ -214,6 +214,58 @@ def test_a_config_naming_another_mode_than_the_weights_is_an_error(ref_cond, tmp
     assert run_main(["--ckpt", ref_cond, "--out", str(tmp_path / "grid.png"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert "conditioned by 'add', but its saved config says 'xattn'" in err and "\n" not in err
+
+
+def write_dit_run(root, num_classes=3, **config):
+    """models/D/{ema_ckpt.pt, config.json} of a dit-n/4 network with moved adaLN weights, as after training."""
+    torch.manual_seed(0)
+    depth, dim, heads = DIT_SIZES["dit-n"]
+    net = DiT(num_classes=num_classes, patch_size=4, depth=depth, dim=dim, heads=heads)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    run = root / "models" / "D"
+    run.mkdir(parents=True)
+    torch.save(net.state_dict(), run / "ema_ckpt.pt")
+    options = {"run_name": "D", "image_size": 16, "backbone": "dit", "dit_size": "dit-n", "patch_size": 4, **config}
+    save_config(ddpm_conditional.Config(**options), str(run / "config.json"))
+    return net.eval(), str(run / "ema_ckpt.pt")
+
+
+def test_a_dit_checkpoint_is_rebuilt_from_its_weights_and_saved_config(tmp_path):
+    net, ckpt = write_dit_run(tmp_path)
+    model, arch, saved = sample.load_model(ckpt)
+    assert type(model) is DiT and saved["backbone"] == "dit"
+    assert {k: arch[k] for k in ("c_in", "c_out", "num_classes", "patch_size", "depth", "dim", "heads")} == \
+        {"c_in": 3, "c_out": 3, "num_classes": 3, "patch_size": 4, "depth": 4, "dim": 64, "heads": 2}
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([2, -1])
+    torch.testing.assert_close(model(x, t, y), net(x, t, y))
+    images = sample.main(["--ckpt", ckpt, "--n_per_label", "2", "--out", str(tmp_path / "grid.png"), *FAST])
+    assert images.shape == (6, 3, 16, 16) and image_size_of(tmp_path / "grid.png") == grid_size(3, 2, 16)
+
+
+@pytest.mark.parametrize("config, message", [
+    (None, "holds a DiT, but no saved config names its dit_size and patch_size: keep the run's config.json"),
+    ({"backbone": "unet"}, "holds a dit, but its saved config says backbone 'unet'"),
+    ({"dit_size": "dit-t"}, "holds a DiT of depth 4, width 64 and 48 numbers per patch, but its saved config says "
+                            "dit-t (8 blocks of width 128) with patch_size 4"),
+    ({"patch_size": 2}, "but its saved config says dit-n (4 blocks of width 64) with patch_size 2"),
+])
+def test_a_dit_checkpoint_whose_config_does_not_fit_is_one_line(config, message, tmp_path, capsys):
+    _, ckpt = write_dit_run(tmp_path, **(config or {}))
+    if config is None:
+        os.remove(os.path.join(os.path.dirname(ckpt), "config.json"))
+    assert run_main(["--ckpt", ckpt, "--out", str(tmp_path / "grid.png"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_a_unet_checkpoint_whose_config_says_dit_is_one_line(ref_cond, tmp_path, capsys):
+    save_config(ddpm_conditional.Config(run_name="ref", backbone="dit"), os.path.join(os.path.dirname(ref_cond),
+                                                                                      "config.json"))
+    assert run_main(["--ckpt", ref_cond, "--out", str(tmp_path / "grid.png"), *FAST]) == 2
+    assert "holds a unet, but its saved config says backbone 'dit'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- grids and files
@@ -376,6 +428,15 @@ def test_help_lists_defaults(capsys):
 
 
 # ----------------------------------------------------------------------------- the command line
+def test_a_latent_run_samples_latents_and_decodes_them_through_its_vae(latent_run, tmp_path, decoded):
+    out = tmp_path / "grid.png"
+    images = sample.main(["--ckpt", latent_run["ckpt"], "--labels", "0,1", "--n_per_label", "2", "--out", str(out),
+                          "--device", "cpu", *FAST])
+    assert decoded == [(4, 4, 8, 8)]  # the U-Net sampled 8 px latents of 4 channels; the VAE made them pixels
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    assert image_size_of(out) == grid_size(2, 2, 16)
+
+
 def run_script(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, env=env, capture_output=True, text=True,

@@ -60,7 +60,7 @@ def test_shapes_through_every_stage(tiny, conditioning, context_shape):
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, std = latents.encode(images)
     assert mean.shape == std.shape == (2, 4, 8, 8) and latents.factor == 2
-    net = train_sd.build_unet(cfg, latents, text)
+    net = train_sd.build_network(cfg, latents, text)
     eps = net(mean, torch.tensor([1, 500]), context)
     assert eps.shape == (2, 4, 8, 8)
     assert latents.decode(mean).shape == (2, 3, 16, 16)
@@ -236,7 +236,7 @@ def test_guidance_is_one_batched_pass_with_the_empty_prompt(tiny, tmp_path):
     cfg = tiny_cfg(tiny, n_per_prompt=3, sample_steps=4, cfg_scale=7.5)
     latents, text = train_sd.load_frozen(cfg, "cpu")
     torch.manual_seed(0)
-    net = Counting(train_sd.build_unet(cfg, latents, text)).eval()
+    net = Counting(train_sd.build_network(cfg, latents, text)).eval()
     diffusion = train_sd.make_diffusion(cfg, latents, "cpu")
     prompts = ["a red circle", "a blue triangle"]
     images = train_sd.sample_grid(cfg, diffusion, net, latents, text, prompts, str(tmp_path / "grid.png"))
@@ -256,32 +256,19 @@ def test_guidance_is_one_batched_pass_with_the_empty_prompt(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- runs: cache, resume, CLI
 
-def count_encodes(monkeypatch):
-    calls = []
-    encode = train_sd.Latents.encode
-
-    def counted(self, images):
-        calls.append(images.shape[0])
-        return encode(self, images)
-
-    monkeypatch.setattr(train_sd.Latents, "encode", counted)
-    return calls
-
-
-def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monkeypatch):
+def test_cache_hit_skips_the_vae_and_any_change_re_encodes(tiny, tmp_path, monkeypatch, encoded):
     monkeypatch.chdir(tmp_path)
-    calls = count_encodes(monkeypatch)
     train_sd.main(tiny_argv(tiny, "cached", cache_latents=True))
-    assert sum(calls) == 32 and len(os.listdir("cache")) == 1  # each image encoded once, then the cache trains
+    assert sum(shape[0] for shape in encoded) == 32 and len(os.listdir("cache")) == 1  # each image once, then the cache
     cache = torch.load(os.path.join("cache", os.listdir("cache")[0]), weights_only=True)
     distinct = len({data.ShapesDataset(16, size=32).caption(i) for i in range(32)})  # each caption stored once
     assert cache["mean"].shape == (32, 4, 8, 8) and len(cache["captions"]) == distinct < 32
     assert cache["contexts"].shape == (distinct, 16, 32) and cache["caption_index"].shape == (32,)
-    calls.clear()
+    encoded.clear()
     train_sd.main(tiny_argv(tiny, "cached", cache_latents=True) + ["--overwrite"])
-    assert calls == [] and len(os.listdir("cache")) == 1  # hit: the VAE encoder never ran
+    assert encoded == [] and len(os.listdir("cache")) == 1  # hit: the VAE encoder never ran
     train_sd.main(tiny_argv(tiny, "cached32", cache_latents=True, image_size=32))
-    assert sum(calls) == 32 and len(os.listdir("cache")) == 2  # new image_size -> new key -> re-encoded
+    assert sum(shape[0] for shape in encoded) == 32 and len(os.listdir("cache")) == 2  # new image_size: re-encoded
 
     cfg = tiny_cfg(tiny, cache_latents=True)
     dataset = data.get_caption_dataset("shapes", "", 16, size=32)
@@ -344,6 +331,35 @@ def test_cli_trains_then_samples_a_captioned_grid(tiny, tmp_path):
     for top in (0, strip + row):
         assert (pixels[top:top + strip] < 128).any() and (pixels[top:top + strip] == 255).mean() > 0.5  # dark text
         assert (pixels[top + strip:top + strip + 2] == 0).all()  # the row's black top padding
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "add"])
+def test_backbone_dit_trains_on_latents_and_samples_from_its_checkpoint(tiny, tmp_path, monkeypatch, conditioning):
+    """--backbone dit: DiT_text on the tiny VAE's 8 px latents (patch size 2: 16 tokens), through the one loop;
+    --sample rebuilds it from the saved config, and the prompt reaches the prediction."""
+    from modules import DiT_text
+
+    monkeypatch.chdir(tmp_path)
+    train_sd.main(tiny_argv(tiny, "dit", backbone="dit", dit_size="dit-n", patch_size=2, conditioning=conditioning,
+                            max_steps=2))
+    weights, cfg = train_sd.saved_run("models/dit/ema_ckpt.pt")
+    assert (cfg.backbone, cfg.dit_size, cfg.patch_size) == ("dit", "dit-n", 2)
+    latents, text = train_sd.load_frozen(cfg, "cpu")
+    net = train_sd.build_network(cfg, latents, text)
+    assert type(net) is DiT_text and net.conditioning == conditioning
+    assert (net.patch_embed.in_features, net.out.out_features) == (2 * 2 * 4, 2 * 2 * 4)  # 4 latent channels
+    net.load_state_dict(weights)
+    with torch.no_grad():
+        for p in net.parameters():  # move the zero-initialised weights, as a longer run would
+            if not p.any():
+                p.normal_(0, 0.1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    context = text(["a red circle", "a red circle"])
+    with torch.no_grad():
+        assert not torch.allclose(net(x, t, context), net(x, t, text(["a blue square", "a blue square"])))
+    images = train_sd.main(["--sample", "--ckpt", "models/dit/ema_ckpt.pt", "--prompt", "a red circle",
+                            "--n_per_prompt", "2", "--sample_steps", "2", "--out", "grid.png"])
+    assert images == "grid.png" and (tmp_path / "grid.png").is_file()
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -453,7 +469,7 @@ def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
     seconds = time.time() - start
     cfg = tiny_cfg(tiny, **{**overrides, "n_per_prompt": 10, "sample_steps": 20})
     latents, text = train_sd.load_frozen(cfg, "cpu")
-    net = train_sd.build_unet(cfg, latents, text)
+    net = train_sd.build_network(cfg, latents, text)
     net.load_state_dict(torch.load("models/learn/ema_ckpt.pt", weights_only=True))
     prompts = [data.shape_caption(c, (3 * c) % 10) for c in range(10)]  # every colour once
     diffusion = train_sd.make_diffusion(cfg, latents, "cpu")

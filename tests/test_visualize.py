@@ -16,7 +16,7 @@ import ddpm_conditional  # noqa: E402
 import train_sd  # noqa: E402
 import visualize  # noqa: E402
 from ddpm import SAMPLERS  # noqa: E402
-from modules import UNet, UNet_conditional  # noqa: E402
+from modules import DIT_SIZES, DiT, UNet, UNet_conditional  # noqa: E402
 from utils import parse_config, run_cli, save_config, to_uint8  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "3"]
@@ -44,6 +44,23 @@ def cond_ckpt(tmp_path_factory):
                      lambda: UNet_conditional(num_classes=3, base_channels=8))
 
 
+def moved_dit():
+    """A dit-n/4 network with its zero-initialised weights moved, as after training, so that the class counts."""
+    depth, dim, heads = DIT_SIZES["dit-n"]
+    net = DiT(num_classes=3, patch_size=4, depth=depth, dim=dim, heads=heads)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return net
+
+
+@pytest.fixture(scope="module")
+def dit_ckpt(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("dit") / "models" / "R", moved_dit, backbone="dit", dit_size="dit-n",
+                     patch_size=4)
+
+
 @pytest.fixture(scope="module")
 def uncond_ckpt(tmp_path_factory):
     return write_run(tmp_path_factory.mktemp("uncond") / "models" / "R", lambda: UNet(base_channels=8))
@@ -59,7 +76,7 @@ def text_ckpt(tmp_path_factory):
                                          "--prompt", "a photo of a red circle", "--run_name", "S"])
     latents, text = train_sd.load_frozen(cfg, "cpu")
     torch.manual_seed(0)
-    net = train_sd.build_unet(cfg, latents, text)
+    net = train_sd.build_network(cfg, latents, text)
     run_dir = root / "models" / "S"
     run_dir.mkdir(parents=True)
     torch.save(net.state_dict(), run_dir / "ema_ckpt.pt")
@@ -170,6 +187,18 @@ def test_guidance_columns_same_seed_scale_0_equals_1_and_3_differs(cond_ckpt):
     assert not torch.allclose(cells[0][1], cells[1][1])  # two images, two noises
 
 
+def test_a_dit_checkpoint_is_rebuilt_and_guided_like_a_unet(dit_ckpt, tmp_path):
+    cfg = options(["--ckpt", dit_ckpt, "--scales", "0,1,3", "--n", "1", "--label", "2", *FAST])
+    loaded = visualize.load(cfg, cfg.ckpt, "cpu")
+    assert type(loaded.net) is DiT and loaded.saved["backbone"] == "dit"
+    cells, titles, _, _ = visualize.guidance(cfg, loaded)
+    ((uncond, scale_0, scale_1, scale_3),) = cells
+    assert torch.allclose(scale_0, scale_1, atol=1e-5) and not torch.allclose(scale_1, scale_3, atol=1e-3)
+    out = str(tmp_path / "trajectory.png")
+    assert visualize.main(["trajectory", "--ckpt", dit_ckpt, "--frames", "2", "--out", out, *FAST]) == out
+    assert png(out)[0] == expected_size(2, 3)
+
+
 def test_text_checkpoint_trajectory_and_guidance_decode_latents_through_the_vae(text_ckpt, tmp_path):
     cfg = options(["--ckpt", text_ckpt, "--frames", "2", *FAST])
     loaded = visualize.load(cfg, cfg.ckpt, "cpu")
@@ -180,6 +209,19 @@ def test_text_checkpoint_trajectory_and_guidance_decode_latents_through_the_vae(
     out = str(tmp_path / "guidance.png")
     visualize.main(["guidance", "--ckpt", text_ckpt, "--prompt", "a blue triangle", "--scales", "2", "--n", "1",
                     "--out", out, *FAST])
+    assert png(out)[0] == expected_size(1, 2)
+
+
+def test_a_latent_class_run_is_decoded_through_its_vae(latent_run, tmp_path):
+    cfg = options(["--ckpt", latent_run["ckpt"], "--label", "1", "--frames", "2", *FAST])
+    loaded = visualize.load(cfg, cfg.ckpt, "cpu")
+    assert loaded.diffusion.c_in == 4 and loaded.diffusion.img_size == 8  # the U-Net runs on latents
+    cells, _, _, title = visualize.trajectory(cfg, loaded)
+    assert "class 1" in title
+    assert all(cell.shape == (3, 16, 16) for cell in cells[0] + cells[1][:-1])  # decoded pixels, not latents
+    out = str(tmp_path / "guidance.png")
+    visualize.main(["guidance", "--ckpt", latent_run["ckpt"], "--label", "2", "--scales", "2", "--n", "1", "--out",
+                    out, *FAST])
     assert png(out)[0] == expected_size(1, 2)
 
 
