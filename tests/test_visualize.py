@@ -174,7 +174,10 @@ def test_trajectory_of_every_sampler_shows_its_steps_and_timesteps(cond_ckpt, sa
     assert titles[-1] == "result x_0" and len(titles) == 4 and names == ["x_t (net input)", "predicted x_0"]
     assert f"{n_steps} steps" in title and "class 0" in title
     assert cells[1][-1] is None and all(cell.shape == (3, 16, 16) for cell in cells[0])
-    assert abs(cells[0][0].std().item() - 1.0) < 0.3  # x_T ~ N(0, I) in the DDPM convention, also for euler_a
+    # x_T ~ N(0, I) in the DDPM convention, also for euler_a (whose own x_t is scaled by sigma_T, about 2.5 here),
+    # shown clamped to [-1, 1]: about a third of N(0, I) saturates, about 70% of the sigma-scaled x_t would
+    saturated = (cells[0][0].abs() >= 1).float().mean().item()
+    assert 0.2 < saturated < 0.5
 
 
 def test_guidance_columns_same_seed_scale_0_equals_1_and_3_differs(cond_ckpt):
