@@ -101,7 +101,7 @@ def test_cli_rejects_a_bad_value_with_one_line():
 
 
 @pytest.mark.parametrize("flag, value", [("--grid_samplers", "plms"), ("--batch", "0"), ("--device", "mps"),
-                                                ("--attn_factors", "3")])
+                                         ("--attn_factors", "3")])
 def test_validate_names_the_bad_value(flag, value):
     cfg = bench.parse_config(bench.Config, [flag, value])
     with pytest.raises(bench.UsageError, match=value):
