@@ -554,6 +554,15 @@ def loss_and_gradients(model, *inputs):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_loss_and_gradients(model, checkpointed, plain):
+    """Gradient checkpointing changes neither the loss nor any parameter's gradient (to float tolerance)."""
+    (loss_ckpt, grads_ckpt), (loss, grads) = checkpointed, plain
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=0)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("conditioning", [*MODES, "text"])
 def test_gradient_checkpointing_recomputes_the_blocks_and_keeps_loss_and_gradients(conditioning):
     """The same loss and gradients (to float tolerance); each Down, Up and attention block runs twice per step."""
@@ -576,10 +585,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_keeps_loss_and_gradien
     model.enable_gradient_checkpointing()
     loss_ckpt, grads_ckpt = loss_and_gradients(model, *inputs)
     assert calls == {"down1": 3, "up3": 3, "sa1": 3, "inc": 2}  # the blocks ran again in the backward pass
-    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=0)
-    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
-    for name, grad in grads.items():
-        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_loss_and_gradients(model, (loss_ckpt, grads_ckpt), (loss, grads))
     with torch.no_grad():  # sampling: nothing to recompute
         model(*inputs)
     assert calls["down1"] == 4
@@ -604,10 +610,7 @@ def test_dit_gradient_checkpointing_recomputes_each_block_and_keeps_loss_and_gra
     model.enable_gradient_checkpointing()
     loss_ckpt, grads_ckpt = loss_and_gradients(model, *inputs)
     assert calls == [3, 3]  # the blocks ran again in the backward pass
-    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=0)
-    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
-    for name, grad in grads.items():
-        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_loss_and_gradients(model, (loss_ckpt, grads_ckpt), (loss, grads))
     with torch.no_grad():  # sampling: nothing to recompute
         model(*inputs)
     assert calls == [4, 4]
