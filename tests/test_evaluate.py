@@ -35,8 +35,9 @@ def shapes():
 def judge():
     """The judge evaluate.py trains by default: 5000 real images, 5 epochs (a 2000-image, 4-epoch judge read one
     colour's shapes at 0.89 on an Intel Xeon, against >= 0.96 for the others)."""
-    images, labels, _ = evaluate.real_images("shapes", None, 16, 5000)
-    return evaluate.train_judge(images, labels, num_classes=10, epochs=5)
+    defaults = evaluate.Config()
+    images, labels, _ = evaluate.real_images("shapes", None, 16, defaults.num_real)
+    return evaluate.train_judge(images, labels, num_classes=10, epochs=defaults.judge_epochs)
 
 
 @pytest.fixture(scope="module")
