@@ -105,7 +105,8 @@ class Config:
 
 
 SD_FLAGS = RUN_FLAGS + [
-    ("--sample", {"action": "store_true", "help": "generate from --ckpt instead of training"}),
+    ("--sample", {"action": "store_true", "help": "generate from --ckpt instead of training; the sampling "
+                                                  "fields not given keep the run's saved values"}),
     ("--ckpt", {"default": None, "help": "checkpoint for --sample: models/<run>/ema_ckpt.pt or training_state.pt"}),
     ("--out", {"default": None, "help": "grid file of --sample (default results/<run_name>/samples.png)"}),
     ("--make_tiny_models", {"default": None, "metavar": "DIR", "help": "write tiny random VAE and CLIP to DIR"}),
@@ -346,11 +347,13 @@ def sample(cfg, flags):
     if not flags.ckpt:
         raise UsageError("--sample needs --ckpt models/<run_name>/ema_ckpt.pt")
     weights, saved = saved_run(flags.ckpt)
-    if not cfg.prompt and flags.judge and saved.dataset == "shapes":
-        cfg = dataclasses.replace(cfg, prompt=all_shape_captions())  # every colour-shape pair, seen or held out
-    if not cfg.prompt:
+    # each sampling field that the command line or a --config sets wins; the others keep the run's values
+    run_cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in SAMPLING_FIELDS
+                                            if name in flags.given})
+    if "prompt" not in flags.given and flags.judge and saved.dataset == "shapes":
+        run_cfg = dataclasses.replace(run_cfg, prompt=all_shape_captions())  # every colour-shape pair
+    if not run_cfg.prompt:
         raise UsageError('--sample needs at least one --prompt "..." (repeat the flag for more rows)')
-    run_cfg = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in SAMPLING_FIELDS})
     validate(run_cfg)
     check(run_cfg)
     if flags.judge:

@@ -177,7 +177,8 @@ def parse_config(cls, argv=None, description=None, extra=None):
     """Build a `cls` dataclass instance from defaults, then each `--config FILE` in order, then flags.
 
     `extra` is a list of `(flag, argparse_kwargs)` for arguments that are not config fields; when
-    given, the result is `(config, namespace_of_extras)`.
+    given, the result is `(config, namespace_of_extras)`, whose `given` is the set of field names that a
+    config file or a flag set (the others hold their defaults).
     """
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
@@ -193,16 +194,21 @@ def parse_config(cls, argv=None, description=None, extra=None):
     namespace = parser.parse_args(argv)
 
     values = {f.name: _field_default(f) for f in fields}
+    given = set()
     for path in namespace.config:
-        values.update(_read_config_file(path, fields, hints))
-    values.update({f.name: getattr(namespace, f.name) for f in fields if hasattr(namespace, f.name)})
+        overrides = _read_config_file(path, fields, hints)
+        values.update(overrides)
+        given.update(overrides)
+    flagged = {f.name: getattr(namespace, f.name) for f in fields if hasattr(namespace, f.name)}
+    values.update(flagged)
+    given.update(flagged)
     missing = [name for name, value in values.items() if value is dataclasses.MISSING]
     if missing:
         parser.error("missing " + ", ".join(f"--{name}" for name in missing))
     config = cls(**values)
     if extra is None:
         return config
-    return config, argparse.Namespace(**{dest: getattr(namespace, dest) for dest in extra_dests})
+    return config, argparse.Namespace(given=given, **{dest: getattr(namespace, dest) for dest in extra_dests})
 
 
 def config_to_dict(cfg):

@@ -362,6 +362,18 @@ def test_backbone_dit_trains_on_latents_and_samples_from_its_checkpoint(tiny, tm
     assert images == "grid.png" and (tmp_path / "grid.png").is_file()
 
 
+def test_sample_keeps_the_runs_sampling_fields_unless_given(tiny, tmp_path, monkeypatch):
+    """--sample without --cfg_scale guides as the run was set to, not at the field's default (7.5)."""
+    monkeypatch.chdir(tmp_path)
+    train_sd.main(tiny_argv(tiny, "keep", max_steps=1, cfg_scale=2.5, sampler="ddim", prompt="a red circle"))
+    used = []
+    monkeypatch.setattr(train_sd, "sample_grid", lambda cfg, *args: used.append(cfg) or torch.zeros(1, 3, 16, 16))
+    train_sd.main(["--sample", "--ckpt", "models/keep/ema_ckpt.pt"])
+    train_sd.main(["--sample", "--ckpt", "models/keep/ema_ckpt.pt", "--cfg_scale", "6", "--prompt", "a blue ring"])
+    assert [(c.cfg_scale, c.sampler, c.prompt) for c in used] == [(2.5, "ddim", ["a red circle"]),
+                                                                   (6.0, "ddim", ["a blue ring"])]
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def test_sample_errors(tiny, tmp_path, monkeypatch, capsys):
