@@ -117,11 +117,21 @@ def images(markdown):
     return [path for path in paths if not re.match(r"https?://", path)]
 
 
+def links(markdown):
+    """Targets of the page's [text](target) links to files of the repository, without their #anchor."""
+    targets = re.findall(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)", markdown)
+    return [target.split("#")[0] for target in targets
+            if not re.match(r"(https?|mailto):", target) and not target.startswith("#")]
+
+
 @pytest.mark.parametrize("page", PAGES, ids=page_name)
-def test_every_picture_a_page_shows_exists(page):
-    missing = [path for path in images(open(page).read())
-               if not os.path.isfile(os.path.join(os.path.dirname(page), path))]
+def test_every_picture_and_page_a_page_links_to_exists(page):
+    markdown = open(page).read()
+    here = os.path.dirname(page)
+    missing = [path for path in images(markdown) if not os.path.isfile(os.path.join(here, path))]
     assert not missing, f"{page_name(page)} shows pictures that are not in the repository: {missing}"
+    dead = [path for path in links(markdown) if not os.path.exists(os.path.join(here, path))]
+    assert not dead, f"{page_name(page)} links to files that are not in the repository: {dead}"
 
 
 def test_the_configuration_reference_is_generated_from_the_configs():
@@ -129,3 +139,10 @@ def test_the_configuration_reference_is_generated_from_the_configs():
         written = f.read()
     assert written == config_reference.render(), (
         f"{config_reference.PATH} is out of date: run python scripts/config_reference.py")
+
+
+def test_the_link_checks_read_markdown():
+    """Pictures and file links are found; web addresses and in-page anchors are not files to check."""
+    page = '[a](docs/x.md#part) ![i](results/p.png) [w](https://example.org) [s](#section) <img src="q.png">'
+    assert links(page) == ["docs/x.md"]
+    assert images(page) == ["results/p.png", "q.png"]
