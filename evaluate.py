@@ -46,7 +46,7 @@ from ddpm import DEFAULT_STEPS, SAMPLERS
 from ddpm_img2img import Degradation, comparison_rows, save_rows
 from latents import run_latents
 from modules import JudgeNet
-from sample import describe, load_model, make_diffusion
+from sample import describe, load_model, make_diffusion, pixel_diffusion
 from utils import (UsageError, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli, save_figure,
                    to_uint8, write_json)
 
@@ -392,9 +392,6 @@ def resolve_data(cfg, saved):
 
 def print_table(rows, judge):
     """One line per row: the settings and every figure ('-' where a figure was skipped)."""
-    def shown(value, fmt):
-        return "-" if value is None else format(value, fmt)
-
     print(f"{'sampler':>8} {'steps':>7} {'cfg':>5} {'N':>6} {'class_acc':>9} {'judge_fd':>9} {'fid':>8} "
           f"{'kid':>9} {'seconds':>8}")
     for r in rows:
@@ -462,10 +459,13 @@ def heldout_images(saved, n, channels):
     return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
 
 
-def print_restoration_table(rows, judge, what):
-    def shown(value, fmt):
-        return "-" if value is None else format(value, fmt)
+def shown(value, fmt):
+    """A figure formatted for a table, or '-' where it was skipped."""
+    return "-" if value is None else format(value, fmt)
 
+
+def print_restoration_table(rows, judge, what):
+    """One line per method: the settings and every figure."""
     print(f"{what}\n{'method':>14} {'sampler':>8} {'steps':>7} {'cfg':>5} {'N':>5} {'psnr':>7} {'ssim':>7} "
           f"{'class_acc':>9} {'judge_fd':>9} {'seconds':>8}")
     for r in rows:
@@ -487,11 +487,7 @@ def evaluate_restoration(cfg, model, arch, saved, device):
         raise UsageError("pass --repaint true to measure inpainting with this checkpoint")
     if (task or "inpaint") != "inpaint" and cfg.masks is not None:
         raise UsageError(f"--masks is for inpainting, and this checkpoint does {task}: drop --masks")
-    latents = run_latents(saved, arch["c_in"], device)
-    if latents.vae is not None:
-        raise UsageError("image-to-image figures and RePaint work in pixel space, and this run trains in a VAE's "
-                         "latents: use a pixel-space checkpoint")
-    diffusion = make_diffusion(cfg, saved, arch["c_in"], device)
+    diffusion = pixel_diffusion(cfg, saved, arch, device, "image-to-image figures and RePaint")
     size, channels = diffusion.img_size, arch["c_out"]
     if size != saved.get("image_size"):
         raise UsageError(f"--image_size {size}: the held-out images are measured at the run's {saved['image_size']} "

@@ -309,6 +309,15 @@ def grid_labels(cfg, num_classes):
 
 
 # ----------------------------------------------------------------------------- image inputs: conditions, RePaint
+def pixel_diffusion(cfg, saved, arch, device, what):
+    """The run's Diffusion (make_diffusion) where images are what it samples; a run in a VAE's latents is a
+    UsageError naming `what` needs pixels."""
+    if run_latents(saved, arch["c_in"], device).vae is not None:
+        raise UsageError(f"{what} work in pixel space, and this run trains in a VAE's latents: use a pixel-space "
+                         "checkpoint")
+    return make_diffusion(cfg, saved, arch["c_in"], device)
+
+
 def read_inputs(path, size, channels, what):
     """(file names, images (K, channels, size, size) in [-1, 1]) of an image file or a folder of image files, each of
     which must be size x size pixels, grey for channels 1 and colour for 3; anything else is a UsageError."""
@@ -375,11 +384,7 @@ def sample_from_images(cfg, model, arch, saved, device):
     if (task == "inpaint") != (cfg.mask is not None) and cfg.inpaint is None:
         raise UsageError("an inpaint checkpoint needs --mask MASK beside --condition" if task == "inpaint" else
                          f"this {task} checkpoint takes no mask: drop --mask")
-    latents = run_latents(saved, arch["c_in"], device)
-    if latents.vae is not None:
-        raise UsageError("--inpaint and --condition work in pixel space, and this run trains in a VAE's latents: "
-                         "use a pixel-space checkpoint")
-    diffusion = make_diffusion(cfg, saved, arch["c_in"], device)
+    diffusion = pixel_diffusion(cfg, saved, arch, device, "--inpaint and --condition")
     size, channels = diffusion.img_size, arch["c_out"]
     degradation = Degradation.from_settings({**saved, "image_size": size}) if task is not None else None
     holes = read_mask(cfg.mask, size)[None] if cfg.mask is not None else None  # (1, 1, S, S): 1 where to fill
