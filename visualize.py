@@ -302,8 +302,8 @@ def trajectory(cfg, loaded, gif_path=None):
 def guidance(cfg, loaded, raw=None):
     """The same seeds and conditioning under each scale, after the unconditional samples; raw below the EMA."""
     if loaded.cond is None:
-        raise UsageError("guidance needs a class or text conditional checkpoint (ddpm_conditional.py or train_sd.py): "
-                         "measure the guidance of a ddpm_img2img.py run with evaluate.py --cfg_scale 0,1,3")
+        raise UsageError("guidance needs a conditional checkpoint (ddpm_conditional.py or train_sd.py); the guidance "
+                         "of a ddpm_img2img.py run is measured by evaluate.py --cfg_scale 0,1,3")
     scales = parse_scales(cfg.scales)
     cells, names = [], []
     for weights_name, model in (("EMA", loaded), ("raw", raw)):

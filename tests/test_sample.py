@@ -425,7 +425,8 @@ def test_help_lists_defaults(capsys):
         parse_config(sample.Config, ["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    assert "(default: dpm++)" in text and "(default: grid.png)" in text and "(default: 10)" in text
+    assert "(default: grid.png)" in text and "(default: 10)" in text
+    assert "None: dpm++, or ddpm for --inpaint" in " ".join(text.split())  # the sampler's default, which RePaint needs
 
 
 # ----------------------------------------------------------------------------- the command line
