@@ -528,7 +528,7 @@ def test_dit_learns_the_shapes_classes_within_a_few_hundred_steps(workdir):
     procedure (100 fresh images, 4 noisings each, eps with the linear schedule) measured 0.28 and 0.30 on training
     seeds 0 and 1 (Intel Xeon, one thread, about a minute each); the threshold sits below the lower one. Its guided
     samples were still at chance (0.09 by the shape judge) after 300 steps, and reached 0.36 only with patch size 2
-    after 400 steps (about 4x the compute): the judge of samples is the README's comparison.
+    after 400 steps (about 4x the compute): the judge of samples is the backbone comparison of docs/dit.md.
     """
     import sample
     from data import ShapesDataset
