@@ -489,6 +489,19 @@ def holdout_split(dataset, n, seed=0):
     return CaptionSubset(dataset, sorted(order[n:])), CaptionSubset(dataset, order[:n])
 
 
+def run_datasets(name, path, image_size, seed=0, size=None, augment=None, channels=3, holdout=0):
+    """(the images a run trains on, the `holdout` images it never sees, or None, the class names): `get_dataset`, then
+    `holdout_split` with the run's seed, so that evaluate.py rebuilds the same held-out images from the saved config."""
+    dataset = get_dataset(name, path, image_size, seed=seed, size=size, augment=augment, channels=channels)
+    if not holdout:
+        return dataset, None, list(dataset.classes)
+    if not 0 < holdout < len(dataset):
+        raise UsageError(f"holdout {holdout} leaves none of the {len(dataset)} images to train on: use a smaller "
+                         "--holdout (or 0)")
+    train, held = holdout_split(dataset, holdout, seed)
+    return train, held, list(dataset.classes)
+
+
 def get_caption_dataset(name, path, image_size, seed=0, size=None, channels=3):
     """Items (image (C, S, S) in [-1, 1], caption). `name`: shapes | cifar10 | imagefolder | captions."""
     if name == "captions":
@@ -508,6 +521,108 @@ def default_prompts(dataset, limit=10, scan=1000):
             if len(prompts) == limit:
                 break
     return prompts
+
+
+# ----------------------------------------------------------------------------- inpainting masks
+
+MASKS = ("boxes", "halves", "lower", "strokes")  # or a folder of mask images
+
+
+class Masks:
+    """Inpainting masks of size x size, (n, 1, S, S) float, 1 in the hole (the pixels to fill), 0 where the image is
+    known; as files, white is the hole and black is known.
+
+    `spec` is one of MASKS or a folder of mask images: boxes (one rectangle, each side a quarter to three quarters
+    of the image), halves (the top, bottom, left or right half), lower (the lower half, always), strokes (free-form:
+    one to three brush strokes of a few segments, as Palette's and LaMa's masks), or a folder whose images are
+    drawn uniformly (each resized to S x S, nearest neighbour, and checked by `check_mask`). `draw(n, generator)`
+    draws from the torch generator (None: the global one), on the CPU.
+    """
+
+    def __init__(self, spec, size):
+        self.spec, self.size = spec, size
+        self.files = None
+        if spec not in MASKS:
+            if not os.path.isdir(spec):
+                raise UsageError(f"masks '{spec}' is neither one of {', '.join(MASKS)} nor a folder: pass one of them, "
+                                 "or a folder of black-and-white mask images (white: the hole)")
+            paths = [os.path.join(spec, name) for name in _folder_images(spec)]
+            if not paths:
+                raise UsageError(f"mask folder '{spec}' holds no .png or .jpg images: add mask images (white: the "
+                                 "hole)")
+            self.files = torch.stack([read_mask(path, size) for path in paths])  # (M, 1, S, S)
+
+    def draw(self, n, generator=None):
+        size = self.size
+        if self.files is not None:
+            return self.files[torch.randint(len(self.files), (n,), generator=generator)]
+        if self.spec == "lower":
+            holes = torch.zeros(n, 1, size, size)
+            holes[:, :, size // 2:] = 1
+            return holes
+        if self.spec == "halves":
+            rows = torch.arange(size).view(1, size, 1)  # (1, S, 1)
+            cols = torch.arange(size).view(1, 1, size)  # (1, 1, S)
+            halves = torch.stack([(rows < size // 2).expand(1, size, size), (rows >= size // 2).expand(1, size, size),
+                                  (cols < size // 2).expand(1, size, size), (cols >= size // 2).expand(1, size, size)])
+            return halves[torch.randint(4, (n,), generator=generator)].float()  # (4, 1, S, S) -> (n, 1, S, S)
+        if self.spec == "boxes":
+            holes = torch.zeros(n, 1, size, size)
+            sides = torch.randint(max(1, size // 4), 3 * size // 4 + 1, (n, 2), generator=generator)  # (height, width)
+            for hole, (height, width) in zip(holes, sides.tolist()):
+                top = int(torch.randint(size - height + 1, (1,), generator=generator))
+                left = int(torch.randint(size - width + 1, (1,), generator=generator))
+                hole[:, top:top + height, left:left + width] = 1
+            return holes
+        return torch.stack([self._strokes(generator) for _ in range(n)])
+
+    def _strokes(self, generator):
+        """One free-form mask: 1 to 3 strokes of 2 to 4 segments, each `size` / 8 pixels wide (at least 1)."""
+        from PIL import ImageDraw
+
+        size = self.size
+        canvas = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(canvas)
+        width = max(1, size // 8)
+        for _ in range(int(torch.randint(1, 4, (1,), generator=generator))):
+            points = [tuple((torch.rand(2, generator=generator) * size).tolist())]
+            for _ in range(int(torch.randint(2, 5, (1,), generator=generator))):
+                angle = float(torch.rand(1, generator=generator)) * 2 * math.pi
+                length = (0.2 + 0.3 * float(torch.rand(1, generator=generator))) * size
+                x, y = points[-1]
+                points.append((min(max(x + length * math.cos(angle), 0), size - 1),
+                               min(max(y + length * math.sin(angle), 0), size - 1)))
+            draw.line(points, fill=255, width=width, joint="curve")
+        hole = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255)[None]  # (1, S, S)
+        if hole.sum() == 0 or hole.sum() == hole.numel():  # too short to cover a pixel, or covering all: a centre dot
+            hole = torch.zeros_like(hole)
+            hole[:, size // 2, size // 2] = 1
+        return hole
+
+
+def check_mask(values, name):
+    """A UsageError unless the uint8 mask `values` is binary (only 0 and 255), marks a hole and leaves pixels known."""
+    levels = torch.unique(values)
+    if not set(levels.tolist()) <= {0, 255}:
+        raise UsageError(f"mask '{name}' is not binary: it has {len(levels)} grey levels; save it with only black "
+                         "(known) and white (to fill) pixels, e.g. as a 1-bit or 8-bit PNG without smoothing")
+    if not (values == 255).any():
+        raise UsageError(f"mask '{name}' is empty: no pixel is white, so there is nothing to fill; paint the region "
+                         "to fill white")
+    if (values == 255).all():
+        raise UsageError(f"mask '{name}' covers every pixel: nothing of the image is known; leave the known region "
+                         "black")
+
+
+def read_mask(path, size):
+    """A mask file as a hole mask (1, S, S) float (1: to fill), checked by `check_mask`, resized by nearest neighbour."""
+    if not is_readable_image(path):
+        raise UsageError(f"mask '{path}' is not a readable image: pass a .png or .jpg file (white: the hole)")
+    with Image.open(path) as image:
+        grey = image.convert("L")
+    check_mask(torch.from_numpy(np.asarray(grey).copy()), path)
+    grey = grey.resize((size, size), Image.NEAREST)
+    return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255)[None]
 
 
 # ----------------------------------------------------------------------------- latent cache

@@ -3,7 +3,7 @@
     python ddpm.py --dataset imagefolder --dataset_path path/to/images   (or --dataset shapes, or --config FILE)
 
 `Diffusion` holds the noise schedule, the forward noising q(x_t | x_0), the training loss, ancestral
-sampling (DDPM Algorithm 2) and classifier-free guidance. The other scripts import it from here.
+sampling (DDPM Algorithm 2), classifier-free guidance and RePaint inpainting. The other scripts import it from here.
 """
 from dataclasses import dataclass
 
@@ -22,6 +22,8 @@ class Config:
     dataset: str = arg("imagefolder", "cifar10 | imagefolder (one subfolder per class) | shapes (built in)")
     dataset_path: str = arg("./data/landscapes", "folder of the dataset (cifar10 downloads here)")
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
+    holdout: int = arg(0, "images held out of training (drawn with the seed), on which evaluate.py --repaint "
+                          "measures inpainting")
     augment: str | None = arg(None, "resize (+ centre crop) | flip (+ horizontal flips) | reference (its random crop); "
                                     "None: flip for cifar10, else resize")
     image_size: int = arg(64, "training resolution in pixels, divisible by 8 (by 8 times the VAE's factor with --vae)")
@@ -149,6 +151,17 @@ class Diffusion:
     schedulers are told the type. Guidance mixes the outputs, which is the same as mixing the eps, since each
     conversion is affine in the output at fixed x_t and t.
 
+    Conditioning reaches the network as model(x_t, t[, labels][, cond=cond]): `labels` are class ids (or text token
+    states), `cond` an image of the same H x W (ddpm_img2img.py: a low-resolution image upsampled back, a masked
+    image and its mask); either may be None. Guidance mixes the output conditioned on both with the one conditioned
+    on null_labels and null_cond (NULL_LABEL rows and a zero image by default).
+
+    RePaint (Lugmayr et al. 2022) inpaints with any of these networks, trained for inpainting or not: `sample_x0`
+    with `known_image` and `known_mask` runs Alg. 2 and, after each step to level t-1, overwrites the known pixels
+    with a draw of q(x_{t-1} | x_0) of the given image; every jump_length steps it goes back up jump_length levels by
+    q(x_t | x_{t-1}) and down again, jump_n_sample - 1 times, so that the generated region can agree with the
+    known one (see `repaint_levels`). Only the ddpm sampler does this.
+
     min_snr_gamma: None is the simple loss of Alg. 1 (an unweighted MSE to the target). A number gamma weights the
     loss at t so that every target gets the x_0-space weight min(SNR_t, gamma), with SNR_t = alpha_hat_t /
     (1 - alpha_hat_t) (Min-SNR-gamma, Hang et al. 2023): as ||eps - eps_pred||^2 = SNR_t ||x_0 - x0_pred||^2 and
@@ -221,37 +234,41 @@ class Diffusion:
             return clipped
         return clipped / (snr + 1.0)
 
-    def loss(self, model, x_0, labels=None):
+    def loss(self, model, x_0, labels=None, cond=None):
         """The simple DDPM objective (Alg. 1): MSE between the target (eps, v or x_0) and the model's prediction of it,
         each row weighted by `loss_weight` when min_snr_gamma is set.
 
-        `labels` is the model's conditioning for each row (class ids, or text embeddings), or None.
+        `labels` is the model's conditioning for each row (class ids, or text embeddings), or None; `cond` the image
+        it is conditioned on (B, C_cond, H, W), or None.
         """
         t = self.sample_timesteps(x_0.shape[0])
         x_t, eps = self.noise_images(x_0, t)
-        prediction = model(x_t, t) if labels is None else model(x_t, t, labels)
+        prediction = call_model(model, x_t, t, labels, cond)
         target = self.target(x_0.float(), t, eps.float())
         if self.min_snr_gamma is None:
             return F.mse_loss(prediction.float(), target)
         per_row = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=tuple(range(1, x_0.dim())))
         return (per_row * self.loss_weight(t)).mean()
 
-    def predict(self, model, x_t, t, labels=None, null_labels=None, cfg_scale=0.0):
+    def predict(self, model, x_t, t, labels=None, null_labels=None, cfg_scale=0.0, cond=None, null_cond=None):
         """The model's output (eps, v or x_0: prediction_type) for x_t at timesteps t (B,), guided when cfg_scale > 0.
 
-        With guidance, the conditional and unconditional predictions are one forward pass of 2B rows.
+        With guidance, the conditional (labels, cond) and unconditional (null_labels, null_cond) predictions are one
+        forward pass of 2B rows.
         """
-        if labels is None:
+        if labels is None and cond is None:
             return model(x_t, t)
         if cfg_scale == 0:
-            return model(x_t, t, labels)
-        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null_labels]))
-        cond, uncond = both.chunk(2)
-        return torch.lerp(uncond, cond, cfg_scale)  # CFG, Ho & Salimans 2022, eq. 6
+            return call_model(model, x_t, t, labels, cond)
+        both = call_model(model, torch.cat([x_t, x_t]), torch.cat([t, t]), stack_pair(labels, null_labels),
+                          stack_pair(cond, null_cond))
+        conditional, unconditional = both.chunk(2)
+        return torch.lerp(unconditional, conditional, cfg_scale)  # CFG, Ho & Salimans 2022, eq. 6
 
-    def predict_eps(self, model, x_t, t, labels=None, null_labels=None, cfg_scale=0.0):
+    def predict_eps(self, model, x_t, t, labels=None, null_labels=None, cfg_scale=0.0, cond=None, null_cond=None):
         """The model's eps for x_t at timesteps t (B,), guided when cfg_scale > 0, whatever it predicts."""
-        return self.eps_from_output(x_t, t, self.predict(model, x_t, t, labels, null_labels, cfg_scale))
+        output = self.predict(model, x_t, t, labels, null_labels, cfg_scale, cond, null_cond)
+        return self.eps_from_output(x_t, t, output)
 
     def _scales(self, t, x):
         """(sqrt(alpha_hat_t), sqrt(1 - alpha_hat_t)) for t an int or a (B,) tensor, broadcastable against x."""
@@ -312,11 +329,14 @@ class Diffusion:
         coef_xt = alpha.sqrt() * (1.0 - alpha_hat_prev) / (1.0 - alpha_hat)
         return coef_x0 * x_0 + coef_xt * x_t + beta.sqrt() * z
 
-    def _check_sample_args(self, model, n, labels, cfg_scale, sampler):
+    def _check_sample_args(self, model, n, labels, cfg_scale, sampler, cond=None):
         if cfg_scale < 0:
             raise ValueError(f"cfg_scale {cfg_scale} is negative: use 0 (no guidance) or a value > 0, e.g. 3")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}")
+        if cond is not None and (cond.shape[0] != n or cond.shape[2:] != (self.img_size, self.img_size)):
+            raise ValueError(f"condition images of shape {tuple(cond.shape)} for n={n} images of "
+                             f"{self.img_size} x {self.img_size}: give one condition image per image, at that size")
         if labels is None:
             return
         if labels.shape[0] != n:
@@ -330,23 +350,25 @@ class Diffusion:
                 )
 
     @torch.no_grad()
-    def sample(self, model, n, labels=None, cfg_scale=3, *, null_labels=None, sampler="ddpm", steps=None,
-               eta=0.0, generator=None, seed=None, progress=True, clip_x0=None, callback=None):
+    def sample(self, model, n, labels=None, cfg_scale=3, **kwargs):
         """Generate n images. Returns uint8 (n, c_in, H, W); see `sample_x0` for the arguments."""
-        x_0 = self.sample_x0(model, n, labels, cfg_scale, null_labels=null_labels, sampler=sampler, steps=steps,
-                             eta=eta, generator=generator, seed=seed, progress=progress, clip_x0=clip_x0,
-                             callback=callback)
-        return to_uint8(x_0)
+        return to_uint8(self.sample_x0(model, n, labels, cfg_scale, **kwargs))
 
     @torch.no_grad()
     def sample_x0(self, model, n, labels=None, cfg_scale=3, *, null_labels=None, sampler="ddpm", steps=None,
-                  eta=0.0, generator=None, seed=None, progress=True, clip_x0=None, callback=None):
+                  eta=0.0, generator=None, seed=None, progress=True, clip_x0=None, callback=None, cond=None,
+                  null_cond=None, known_image=None, known_mask=None, jump_length=1, jump_n_sample=1):
         """Generate n samples x_0 as float (n, c_in, H, W), in the model's space (pixels in [-1, 1], or latents).
 
         labels: None (unconditional), class ids (n,), or any conditioning with n rows, such as text token
             states (n, L, D). null_labels: the unconditional conditioning for guidance; by default every row is
-            NULL_LABEL. sampler: "ddpm" with the default steps is the hand-written Alg. 2 over t = T-1..1;
+            NULL_LABEL. cond: None, or the condition images (n, C_cond, H, W) of an image-conditioned network;
+            null_cond: their unconditional counterpart for guidance (default: zeros, as training drops them).
+            sampler: "ddpm" with the default steps is the hand-written Alg. 2 over t = T-1..1;
             the others (and ddpm with fewer steps) use diffusers' schedulers built from these betas.
+        known_image (n, c_in, H, W) and known_mask (n or 1, 1, H, W; 1 where known, 0 in the hole): RePaint
+            inpainting (see the class docstring), with jump_length and jump_n_sample (1 and 1: no resampling);
+            sampler "ddpm" with the default steps only.
         generator or seed: make the noise reproducible. clip_x0: clip the predicted x_0 to [-1, 1] at every
             step (None: this Diffusion's clip_x0).
         callback: None, or callback(step_index, t, x_t, x0_pred), called once per network step, in order, with
@@ -357,9 +379,14 @@ class Diffusion:
             scale_model_input turns into x_t. x0_pred is the scheduler's pred_original_sample where it has one,
             else `predict_x0` of the network's output.
         """
-        self._check_sample_args(model, n, labels, cfg_scale, sampler)
+        self._check_sample_args(model, n, labels, cfg_scale, sampler, cond)
+        repaint = self._repaint_args(n, known_image, known_mask, jump_length, jump_n_sample, sampler, steps)
         if labels is not None and null_labels is None:
             null_labels = torch.full_like(labels, NULL_LABEL)
+        if cond is not None and null_cond is None:
+            null_cond = torch.zeros_like(cond)
+        guide = {"labels": labels, "null_labels": null_labels, "cfg_scale": cfg_scale, "cond": cond,
+                 "null_cond": null_cond}
         if generator is None and seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
         shape = (n, self.c_in, self.img_size, self.img_size)
@@ -368,28 +395,91 @@ class Diffusion:
         model.eval()
         clip_x0 = self.clip_x0 if clip_x0 is None else clip_x0
         if sampler == "ddpm" and steps in (None, self.noise_steps - 1):
-            x = self._ddpm_loop(model, x, labels, null_labels, cfg_scale, generator, progress, clip_x0, callback)
+            x = self._ddpm_loop(model, x, guide, generator, progress, clip_x0, callback, repaint)
         else:
-            x = self._scheduler_loop(model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator,
-                                     progress, clip_x0, callback)
+            x = self._scheduler_loop(model, x, guide, sampler, steps, eta, generator, progress, clip_x0, callback)
         model.train(was_training)
         return x
 
-    def _ddpm_loop(self, model, x, labels, null_labels, cfg_scale, generator, progress, clip_x0, callback=None):
-        """DDPM Alg. 2, exactly as the reference runs it when clip_x0 is False; a v or x_0 output is turned into eps."""
+    def _repaint_args(self, n, known_image, known_mask, jump_length, jump_n_sample, sampler, steps):
+        """None without known_image, else (known image, known mask, the levels of `repaint_levels`); checked."""
+        if known_image is None and known_mask is None:
+            return None
+        if known_image is None or known_mask is None:
+            raise ValueError("RePaint needs both known_image and known_mask: pass the image and its mask")
+        if sampler != "ddpm" or steps not in (None, self.noise_steps - 1):
+            raise ValueError(f"RePaint is written into DDPM Alg. 2: use sampler 'ddpm' with its default "
+                             f"{self.noise_steps - 1} steps, not {sampler!r} with steps {steps}")
+        if known_image.shape != (n, self.c_in, self.img_size, self.img_size):
+            raise ValueError(f"known_image of shape {tuple(known_image.shape)}: RePaint of n={n} images takes "
+                             f"({n}, {self.c_in}, {self.img_size}, {self.img_size})")
+        if known_mask.dim() != 4 or known_mask.shape[1] != 1 or known_mask.shape[0] not in (1, n) or \
+                known_mask.shape[2:] != known_image.shape[2:]:
+            raise ValueError(f"known_mask of shape {tuple(known_mask.shape)}: use (n or 1, 1, H, W) with 1 where the "
+                             "image is known, 0 in the hole")
+        levels = self.repaint_levels(jump_length, jump_n_sample)
+        return known_image.to(self.device), known_mask.to(self.device, known_image.dtype), levels
+
+    def repaint_levels(self, jump_length=1, jump_n_sample=1):
+        """The noise levels RePaint visits, from T-1 (pure noise) to 0 (the result): RePaint's time schedule
+        (Lugmayr et al. 2022, Sec. 4.2 and its code's get_schedule_jump) in this class's index convention.
+
+        Each step down from level t to t-1 is one network step of Alg. 2 at t; a step up is a draw of q(x_t | x_{t-1}).
+        At the levels 1, 1 + jump_length, 1 + 2 jump_length, ... (below T - jump_length), reached going down, the
+        path goes back up jump_length levels and down again, jump_n_sample - 1 times; it never goes up from level 0.
+        jump_n_sample 1 is the plain T-1..0 of Alg. 2; the network runs about jump_n_sample times as often.
+        """
+        if jump_length < 1 or jump_n_sample < 1:
+            raise ValueError(f"jump_length {jump_length} and jump_n_sample {jump_n_sample} must be >= 1 (1 and 1: "
+                             "no resampling)")
+        top = self.noise_steps - 1
+        jumps_left = {level: jump_n_sample - 1 for level in range(1, top - jump_length + 1, jump_length)}
+        levels, level = [top], top
+        while level > 0:
+            level -= 1
+            levels.append(level)
+            if jumps_left.get(level, 0) > 0:
+                jumps_left[level] -= 1
+                for _ in range(jump_length):
+                    level += 1
+                    levels.append(level)
+        return levels
+
+    def _ddpm_loop(self, model, x, guide, generator, progress, clip_x0, callback=None, repaint=None):
+        """DDPM Alg. 2, exactly as the reference runs it when clip_x0 is False; a v or x_0 output is turned into eps.
+
+        guide: the conditioning keywords of `predict_eps`. repaint: None, or (known image x_0, known mask, levels):
+        RePaint's known-region replacement and its jumps (see the class docstring and `repaint_levels`).
+        """
         n = x.shape[0]
-        timesteps = range(self.noise_steps - 1, 0, -1)
-        for step_index, i in enumerate(tqdm(timesteps, desc="ddpm", leave=False, disable=not progress)):
+        levels = list(range(self.noise_steps - 1, -1, -1)) if repaint is None else repaint[2]
+        steps = tqdm(total=len(levels) - 1, desc="ddpm" if repaint is None else "repaint", leave=False,
+                     disable=not progress)
+        step_index = 0
+        for i, level in zip(levels[:-1], levels[1:]):  # i: the level of x, `level` the next one
+            steps.update()
+            if level > i:  # RePaint's jump up: x_{i+1} ~ q(x_{i+1} | x_i) = N(sqrt(alpha_{i+1}) x_i, beta_{i+1} I)
+                z = torch.randn(x.shape, generator=generator, device=self.device)
+                x = self.alpha[level].sqrt() * x + self.beta[level].sqrt() * z
+                continue
             t = torch.full((n,), i, dtype=torch.long, device=self.device)
-            eps = self.predict_eps(model, x, t, labels, null_labels, cfg_scale)
+            eps = self.predict_eps(model, x, t, **guide)
             if callback is not None:
                 x0_pred = self.predict_x0(x, i, eps, "epsilon")
                 callback(step_index, i, x, x0_pred.clamp(-1.0, 1.0) if clip_x0 else x0_pred)
+            step_index += 1
             if i > 1:
                 z = torch.randn(x.shape, generator=generator, device=self.device)
             else:
                 z = torch.zeros_like(x)
             x = self.p_sample_step(x, i, eps, z, clip_x0)
+            if repaint is not None:  # RePaint: the known pixels from q(x_{i-1} | x_0) of the given image
+                known_image, known_mask = repaint[:2]
+                if i > 1:
+                    z = torch.randn(x.shape, generator=generator, device=self.device)
+                    known_image, _ = self.noise_images(known_image, torch.full_like(t, i - 1), z)
+                x = torch.lerp(x, known_image, known_mask)  # known_mask * known + (1 - known_mask) * x
+        steps.close()
         return x
 
     def make_scheduler(self, sampler, steps=None, clip_x0=False):
@@ -432,8 +522,7 @@ class Diffusion:
         """The prediction_type the scheduler of `sampler` is given: the network's, but eps for euler_a's x_0."""
         return "epsilon" if sampler == "euler_a" and self.prediction_type == "sample" else self.prediction_type
 
-    def _scheduler_loop(self, model, x, labels, null_labels, cfg_scale, sampler, steps, eta, generator, progress,
-                        clip_x0, callback=None):
+    def _scheduler_loop(self, model, x, guide, sampler, steps, eta, generator, progress, clip_x0, callback=None):
         scheduler = self.make_scheduler(sampler, steps, clip_x0)
         clip_input = clip_x0 and sampler == "euler_a"  # the one scheduler without an x_0 clipping option
         as_eps = self.scheduler_prediction_type(sampler) != self.prediction_type
@@ -444,7 +533,7 @@ class Diffusion:
         n = x.shape[0]
         for step_index, t in enumerate(tqdm(scheduler.timesteps, desc=sampler, leave=False, disable=not progress)):
             x_in = scheduler.scale_model_input(x, t)  # the DDPM x_t (euler_a's state is x_t / sqrt(alpha_hat_t))
-            output = self.predict(model, x_in, t.expand(n), labels, null_labels, cfg_scale)
+            output = self.predict(model, x_in, t.expand(n), **guide)
             t_int = int(t)
             if clip_input:  # x_in is x_t in DDPM scale: replace the output by the one whose x_0 is clipped
                 output = self.output_from_x0(x_in, t_int, self.predict_x0(x_in, t_int, output).clamp(-1.0, 1.0))
@@ -458,6 +547,17 @@ class Diffusion:
                 callback(step_index, t_int, x_in, x0_pred)
             x = out.prev_sample
         return x
+
+def call_model(model, x_t, t, labels=None, cond=None):
+    """model(x_t, t), with the labels and the condition image where given: model(x_t, t[, labels][, cond=cond])."""
+    args = (x_t, t) if labels is None else (x_t, t, labels)
+    return model(*args) if cond is None else model(*args, cond=cond)
+
+
+def stack_pair(conditional, unconditional):
+    """The conditioning of a guided batch of 2B rows, the conditional rows first; None for None."""
+    return None if conditional is None else torch.cat([conditional, unconditional])
+
 
 def main(argv=None):
     from training import train_images

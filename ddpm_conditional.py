@@ -20,6 +20,8 @@ class Config:
     dataset: str = arg("cifar10", "cifar10 | imagefolder (one subfolder per class) | shapes (built in)")
     dataset_path: str = arg("./data", "folder of the dataset (cifar10 downloads here)")
     dataset_size: int | None = arg(None, "use only this many images (None: all)")
+    holdout: int = arg(0, "images held out of training (drawn with the seed), on which evaluate.py --repaint "
+                          "measures inpainting")
     augment: str | None = arg(None, "resize (+ centre crop) | flip (+ horizontal flips) | reference (its random crop); "
                                     "None: flip for cifar10, else resize")
     image_size: int = arg(64, "training resolution in pixels, divisible by 8 (by 8 times the VAE's factor with --vae)")

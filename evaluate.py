@@ -3,6 +3,8 @@
     python evaluate.py --ckpt models/R/ema_ckpt.pt --num_samples 1000
     python evaluate.py --ckpt models/R/ema_ckpt.pt --cfg_scale 0,1,3,5 --steps 10,20,50     (one row each)
     python evaluate.py --ckpt models/R/ema_ckpt.pt --inception_weights weights-inception-2015-12-05-6726825d.pth
+    python evaluate.py --ckpt models/SR/ema_ckpt.pt                 (a ddpm_img2img.py run: on its held-out images)
+    python evaluate.py --ckpt models/R/ema_ckpt.pt --repaint true --masks lower      (RePaint, on held-out images)
 
 Figures, one row per (cfg_scale, steps) combination:
   class_acc  fraction of the samples that the judge assigns to the class they were generated for (on the built-in
@@ -13,6 +15,13 @@ Figures, one row per (cfg_scale, steps) combination:
   fid, kid   Frechet and kernel Inception distances through torch-fidelity (needs the Inception weights)
 The judge is a small CNN trained once on the real training images and cached in data/judges/; its accuracy on
 held-out real images is printed beside the figures, so a weak judge is visible.
+
+Image-to-image runs (ddpm_img2img.py) and --repaint are measured on the run's held-out images (its --holdout, which
+it never trained on): each is degraded (the run's task; --masks for inpainting), restored, and compared with its
+ground truth: PSNR and SSIM (torchmetrics), the judge's class accuracy against the image's true class (does the
+output keep the identity of the input?) and judge_fd, one row per method: the ground truth itself, the baseline
+without learning (bicubic upsampling; a blurred fill of the hole; the grey image), and the model at each
+(cfg_scale, steps). A grid of the first images (input, output, ground truth, baseline) is written beside the figures.
 """
 import contextlib
 import dataclasses
@@ -32,11 +41,12 @@ from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from data import ShapesDataset, classify_colors, get_dataset
+from data import Masks, ShapesDataset, classify_colors, get_dataset, run_datasets
 from ddpm import DEFAULT_STEPS, SAMPLERS
+from ddpm_img2img import Degradation, comparison_rows, save_rows
 from latents import run_latents
 from modules import JudgeNet
-from sample import describe, load_model, make_diffusion
+from sample import describe, load_model, make_diffusion, pixel_diffusion
 from utils import (UsageError, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli, save_figure,
                    to_uint8, write_json)
 
@@ -46,7 +56,8 @@ from utils import (UsageError, arg, atomic_save, load_checkpoint, parse_config, 
 class Config:
     ckpt: str | None = arg(None, "checkpoint: models/<run>/ema_ckpt.pt, ckpt.pt or training_state.pt")
     num_samples: int = arg(1000, "N, images generated for each row, balanced over the classes (50000 for paper FID)")
-    sampler: str = arg("dpm++", "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a")
+    sampler: str | None = arg(None, "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a; None: dpm++, or "
+                                    "ddpm for --repaint")
     steps: str = arg("default", "network steps of the sampler, or a list to sweep, e.g. 10,20,50 (default: "
                                 "the sampler's own)")
     cfg_scale: str = arg("3", "guidance, or a list to sweep, e.g. 0,1,3,5 (ignored by an unconditional model)")
@@ -65,6 +76,12 @@ class Config:
                                 "metrics.png is written beside it")
     weights: str = arg("ema", "weights of a training_state.pt: ema | model")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    repaint: bool = arg(False, "measure RePaint inpainting (ddpm sampler) of the run's held-out images with --masks, "
+                               "with a ddpm.py / ddpm_conditional.py checkpoint trained with --holdout")
+    masks: str | None = arg(None, "inpainting: the holes of the held-out images: lower | halves | boxes | strokes | a "
+                                  "folder (None: the run's --masks; lower with --repaint)")
+    jump_length: int = arg(10, "--repaint: levels of each jump back up (Lugmayr et al. 2022: 10)")
+    jump_n_sample: int = arg(10, "--repaint: times each stretch is gone down (1: no resampling)")
 
 
 JUDGE_VERSION = 2  # bump when the judge's network or training, or the built-in data, changes, so old cached
@@ -84,8 +101,14 @@ def validate(cfg):
     """One readable error for each option the run cannot use, before any file is read."""
     if cfg.ckpt is None:
         raise UsageError("no checkpoint given: pass --ckpt models/<run>/ema_ckpt.pt")
-    if cfg.sampler not in SAMPLERS:
+    if cfg.sampler not in (None, *SAMPLERS):
         raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
+    if cfg.repaint and (cfg.sampler not in (None, "ddpm") or parse_list(cfg.steps, int, "steps") != [None]):
+        raise UsageError("RePaint runs inside DDPM Alg. 2 with all its steps: pass --sampler ddpm without --steps (or "
+                         "leave both out)")
+    if cfg.jump_length < 1 or cfg.jump_n_sample < 1:
+        raise UsageError(f"jump_length {cfg.jump_length} and jump_n_sample {cfg.jump_n_sample} must be >= 1 (1 and 1: "
+                         "no resampling)")
     if any(s is not None and s <= 0 for s in parse_list(cfg.steps, int, "steps")):
         raise UsageError(f"--steps {cfg.steps} must be positive")
     if any(c is None or c < 0 for c in parse_list(cfg.cfg_scale, float, "cfg_scale")):
@@ -369,9 +392,6 @@ def resolve_data(cfg, saved):
 
 def print_table(rows, judge):
     """One line per row: the settings and every figure ('-' where a figure was skipped)."""
-    def shown(value, fmt):
-        return "-" if value is None else format(value, fmt)
-
     print(f"{'sampler':>8} {'steps':>7} {'cfg':>5} {'N':>6} {'class_acc':>9} {'judge_fd':>9} {'fid':>8} "
           f"{'kid':>9} {'seconds':>8}")
     for r in rows:
@@ -412,12 +432,149 @@ def plot_metrics(rows, path):
     save_figure(fig, path)
 
 
+# ----------------------------------------------------------------------------- image-to-image and RePaint
+def restoration_figures(judge, outputs, targets, labels):
+    """PSNR (dB) and SSIM of uint8 outputs against uint8 targets (None when they are the targets), the judge's class
+    accuracy against the true labels, and judge_fd."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    figures = sample_figures(judge, outputs, labels)
+    if torch.equal(outputs, targets):
+        return {"psnr": None, "ssim": None, **figures}
+    predicted, target = outputs.float() / 255, targets.float() / 255  # [0, 1]
+    psnr = peak_signal_noise_ratio(predicted, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(predicted, target, data_range=1.0, reduction="none")
+    return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean()), **figures}
+
+
+def heldout_images(saved, n, channels):
+    """(images (n, C, S, S) in [-1, 1], labels (n,)) of the first n held-out images of a run, as it split them."""
+    holdout = saved.get("holdout") or 0
+    if not holdout:
+        raise UsageError("this run held no images out of training (holdout 0), so there is nothing unseen to measure "
+                         "on: train it with --holdout 300 (or another count)")
+    _, held, _ = run_datasets(saved["dataset"], saved.get("dataset_path"), saved["image_size"], saved.get("seed", 0),
+                              saved.get("dataset_size"), "resize", channels, holdout)
+    items = [held[i] for i in range(min(n, len(held)))]
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+
+
+def shown(value, fmt):
+    """A figure formatted for a table, or '-' where it was skipped."""
+    return "-" if value is None else format(value, fmt)
+
+
+def print_restoration_table(rows, judge, what):
+    """One line per method: the settings and every figure."""
+    print(f"{what}\n{'method':>14} {'sampler':>8} {'steps':>7} {'cfg':>5} {'N':>5} {'psnr':>7} {'ssim':>7} "
+          f"{'class_acc':>9} {'judge_fd':>9} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['method']:>14} {r['sampler'] or '-':>8} {str(r['steps_run'] or '-'):>7} "
+              f"{shown(r['cfg_scale'], 'g'):>5} {r['num_samples']:>5} {shown(r['psnr'], '.2f'):>7} "
+              f"{shown(r['ssim'], '.4f'):>7} {shown(r['class_accuracy'], '.3f'):>9} {shown(r['judge_fd'], '.3f'):>9} "
+              f"{r['seconds']:>8.1f}")
+    print(f"judge: {judge.heldout_accuracy:.3f} accuracy on held-out real images ({judge.path}); class_acc is against "
+          "each image's true class")
+
+
+def evaluate_restoration(cfg, model, arch, saved, device):
+    """A ddpm_img2img.py run, or --repaint: degrade the run's held-out images, restore them, measure each method."""
+    task = saved.get("task") if arch.get("cond_channels") else None
+    if task is not None and cfg.repaint:
+        raise UsageError(f"this checkpoint is trained for {task}: drop --repaint (RePaint is for ddpm.py and "
+                         "ddpm_conditional.py checkpoints)")
+    if task is None and not cfg.repaint:
+        raise UsageError("pass --repaint true to measure inpainting with this checkpoint")
+    if (task or "inpaint") != "inpaint" and cfg.masks is not None:
+        raise UsageError(f"--masks is for inpainting, and this checkpoint does {task}: drop --masks")
+    diffusion = pixel_diffusion(cfg, saved, arch, device, "image-to-image figures and RePaint")
+    size, channels = diffusion.img_size, arch["c_out"]
+    if size != saved.get("image_size"):
+        raise UsageError(f"--image_size {size}: the held-out images are measured at the run's {saved['image_size']} "
+                         "px; drop --image_size")
+    images, labels = heldout_images(saved, cfg.num_samples, channels)
+    degradation = (Degradation.from_settings(saved, cfg.masks) if task is not None else
+                   Degradation("inpaint", masks=Masks(cfg.masks or "lower", size)))
+    holes = degradation.draw_holes(len(images), torch.Generator().manual_seed(cfg.seed))
+    cond = degradation.condition(images, holes)
+    baseline = degradation.baseline(cond, holes)
+    judge = get_judge(saved["dataset"], saved.get("dataset_path"), size, cfg.num_real, cfg.judge_epochs,
+                      device=device, channels=channels)
+    num_classes = arch["num_classes"]
+    if num_classes is not None and judge.net.head.out_features != num_classes:
+        raise UsageError(f"the checkpoint has {num_classes} classes but the judge of {saved['dataset']} has "
+                         f"{judge.net.head.out_features}: check the run's dataset_path")
+    truth = to_uint8(images)
+    none = {"sampler": None, "steps": None, "steps_run": None, "cfg_scale": None, "num_samples": len(images),
+            "seed": cfg.seed, "seconds": 0.0}
+    rows = [{"method": "ground truth", **none, **restoration_figures(judge, truth, truth, labels)},
+            {"method": degradation.baseline_name(), **none,
+             **restoration_figures(judge, to_uint8(baseline), truth, labels)}]
+    # a class-conditional run is given each image's true class (training drew the condition with the label)
+    given = labels if num_classes is not None and task is not None else None
+    cfg_scales = parse_list(cfg.cfg_scale, float, "cfg_scale") if task is not None or given is not None else [0.0]
+    steps_list = parse_list(cfg.steps, int, "steps")
+    model.to(device)
+    shown = None
+    for cfg_scale in cfg_scales:
+        for steps in steps_list:
+            start = time.perf_counter()
+            generator = torch.Generator(device).manual_seed(cfg.seed)
+            outputs = []
+            for first in tqdm(range(0, len(images), cfg.batch_size), desc=f"{cfg.sampler} cfg {cfg_scale}"):
+                rows_b = slice(first, first + cfg.batch_size)
+                b = len(images[rows_b])
+                extra = ({"cond": cond[rows_b].to(device)} if task is not None else
+                         {"known_image": images[rows_b].to(device), "known_mask": (1 - holes[rows_b]).to(device),
+                          "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample})
+                y = None if given is None else given[rows_b].to(device)
+                outputs.append(diffusion.sample_x0(model, b, y, cfg_scale, sampler=cfg.sampler, steps=steps,
+                                                   generator=generator, progress=False, **extra).cpu())
+            outputs = torch.cat(outputs)
+            shown = outputs if shown is None else shown
+            steps_run = steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
+            rows.append({"method": "repaint" if task is None else "diffusion", "sampler": cfg.sampler, "steps": steps,
+                         "steps_run": steps_run, "cfg_scale": cfg_scale, "num_samples": len(images), "seed": cfg.seed,
+                         **({"jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample} if task is None
+                            else {}),
+                         **restoration_figures(judge, to_uint8(outputs), truth, labels),
+                         "seconds": round(time.perf_counter() - start, 2)})
+    run_name = saved.get("run_name") or os.path.basename(os.path.dirname(os.path.abspath(cfg.ckpt)))
+    out = cfg.out or os.path.join("results", run_name, "repaint.json" if task is None else "metrics.json")
+    what = (f"{task or 'RePaint inpainting'} of {len(images)} held-out {saved['dataset']} images at {size} px"
+            f"{'' if degradation.masks is None else ', masks ' + degradation.masks.spec} with {describe(arch)} "
+            f"from {cfg.ckpt}")
+    print_restoration_table(rows, judge, what)
+    first = slice(0, 8)
+    grid_rows = comparison_rows(degradation, images[first], cond[first], holes[first] if holes is not None else None,
+                                shown[first], size)
+    if degradation.task != "superres":
+        grid_rows.append((degradation.baseline_name(), baseline[first]))
+    picture = os.path.splitext(out)[0] + ".png"
+    save_rows(grid_rows, picture)
+    metrics = {"checkpoint": cfg.ckpt, "run_name": run_name, "task": task or "repaint", "dataset": saved["dataset"],
+               "image_size": size, "masks": None if degradation.masks is None else degradation.masks.spec,
+               "judge": {"path": judge.path, "heldout_accuracy": judge.heldout_accuracy, "num_real": cfg.num_real},
+               "notes": ["held-out images of the run, never trained on; the judge trained on 80% of num_real real "
+                         "images, which may include some of them",
+                         *(["the network is given each image's true class"] if given is not None else [])],
+               "config": dataclasses.asdict(cfg), "rows": rows}
+    write_json(metrics, out)
+    print(f"saved {out} and {picture} (input, output at the first cfg_scale and steps, ground truth, baseline)")
+    return metrics
+
+
 def main(argv=None):
     """Sample every (cfg_scale, steps) combination, measure it, print the table, write metrics.json and .png."""
     cfg = parse_config(Config, argv, description=__doc__)
     validate(cfg)
+    cfg = dataclasses.replace(cfg, sampler=cfg.sampler or ("ddpm" if cfg.repaint else "dpm++"))
     device = pick_device(cfg.device)
     model, arch, saved = load_model(cfg.ckpt, cfg.weights)
+    if cfg.repaint or arch.get("cond_channels"):
+        return evaluate_restoration(cfg, model, arch, saved, device)
+    if cfg.masks is not None:
+        raise UsageError("--masks is for inpainting: pass --repaint true, or an inpaint checkpoint of ddpm_img2img.py")
     dataset, dataset_path = resolve_data(cfg, saved)
     latents = run_latents(saved, arch["c_in"], device)
     diffusion = make_diffusion(cfg, saved, arch["c_in"], device, latents)

@@ -340,17 +340,24 @@ class UNet_conditional(UNet):
     forward(x, t, y): y (B,) holds class ids in 0..num_classes-1, or NULL_LABEL (-1) for rows without a
     label; y=None means no row has a label. An unlabelled row gets the null condition (a zero embedding or
     map; a learned null token sequence for "xattn"), so one batch can hold both halves of guidance.
+
+    Image conditioning (SR3, Saharia et al. 2021; Palette, Saharia et al. 2022): with `cond_channels` > 0 the
+    network also reads an image of that many channels, forward(x, t, y, cond) with cond (B, cond_channels, H, W),
+    concatenated to x_t as more input channels, by the same `concat_maps` as the class map of "concat": the
+    low-resolution image upsampled back to H x W, or the masked image and its mask. cond=None is the null
+    condition, a zero image (the rows whose condition was dropped). num_classes=None with cond_channels is a
+    network conditioned on the image alone.
     """
 
     CONDITIONINGS = ("add", "concat", "xattn", "adanorm")
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, base_channels=64, conditioning="add",
-                 concat_channels=8, context_tokens=4, heads=4, attn_factors=UNet.ATTN_FACTORS):
+                 concat_channels=8, context_tokens=4, heads=4, attn_factors=UNet.ATTN_FACTORS, cond_channels=0):
         if conditioning not in self.CONDITIONINGS:
             raise ValueError(f"conditioning {conditioning!r} is unknown: use one of {', '.join(self.CONDITIONINGS)}")
         if conditioning != "add" and num_classes is None:
             raise ValueError(f"conditioning {conditioning!r} needs num_classes")
-        extra_channels = concat_channels if conditioning == "concat" else 0
+        extra_channels = cond_channels + (concat_channels if conditioning == "concat" else 0)
         attention = SelfAttention
         if conditioning == "xattn":
             attention = functools.partial(TransformerBlock, context_dim=time_dim, heads=heads)
@@ -358,6 +365,7 @@ class UNet_conditional(UNet):
         super().__init__(c_in + extra_channels, c_out, time_dim, base_channels, attention, norm_emb_dim, attn_factors)
         self.num_classes = num_classes
         self.conditioning = conditioning
+        self.cond_channels = cond_channels
         if conditioning in ("add", "adanorm") and num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_dim)
         elif conditioning == "concat":
@@ -374,19 +382,35 @@ class UNet_conditional(UNet):
     def label_embedding(self, y):
         return self.null_masked(self.label_emb, y)
 
-    def forward(self, x, t, y=None):
+    def concat_maps(self, x, y, cond):
+        """x_t (B, C, H, W) with the maps this network reads as more input channels, in this order: the condition
+        image (B, cond_channels, H, W; zeros for cond=None), then the class map of "concat" (B, K, H, W)."""
+        maps = []
+        if self.cond_channels:
+            if cond is None:
+                cond = x.new_zeros(x.shape[0], self.cond_channels, *x.shape[2:])
+            if cond.shape[0] != x.shape[0] or cond.shape[1:] != (self.cond_channels, *x.shape[2:]):
+                raise ValueError(f"condition image of shape {tuple(cond.shape)} for x_t of shape {tuple(x.shape)}: "
+                                 f"the network takes ({x.shape[0]}, {self.cond_channels}, {x.shape[2]}, "
+                                 f"{x.shape[3]})")
+            maps.append(cond.to(x.dtype))
+        if self.conditioning == "concat":
+            label_map = self.null_masked(self.label_map, y)[:, :, None, None]  # (B, K) -> (B, K, 1, 1)
+            maps.append(label_map.expand(-1, -1, *x.shape[2:]).to(x.dtype))  # (B, K, 1, 1) -> (B, K, H, W)
+        return torch.cat([x, *maps], dim=1) if maps else x  # (B, C + cond_channels [+ K], H, W)
+
+    def forward(self, x, t, y=None, cond=None):
         emb = self.time_embedding(t)
         if self.num_classes is None:
-            return self.denoise(x, emb)
+            return self.denoise(self.concat_maps(x, None, cond), emb)
         y = all_null_if_none(y, x)
+        x = self.concat_maps(x, y, cond)
         if self.conditioning == "add":
             return self.denoise(x, emb + self.label_embedding(y))
         if self.conditioning == "adanorm":
             return self.denoise(x, emb, norm_emb=emb + self.label_embedding(y))
         if self.conditioning == "concat":
-            label_map = self.null_masked(self.label_map, y)[:, :, None, None]  # (B, K) -> (B, K, 1, 1)
-            label_map = label_map.expand(-1, -1, *x.shape[2:])  # (B, K, 1, 1) -> (B, K, H, W)
-            return self.denoise(torch.cat([x, label_map.to(x.dtype)], dim=1), emb)
+            return self.denoise(x, emb)
         rows = label_rows(y, self.num_classes)  # xattn: the null label has its own tokens
         context = self.label_tokens(rows).unflatten(1, (self.context_tokens, -1))  # (B, L*D) -> (B, L, D)
         return self.denoise(x, emb, context)

@@ -2,6 +2,8 @@
 
     python sample.py --ckpt models/R/ema_ckpt.pt --labels 0,1,2 --n_per_label 10 --cfg_scale 3 --out grid.png
     python sample.py --ckpt unconditional_ckpt.pt --n 16 --sampler ddpm   (the reference's 999-step Alg. 2)
+    python sample.py --ckpt models/R/ema_ckpt.pt --inpaint photo.png --mask hole.png     (RePaint, any checkpoint)
+    python sample.py --ckpt models/SR/ema_ckpt.pt --condition low_res.png    (ddpm_img2img.py: a folder works too)
 
 The network is rebuilt from the state_dict itself: it is class-conditional iff it has a label embedding
 (num_classes = its rows), its conditioning mode (add, concat, xattn, adanorm) is the saved config's and
@@ -11,18 +13,30 @@ schedule and image size come from the training config saved with the run (`confi
 or the "config" of a `training_state.pt`); the reference's released checkpoints have none and get its 64 px,
 T = 1000, linear betas 1e-4..0.02. A run trained in a VAE's latents (--vae) samples latents and decodes
 them through that VAE.
+
+A ddpm_img2img.py checkpoint (its saved config has a `task`) is conditioned on an image: --condition gives it, a
+file or a folder of them, as the task takes it: the low-resolution image (image_size / scale px), the image to fill
+with --mask (inpaint), the grey image (colorize); one grid column per input, rows: input, then the outputs. Any
+other pixel-space checkpoint inpaints by RePaint (ddpm.Diffusion, Lugmayr et al. 2022): --inpaint IMAGE --mask MASK,
+white in the mask where to fill.
 """
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
+from data import GREY_MODES, read_mask
 from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
+from ddpm_img2img import Degradation, condition_channels, inpaint_condition, save_rows
 from latents import Latents, is_pixel_space, run_latents
 from modules import DIT_SIZES, DiT, UNet, UNet_conditional
-from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device, run_cli,
-                   read_json_object, save_images, save_individual, strip_wrapper_prefixes, to_uint8)
+from utils import (UsageError, arg, load_checkpoint, load_rgb, load_state_dict_strict, parse_config, pick_device,
+                   read_json_object, run_cli, save_images, save_individual, strip_wrapper_prefixes, to_uint8)
 
 
 # ----------------------------------------------------------------------------- options
@@ -36,13 +50,25 @@ class Config:
     out: str = arg("grid.png", "the grid, .png or .jpg; replaced atomically if it exists")
     save_individual: str | None = arg(None, "also write each image as DIR/<label>_<i>.png (label 0 if unconditional)")
     seed: int = arg(0, "seed of the noise: the same seed gives the same images")
-    sampler: str = arg("dpm++", "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a")
+    sampler: str | None = arg(None, "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a; None: dpm++, or ddpm "
+                                    "for --inpaint (RePaint runs in Alg. 2)")
     steps: int | None = arg(None, "network steps of the sampler (None: its default, 20 for dpm++)")
     clip_x0: bool | None = arg(None, "clip the predicted x_0 to [-1, 1] at each step (None: the run's setting, "
                                      "else true; false: the reference's sampler)")
     image_size: int | None = arg(None, "pixels, divisible by 8 (None: the training size, or 64)")
     weights: str = arg("ema", "weights of a training_state.pt: ema | model")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    condition: str | None = arg(None, "ddpm_img2img.py checkpoint: the input image, or a folder of them: the "
+                                      "low-resolution image (superres), the image to fill with --mask (inpaint), the "
+                                      "grey image (colorize)")
+    inpaint: str | None = arg(None, "RePaint with a ddpm.py / ddpm_conditional.py checkpoint: the image, or a folder "
+                                    "of them, whose --mask region is filled")
+    mask: str | None = arg(None, "the mask of --inpaint, or of --condition for an inpaint checkpoint: white where to "
+                                 "fill, black where the image is kept")
+    jump_length: int = arg(10, "RePaint: levels of each jump back up (Lugmayr et al. 2022: 10)")
+    jump_n_sample: int = arg(10, "RePaint: times each stretch of jump_length levels is gone down (1: no resampling; "
+                                 "the network runs about this many times as often)")
+    n_per_input: int = arg(1, "--condition / --inpaint: outputs per input image, one grid row each")
 
 
 # The reference repository's settings, for checkpoints without a saved config.
@@ -56,9 +82,23 @@ def validate(cfg):
         raise UsageError("no checkpoint given: pass --ckpt models/<run>/ema_ckpt.pt (or a reference .pt file)")
     if cfg.cfg_scale < 0:
         raise UsageError(f"cfg_scale {cfg.cfg_scale} is negative: use 0 (no guidance) or a value > 0, e.g. 3")
-    if cfg.sampler not in SAMPLERS:
+    if cfg.sampler not in (None, *SAMPLERS):
         raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
-    for name in ("n_per_label", "n", "steps"):
+    if cfg.inpaint is not None:
+        if cfg.mask is None:
+            raise UsageError("--inpaint needs --mask MASK: a black-and-white image of the same size, white where to "
+                             "fill")
+        if cfg.sampler not in (None, "ddpm") or cfg.steps is not None:
+            asked = f"--sampler {cfg.sampler}" if cfg.sampler not in (None, "ddpm") else f"--steps {cfg.steps}"
+            raise UsageError(f"RePaint runs inside DDPM Alg. 2 with all its steps, not with {asked}: pass --sampler "
+                             "ddpm without --steps (or leave both out)")
+        if cfg.condition is not None:
+            raise UsageError("--inpaint (RePaint, any checkpoint) and --condition (a ddpm_img2img.py checkpoint) "
+                             "exclude each other: pass one")
+    if cfg.mask is not None and cfg.inpaint is None and cfg.condition is None:
+        raise UsageError("--mask goes with --inpaint IMAGE (RePaint) or --condition IMAGE (an inpaint checkpoint): "
+                         "pass the image too")
+    for name in ("n_per_label", "n", "steps", "jump_length", "jump_n_sample", "n_per_input"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UsageError(f"{name} {value} must be positive")
@@ -186,6 +226,14 @@ def infer_network(state_dict, path="checkpoint", saved=None):
         arch["num_classes"], arch["time_dim"] = state_dict["label_emb.weight"].shape
     if arch["num_classes"] is not None:
         arch["conditioning"] = conditioning
+    if saved.get("task") is not None:  # ddpm_img2img.py: the condition image's channels follow those of x_t
+        arch["cond_channels"] = arch["c_in"] - arch["c_out"]
+        expected = condition_channels(saved["task"], arch["c_out"])
+        if arch["cond_channels"] != expected:
+            raise UsageError(f"'{path}' reads {arch['cond_channels']} condition channels, but its saved task "
+                             f"'{saved['task']}' on {arch['c_out']}-channel images takes {expected}: pass the "
+                             "checkpoint saved with that config")
+        arch["c_in"] = arch["c_out"]
     # An attention block left out (UNet's attn_factors) has no weights: factor 1 is sa6, 2 sa1/sa5, 4 sa2/sa4, 8 sa3.
     blocks = {1: "sa6", 2: "sa1", 4: "sa2", 8: "sa3"}
     arch["attn_factors"] = tuple(f for f, block in blocks.items() if any(k.startswith(block + ".") for k in state_dict))
@@ -198,19 +246,20 @@ def build_network(arch):
     if arch.get("backbone") == "dit":
         return DiT(arch["c_in"], arch["c_out"], arch["num_classes"], arch["patch_size"], arch["depth"], arch["dim"],
                    arch["heads"], arch["time_dim"])
-    if arch["num_classes"] is None:
+    if arch["num_classes"] is None and not arch.get("cond_channels"):
         return UNet(arch["c_in"], arch["c_out"], arch["time_dim"], arch["base_channels"],
                     attn_factors=arch["attn_factors"])
-    options = {key: arch[key] for key in ("concat_channels", "context_tokens") if key in arch}
+    options = {key: arch[key] for key in ("concat_channels", "context_tokens", "cond_channels") if key in arch}
     return UNet_conditional(arch["c_in"], arch["c_out"], arch["time_dim"], arch["num_classes"], arch["base_channels"],
-                            arch["conditioning"], attn_factors=arch["attn_factors"], **options)
+                            arch["conditioning"] or "add", attn_factors=arch["attn_factors"], **options)
 
 
 def describe(arch):
     """The network of an arch dict in words, e.g. "U-Net, base_channels 32" or "DiT dit-t/2"."""
     if arch.get("backbone") == "dit":
         return f"DiT {arch['dit_size']}/{arch['patch_size']}"
-    return f"U-Net, base_channels {arch['base_channels']}"
+    reads = f", reading a {arch['cond_channels']}-channel condition image" if arch.get("cond_channels") else ""
+    return f"U-Net, base_channels {arch['base_channels']}{reads}"
 
 
 def class_names(ckpt, num_classes):
@@ -259,12 +308,137 @@ def grid_labels(cfg, num_classes):
     return torch.tensor(labels, dtype=torch.long).repeat_interleave(cfg.n_per_label)  # (L,) -> (L * n_per_label,)
 
 
+# ----------------------------------------------------------------------------- image inputs: conditions, RePaint
+def pixel_diffusion(cfg, saved, arch, device, what):
+    """The run's Diffusion (make_diffusion) where images are what it samples; a run in a VAE's latents is a
+    UsageError naming `what` needs pixels."""
+    if run_latents(saved, arch["c_in"], device).vae is not None:
+        raise UsageError(f"{what} work in pixel space, and this run trains in a VAE's latents: use a pixel-space "
+                         "checkpoint")
+    return make_diffusion(cfg, saved, arch["c_in"], device)
+
+
+def read_inputs(path, size, channels, what):
+    """(file names, images (K, channels, size, size) in [-1, 1]) of an image file or a folder of image files, each of
+    which must be size x size pixels, grey for channels 1 and colour for 3; anything else is a UsageError."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise UsageError(f"{what} folder '{path}' holds no .png or .jpg images: put the input images in it")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise UsageError(f"{what} '{path}' not found: pass an image file or a folder of them")
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                width, height, grey = image.width, image.height, image.mode in GREY_MODES
+        except OSError:
+            raise UsageError(f"{what} '{file}' is not a readable image: pass a .png or .jpg file") from None
+        if (width, height) != (size, size):
+            raise UsageError(f"{what} '{file}' is {width}x{height} pixels, but this checkpoint takes {size}x{size}: "
+                             f"resize it to {size}x{size}")
+        if grey != (channels == 1):
+            kind, wanted, mode = ("grey", "RGB", "RGB") if grey else ("RGB", "grey", "L")
+            raise UsageError(f"{what} '{file}' is {kind}, but this checkpoint takes {wanted} images ({channels} "
+                             f"channel{'s' if channels > 1 else ''}): convert it, e.g. "
+                             f"Image.open(path).convert('{mode}')")
+        pixels = load_rgb(file).convert("L" if channels == 1 else "RGB")
+        array = np.asarray(pixels, dtype=np.float32).reshape(size, size, channels)
+        images.append(torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1)  # (S, S, C) -> (C, S, S)
+    return [os.path.basename(f) for f in files], torch.stack(images)
+
+
+def input_labels(cfg, num_classes, count, required):
+    """The class ids of `count` inputs (count,): --labels gives one for all or one per input; None without
+    --labels unless `required` (a class-conditional ddpm_img2img.py run, which never saw a condition without one)."""
+    if num_classes is None:
+        if cfg.labels is not None:
+            raise UsageError("this checkpoint has no classes: drop --labels")
+        return None
+    if cfg.labels is None:
+        if required:
+            raise UsageError(f"this checkpoint reads the class beside the image: pass --labels with one class id "
+                             f"(0..{num_classes - 1}) for all inputs, or one per input")
+        return None
+    labels = parse_labels(cfg.labels)
+    if len(labels) not in (1, count) or not all(0 <= k < num_classes for k in labels):
+        raise UsageError(f"--labels {cfg.labels}: give one class id in 0..{num_classes - 1} for all {count} inputs, "
+                         "or one per input")
+    return torch.tensor(labels * count if len(labels) == 1 else labels)
+
+
+def sample_from_images(cfg, model, arch, saved, device):
+    """--condition (a ddpm_img2img.py checkpoint) or --inpaint (RePaint): one grid column per input image, rows: the
+    input, then n_per_input outputs (and bicubic for super-resolution). Returns the uint8 outputs."""
+    task = saved.get("task") if arch.get("cond_channels") else None
+    if task is not None and cfg.condition is None:
+        raise UsageError(f"this checkpoint is conditioned on a {task} image: pass --condition IMAGE (or a folder of "
+                         "them)" + (" with --mask MASK" if task == "inpaint" else ""))
+    if task is None and cfg.condition is not None:
+        raise UsageError("--condition is for ddpm_img2img.py checkpoints, and this one reads no image: to fill a "
+                         "region with it, pass --inpaint IMAGE --mask MASK (RePaint)")
+    if task is not None and cfg.inpaint is not None:
+        raise UsageError(f"this checkpoint is conditioned on a {task} image: pass it with --condition, not --inpaint")
+    if (task == "inpaint") != (cfg.mask is not None) and cfg.inpaint is None:
+        raise UsageError("an inpaint checkpoint needs --mask MASK beside --condition" if task == "inpaint" else
+                         f"this {task} checkpoint takes no mask: drop --mask")
+    diffusion = pixel_diffusion(cfg, saved, arch, device, "--inpaint and --condition")
+    size, channels = diffusion.img_size, arch["c_out"]
+    degradation = Degradation.from_settings({**saved, "image_size": size}) if task is not None else None
+    holes = read_mask(cfg.mask, size)[None] if cfg.mask is not None else None  # (1, 1, S, S): 1 where to fill
+    extra = {}
+    if task == "superres":
+        names, low = read_inputs(cfg.condition, size // degradation.scale, channels, "--condition image")
+        cond = degradation.upsample(low)
+        shown = [(f"input ({size // degradation.scale} px)", F.interpolate(low, scale_factor=degradation.scale)),
+                 ("bicubic", cond)]
+    elif task is not None:
+        names, images = read_inputs(cfg.condition, size, 1 if task == "colorize" else channels, "--condition image")
+        cond = images if task == "colorize" else inpaint_condition(images, holes.expand(len(images), -1, -1, -1))
+        shown = [("input", cond[:, :channels])]
+    else:
+        names, images = read_inputs(cfg.inpaint, size, channels, "--inpaint image")
+        cond = None
+        shown = [("input (hole: grey)", images * (1 - holes))]
+        extra = {"known_image": images.repeat(cfg.n_per_input, 1, 1, 1).to(device), "known_mask": (1 - holes).to(device),
+                 "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample}
+    count, n = len(names), len(names) * cfg.n_per_input
+    labels = input_labels(cfg, arch["num_classes"], count, required=task is not None)
+    labels = None if labels is None else labels.repeat(cfg.n_per_input).to(device)
+    if cond is not None:
+        extra["cond"] = cond.repeat(cfg.n_per_input, 1, 1, 1).to(device)
+    cfg_scale = cfg.cfg_scale if labels is not None or task is not None else 0.0
+    steps = cfg.steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
+    how = (f"RePaint (jump_length {cfg.jump_length}, jump_n_sample {cfg.jump_n_sample})" if cfg.inpaint else
+           f"{cfg.sampler} with {steps} steps, cfg_scale {cfg_scale:g}")
+    print(f"{task or 'RePaint'} with {describe(arch)} from {cfg.ckpt}: {count} input(s) x {cfg.n_per_input} at "
+          f"{size} px, {how}, on {device}")
+    model.to(device)
+    x_0 = diffusion.sample_x0(model, n, labels, cfg_scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
+                              **extra)
+    outputs = to_uint8(x_0).cpu()
+    rows = shown[:1] + [(f"output {r + 1}" if cfg.n_per_input > 1 else "output", outputs[r * count:(r + 1) * count])
+                        for r in range(cfg.n_per_input)] + shown[1:]
+    save_rows([(caption, images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images)
+               for caption, images in rows], cfg.out)
+    print(f"saved {cfg.out} (columns: {', '.join(names)})")
+    if cfg.save_individual:
+        save_individual(outputs, list(range(count)) * cfg.n_per_input, cfg.save_individual)
+        print(f"saved {n} images in {cfg.save_individual}/ as <input index>_<i>.png")
+    return outputs
+
+
 def main(argv=None):
     """Load the checkpoint, sample, and write the grid (and the single images); returns the uint8 images."""
     cfg = parse_config(Config, argv, description=__doc__)
     validate(cfg)
+    cfg = dataclasses.replace(cfg, sampler=cfg.sampler or ("ddpm" if cfg.inpaint else "dpm++"))
     device = pick_device(cfg.device)
     model, arch, saved = load_model(cfg.ckpt, cfg.weights)
+    if arch.get("cond_channels") or cfg.condition is not None or cfg.inpaint is not None:
+        return sample_from_images(cfg, model, arch, saved, device)
     labels = grid_labels(cfg, arch["num_classes"])
     latents = run_latents(saved, arch["c_in"], device)
     diffusion = make_diffusion(cfg, saved, arch["c_in"], device, latents)

@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from data import AUGMENTATIONS, CHANNELS, data_on_device, dataset_channels, get_dataset, make_dataloader
+from data import AUGMENTATIONS, CHANNELS, data_on_device, dataset_channels, make_dataloader, run_datasets
 from ddpm import PREDICTION_TYPES, SAMPLERS, SCHEDULES, Diffusion
 from evaluate import get_judge, offline_figures
 from latents import draw_latents, latent_cache_path, load_latents, open_cache, vae_digest
@@ -103,6 +103,8 @@ def validate(cfg):
                  "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every"):
         if getattr(cfg, name, 1) <= 0:
             raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
+    if getattr(cfg, "holdout", 0) < 0:
+        raise UsageError(f"holdout {cfg.holdout} is negative: use 0 (no held-out images) or e.g. 300")
 
 
 PRECISIONS = ("no", "fp16", "bf16")
@@ -301,7 +303,8 @@ class Task:
     """What one script trains; the loop in `train` does the rest.
 
     make_batch maps a batch of the data set to (x_0, conditioning): the conditioning is dropped with
-    probability p_uncond for guidance, or None for an unconditional model. draw_grid(module, path) saves a
+    probability p_uncond for guidance, or None for an unconditional model; a dict is passed to Diffusion.loss as
+    keywords (ddpm_img2img.py: {"cond": images[, "labels": ids]}). draw_grid(module, path) saves a
     grid of `module`'s samples from fixed noise and conditioning. measure(module), if given, returns the
     offline quality figures of `module`'s samples (evaluate.offline_figures), for --eval_every. classes: the
     class names of a conditional model, saved as models/<run_name>/classes.json for sample.py's grid captions.
@@ -325,6 +328,8 @@ class Task:
         """The loss of one batch: the task's own, else the DDPM loss of ddpm.py."""
         if self.loss is not None:
             return self.loss(model, x_0, conditioning, step)
+        if isinstance(conditioning, dict):
+            return self.diffusion.loss(model, x_0, **conditioning)
         return self.diffusion.loss(model, x_0, conditioning)
 
 
@@ -351,23 +356,26 @@ def dit_size(name):
     return {"depth": depth, "dim": dim, "heads": heads}
 
 
-def build_model(cfg, num_classes, channels=3):
+def build_model(cfg, num_classes, channels=3, cond_channels=0):
     """The network of ddpm.py (num_classes None) or ddpm_conditional.py on images or latents of `channels`: its
-    --backbone, class-conditional when num_classes is given."""
+    --backbone, class-conditional when num_classes is given; with cond_channels (ddpm_img2img.py) a U-Net that also
+    reads a condition image of that many channels, concatenated to its input."""
     conditioning = getattr(cfg, "conditioning", "add")
     if getattr(cfg, "backbone", "unet") == "dit":
+        if cond_channels:
+            raise UsageError("an image condition is read by the U-Net: use --backbone unet")
         if conditioning != "add":
             raise UsageError(f"conditioning '{conditioning}' is a U-Net mode: DiT reads the label by adaLN-Zero; "
                              "drop --conditioning, or use --backbone unet")
         return DiT(channels, channels, num_classes=num_classes, patch_size=cfg.patch_size, **dit_size(cfg.dit_size))
     attn_factors = parse_attn_factors(getattr(cfg, "attn_factors", "1,2,4,8"))
-    if num_classes is None:
+    if num_classes is None and not cond_channels:
         return UNet(channels, channels, base_channels=cfg.base_channels, attn_factors=attn_factors)
     if conditioning not in UNet_conditional.CONDITIONINGS:
         raise UsageError(f"conditioning '{conditioning}' is unknown: use one of "
                          f"{', '.join(UNet_conditional.CONDITIONINGS)}")
     return UNet_conditional(channels, channels, num_classes=num_classes, base_channels=cfg.base_channels,
-                            conditioning=conditioning, attn_factors=attn_factors)
+                            conditioning=conditioning, attn_factors=attn_factors, cond_channels=cond_channels)
 
 
 def grid_labels(cfg, num_classes, device):
@@ -394,10 +402,10 @@ def image_task(cfg, accelerator, conditional):
     channels = cfg.channels or dataset_channels(cfg.dataset, cfg.dataset_path)
     with accelerator.main_process_first():  # one process downloads (CIFAR-10, a Hub VAE); the others then read them
         latents = load_latents(cfg.vae, device, cfg.mixed_precision, image_channels=channels)
-        dataset = get_dataset(cfg.dataset, cfg.dataset_path, cfg.image_size, seed=cfg.seed, size=cfg.dataset_size,
-                              augment=cfg.augment, channels=channels)
-    num_classes = len(dataset.classes) if conditional else None
-    classes = list(dataset.classes)
+        # --holdout: images never trained on, for evaluate.py --repaint (data.run_datasets rebuilds them)
+        dataset, _, classes = run_datasets(cfg.dataset, cfg.dataset_path, cfg.image_size, cfg.seed, cfg.dataset_size,
+                                           cfg.augment, channels, getattr(cfg, "holdout", 0))
+    num_classes = len(classes) if conditional else None
     diffusion = Diffusion(cfg.noise_steps, cfg.beta_start, cfg.beta_end, latents.latent_size(cfg.image_size),
                           c_in=latents.channels, device=device, clip_x0=latents.clip_x0(cfg.clip_x0),
                           schedule=cfg.schedule, min_snr_gamma=cfg.min_snr_gamma, prediction_type=cfg.prediction_type)
@@ -426,7 +434,8 @@ def image_task(cfg, accelerator, conditional):
                                     decode=latents.decode)
 
     if cfg.cache_latents:  # batches of (posterior mean, std, label)
-        path = latent_cache_path(cfg, dataset, channels, augment=cfg.augment)
+        held_out = {"holdout": cfg.holdout} if getattr(cfg, "holdout", 0) else {}  # caches without one keep their keys
+        path = latent_cache_path(cfg, dataset, channels, augment=cfg.augment, **held_out)
         cache = open_cache(accelerator, path, dataset, latents, None, cfg.batch_size, cfg.num_workers)
         dataset = TensorDataset(cache["mean"], cache["std"], cache["label"])
 

@@ -9,7 +9,8 @@ results/<run_name>/<mode>.png (run_name from the checkpoint's config):
   noising     x_0 and x_t ~ q(x_t | x_0) at a few t, one row per data set image, the same eps along a row;
   trajectory  one reverse run: the network's input x_t (top row) and the x_0 it predicts (bottom row) at a
               few of the sampler's steps, then the result; every sampler works, and the latents of a run with a
-              VAE (train_sd.py, or --vae of ddpm*.py) are decoded through it (pass --prompt to train_sd.py's);
+              VAE (train_sd.py, or --vae of ddpm*.py) are decoded through it (pass --prompt to train_sd.py's); a
+              ddpm_img2img.py run is conditioned on its held-out image --image (the first column shows the input);
   guidance    the same seeds and label under each guidance scale, one column per scale, after an
               unconditional column; --compare_raw adds the raw weights (ckpt.pt) below the EMA.
 """
@@ -27,6 +28,7 @@ import sample
 import train_sd
 from data import dataset_channels, get_dataset
 from ddpm import SAMPLERS, Diffusion
+from ddpm_img2img import Degradation
 from latents import run_latents
 from modules import NULL_LABEL
 from utils import (UsageError, arg, load_state_dict_strict, parse_config, pick_device, run_cli, save_figure, save_gif,
@@ -39,6 +41,7 @@ class Config:
     mode: str = arg("trajectory", "noising | trajectory | guidance (or give the mode first, without --mode)")
     ckpt: str | None = arg(None, "checkpoint of ddpm.py, ddpm_conditional.py or train_sd.py (not needed by noising)")
     label: int | None = arg(None, "class id of a conditional checkpoint (None: class 0)")
+    image: int = arg(0, "ddpm_img2img.py checkpoint: the index of the held-out image whose condition is sampled")
     prompt: str | None = arg(None, "prompt of a train_sd.py checkpoint (None: its first grid prompt)")
     cfg_scale: float = arg(3.0, "guidance scale of the trajectory: 0 = conditional only, >1 = stronger")
     scales: str = arg("1,3,5,7.5", "guidance mode: comma-separated scales, one column each (0 samples as 1)")
@@ -108,6 +111,8 @@ class Loaded:
     null_cond: torch.Tensor | None
     caption: str  # what the conditioning is, for the title
     saved: dict
+    image_cond: torch.Tensor | None = None  # the condition image (1, C_cond, H, W) of a ddpm_img2img.py run
+    shown_input: torch.Tensor | None = None  # that input as a picture (C, H, W)
 
 
 def is_text_run(saved):
@@ -142,6 +147,8 @@ def load(cfg, path, device):
     latents = run_latents(saved, arch["c_in"], device)
     diffusion = sample.make_diffusion(cfg, saved, arch["c_in"], device, latents)
     num_classes = arch["num_classes"]
+    if arch.get("cond_channels"):
+        return load_img2img(cfg, Loaded(net.to(device), diffusion, latents.decode, None, None, "", saved), arch)
     if num_classes is None:
         if cfg.label is not None:
             raise UsageError("this checkpoint is unconditional: drop --label")
@@ -154,14 +161,40 @@ def load(cfg, path, device):
     return Loaded(net.to(device), diffusion, latents.decode, cond, null_cond, f"class {label}", saved)
 
 
+def load_img2img(cfg, loaded, arch):
+    """A ddpm_img2img.py checkpoint, conditioned on the degraded held-out image --image (with its true class if the
+    run reads classes): the trajectory of its restoration."""
+    from evaluate import heldout_images
+
+    saved, device = loaded.saved, loaded.diffusion.device
+    if cfg.label is not None:
+        raise UsageError("this ddpm_img2img.py checkpoint is conditioned on a held-out image: pass --image N, not "
+                         "--label")
+    images, labels = heldout_images(saved, cfg.image + 1, arch["c_out"])
+    if cfg.image >= len(images):
+        raise UsageError(f"--image {cfg.image}: the run holds out {len(images)} images; use 0..{len(images) - 1}")
+    degradation = Degradation.from_settings(saved)
+    image = images[cfg.image:cfg.image + 1]  # (1, C, H, W)
+    holes = degradation.draw_holes(1, torch.Generator().manual_seed(cfg.seed))
+    loaded.image_cond = degradation.condition(image, holes).to(device)
+    loaded.shown_input = degradation.shown_input(image, loaded.image_cond.cpu())[0]
+    if arch["num_classes"] is not None:
+        loaded.cond = labels[cfg.image:cfg.image + 1].to(device)
+        loaded.null_cond = torch.full_like(loaded.cond, NULL_LABEL)
+    loaded.caption = f"{saved['task']} of held-out image {cfg.image}"
+    return loaded
+
+
 def generate(loaded, n, cfg_scale, cfg, callback=None, cond=None):
     """n images from seed cfg.seed (pixels in [-1, 1]); `cond` overrides the loaded conditioning."""
     cond = loaded.cond if cond is None else cond
     labels = None if cond is None else cond.expand(n, *cond.shape[1:])
     null = None if cond is None else loaded.null_cond.expand(n, *cond.shape[1:])
-    x_0 = loaded.diffusion.sample_x0(loaded.net, n, labels, cfg_scale if cond is not None else 0.0, null_labels=null,
+    image = None if loaded.image_cond is None else loaded.image_cond.expand(n, -1, -1, -1)
+    guided = cond is not None or image is not None
+    x_0 = loaded.diffusion.sample_x0(loaded.net, n, labels, cfg_scale if guided else 0.0, null_labels=null,
                                      sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, progress=False,
-                                     callback=callback)
+                                     callback=callback, cond=image)
     return loaded.decode(x_0)
 
 
@@ -181,10 +214,10 @@ def draw(cells, column_titles, row_names, title, path):
             ax.set_xticks([])
             ax.set_yticks([])
             if image is None:
-                ax.axis("off")
-                continue
-            pixels = to_uint8(image.detach().float().cpu()).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
-            ax.imshow(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, cmap="gray", interpolation="nearest")
+                ax.set_frame_on(False)  # an empty cell that keeps its row's name
+            else:
+                pixels = to_uint8(image.detach().float().cpu()).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+                ax.imshow(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, cmap="gray", interpolation="nearest")
             if r == 0:
                 ax.set_title(column_titles[c], fontsize=7)
             if c == 0:
@@ -259,7 +292,9 @@ def trajectory(cfg, loaded, gif_path=None):
     x_t_row = [loaded.decode(states[i][1])[0] for i in shown] + [x_0[0]]
     x0_row = [loaded.decode(states[i][2])[0] for i in shown] + [None]
     titles = [f"step {i + 1}/{len(states)}\nt={states[i][0]}" for i in shown] + ["result x_0"]
-    scale = f", cfg_scale {cfg.cfg_scale:g}" if loaded.cond is not None else ""
+    if loaded.shown_input is not None:  # a ddpm_img2img.py run: its input first
+        x_t_row, x0_row, titles = [loaded.shown_input, *x_t_row], [None, *x0_row], ["input", *titles]
+    scale = f", cfg_scale {cfg.cfg_scale:g}" if loaded.cond is not None or loaded.image_cond is not None else ""
     title = f"{cfg.sampler}, {len(states)} steps, {loaded.caption}{scale}, seed {cfg.seed}"
     return [x_t_row, x0_row], titles, ["x_t (net input)", "predicted x_0"], title
 
@@ -267,7 +302,8 @@ def trajectory(cfg, loaded, gif_path=None):
 def guidance(cfg, loaded, raw=None):
     """The same seeds and conditioning under each scale, after the unconditional samples; raw below the EMA."""
     if loaded.cond is None:
-        raise UsageError("guidance needs a conditional checkpoint (ddpm_conditional.py or train_sd.py)")
+        raise UsageError("guidance needs a conditional checkpoint (ddpm_conditional.py or train_sd.py); the guidance "
+                         "of a ddpm_img2img.py run is measured by evaluate.py --cfg_scale 0,1,3")
     scales = parse_scales(cfg.scales)
     cells, names = [], []
     for weights_name, model in (("EMA", loaded), ("raw", raw)):

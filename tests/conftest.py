@@ -84,3 +84,31 @@ def decoded(monkeypatch):
 def encoded(monkeypatch):
     """The shapes of the image batches that the VAE encodes while the test runs, in order."""
     return record_calls(monkeypatch, "encode")
+
+
+@pytest.fixture(scope="session")
+def img2img_runs(tmp_path_factory):
+    """Runs of 2 steps on 16 px shapes with 8 images held out, T = 50, in one working folder: ddpm_img2img.py
+    superres (scale 4) and inpaint (strokes), and a ddpm.py model with --holdout for RePaint. Returns {"root": the
+    folder, "superres", "inpaint", "uncond": their models/<run>/ema_ckpt.pt}."""
+    import ddpm
+    import ddpm_img2img
+
+    root = tmp_path_factory.mktemp("img2img_runs")
+    common = ["--dataset", "shapes", "--dataset_size", "40", "--holdout", "8", "--image_size", "16", "--base_channels",
+              "8", "--batch_size", "8", "--max_steps", "2", "--noise_steps", "50", "--sampler", "ddim", "--sample_steps",
+              "2", "--num_workers", "0", "--device", "cpu"]
+    here = os.getcwd()
+    os.chdir(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ddpm_img2img.main([*common, "--task", "superres", "--run_name", "superres", "--n_samples", "3"])
+        ddpm_img2img.main([*common, "--task", "inpaint", "--masks", "strokes", "--run_name", "inpaint", "--n_samples",
+                           "3"])
+        ddpm.main([*common, "--run_name", "uncond", "--n_samples", "2", "--report_to", "none"])
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+    runs = {name: str(root / "models" / name / "ema_ckpt.pt") for name in ("superres", "inpaint", "uncond")}
+    return {"root": str(root), **runs}

@@ -451,3 +451,60 @@ def test_grey_shapes_are_the_luma_of_the_colour_ones():
         expected = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
         assert grey[index][1] == rgb[index][1]
         torch.testing.assert_close((grey[index][0][0] + 1) / 2, expected, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- inpainting masks, held-out split
+
+@pytest.mark.parametrize("spec", data.MASKS)
+def test_every_mask_kind_is_binary_marks_a_hole_and_leaves_pixels_known(spec):
+    holes = data.Masks(spec, 16).draw(64, torch.Generator().manual_seed(0))
+    assert holes.shape == (64, 1, 16, 16) and holes.dtype == torch.float32
+    assert set(torch.unique(holes).tolist()) <= {0.0, 1.0}
+    covered = holes.flatten(1).mean(dim=1)  # (64,)
+    assert (covered > 0).all() and (covered < 1).all()
+    if spec in ("boxes", "strokes", "halves"):
+        assert len({tuple(h.flatten().tolist()) for h in holes}) > 2  # drawn per image, not one mask for all
+
+
+def test_lower_and_halves_masks_are_the_halves_of_the_image():
+    lower = data.Masks("lower", 8).draw(3)
+    assert (lower[:, :, 4:] == 1).all() and (lower[:, :, :4] == 0).all()
+    halves = data.Masks("halves", 8).draw(200, torch.Generator().manual_seed(0))
+    kinds = {(h[0, 0, 0].item(), h[0, 7, 0].item(), h[0, 0, 7].item()) for h in halves}
+    assert kinds == {(1, 0, 1), (0, 1, 0), (1, 1, 0), (0, 0, 1)}  # top, bottom, left, right
+
+
+def test_a_mask_folder_is_read_resized_and_drawn_from(tmp_path):
+    pixels = np.zeros((32, 32), dtype=np.uint8)
+    pixels[:, :8] = 255
+    Image.fromarray(pixels).save(tmp_path / "left.png")
+    holes = data.Masks(str(tmp_path), 16).draw(5)
+    assert holes.shape == (5, 1, 16, 16)
+    assert (holes[:, :, :, :4] == 1).all() and (holes[:, :, :, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("fill, message", [
+    ("grey", r"mask '.*' is not binary: it has 3 grey levels; save it with only black"),
+    ("empty", r"mask '.*' is empty: no pixel is white, so there is nothing to fill"),
+    ("full", r"mask '.*' covers every pixel: nothing of the image is known"),
+])
+def test_a_bad_mask_file_is_one_line_naming_the_fix(tmp_path, fill, message):
+    pixels = {"grey": np.array([[0, 128], [255, 0]]), "empty": np.zeros((2, 2)), "full": np.full((2, 2), 255)}[fill]
+    path = tmp_path / "mask.png"
+    Image.fromarray(pixels.astype(np.uint8).repeat(4, 0).repeat(4, 1)).save(path)
+    with pytest.raises(UsageError, match=message):
+        data.read_mask(str(path), 8)
+    with pytest.raises(UsageError, match=message):
+        data.Masks(str(tmp_path), 8)
+    with pytest.raises(UsageError, match="masks 'blobs' is neither one of boxes, halves, lower, strokes nor a folder"):
+        data.Masks("blobs", 8)
+
+
+def test_run_datasets_hold_out_the_same_images_every_time_and_never_train_on_them():
+    train, held, classes = data.run_datasets("shapes", None, 16, seed=3, size=50, holdout=10)
+    again = data.run_datasets("shapes", None, 16, seed=3, size=50, holdout=10)[1]
+    assert (len(train), len(held), classes) == (40, 10, list(data.SHAPE_NAMES))
+    assert held.indices == again.indices and not set(held.indices) & set(train.indices)
+    assert data.run_datasets("shapes", None, 16, size=50)[1] is None
+    with pytest.raises(UsageError, match="holdout 50 leaves none of the 50 images to train on"):
+        data.run_datasets("shapes", None, 16, size=50, holdout=50)

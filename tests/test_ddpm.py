@@ -17,9 +17,9 @@ class CountingModel(torch.nn.Module):
         self.num_classes = getattr(net, "num_classes", None)
         self.batch_sizes = []
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         self.batch_sizes.append(args[0].shape[0])
-        return self.net(*args)
+        return self.net(*args, **kwargs)
 
 
 def test_schedule_alpha_hat_strictly_decreasing_in_open_unit_interval():
@@ -293,3 +293,127 @@ def test_bad_sampling_arguments_raise_value_errors(kwargs, message):
 def test_image_size_not_divisible_by_8_is_a_value_error():
     with pytest.raises(ValueError, match=r"img_size 30 is not divisible by 8"):
         Diffusion(img_size=30)
+
+
+# ----------------------------------------------------------------------------- image conditions and RePaint
+class MixtureOracle(torch.nn.Module):
+    """The exact eps of data that is K equally likely images `points` (K, C, H, W): E[x_0 | x_t] is the mean of the
+    points weighted by q(x_t | x_0 = point), and eps = (x_t - sqrt(alpha_hat_t) E[x_0 | x_t]) / sqrt(1 - alpha_hat_t)."""
+
+    def __init__(self, diffusion, points):
+        super().__init__()
+        self.diffusion, self.points = diffusion, points
+
+    def forward(self, x, t):
+        alpha_hat = self.diffusion.alpha_hat[t].view(-1, 1)  # (B, 1)
+        signal = alpha_hat.sqrt()
+        distance = (x[:, None] - signal[:, :, None, None, None] * self.points[None]).flatten(2).pow(2).sum(-1)  # (B, K)
+        weights = torch.softmax(-distance / (2 * (1 - alpha_hat)), dim=1)
+        x_0 = torch.einsum("bk,kchw->bchw", weights, self.points)
+        return (x - signal[:, :, None, None] * x_0) / (1 - alpha_hat)[:, :, None, None].sqrt()
+
+
+def oracle_diffusion():
+    """The reference's schedule. Its last step adds no noise but keeps sqrt(alpha) (1 - alpha_hat_0) / (1 - alpha_hat_1)
+    = 0.45 of x_1's, whose std is sqrt(1 - alpha_hat_1) = 0.015: the result is the data up to about 0.007 per pixel."""
+    return Diffusion(img_size=8, c_in=1)
+
+
+def test_repaint_with_the_exact_eps_of_one_image_returns_it_in_the_known_region_and_in_the_hole():
+    diffusion = oracle_diffusion()
+    image = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    known = torch.zeros(1, 1, 8, 8)
+    known[:, :, :4] = 1  # the upper half is known
+    x_0 = diffusion.sample_x0(MixtureOracle(diffusion, image), 4, known_image=image.expand(4, -1, -1, -1),
+                              known_mask=known, jump_length=10, jump_n_sample=3, seed=0, progress=False)
+    torch.testing.assert_close(x_0[:, :, :4], image.expand(4, -1, -1, -1)[:, :, :4])  # exactly: the last replacement
+    assert (x_0[:, :, 4:] - image[:, :, 4:]).abs().max() < 0.04  # the hole: the image, up to the last step's noise
+
+
+def test_repaint_completes_each_image_of_two_from_its_known_half_and_resampling_makes_it_agree():
+    """Data of two images a and b: from the noise alone the oracle gives either; RePaint with a's known half gives a's
+    hole, and with b's, b's: the known region steers the hole, which it only can through the replacement. Without
+    resampling (jump_n_sample 1) a few completions take the other image's half (the disharmony that RePaint's jumps
+    are for: 6 of these 128); with jump_n_sample 3, none does."""
+    diffusion = oracle_diffusion()
+    points = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    oracle = MixtureOracle(diffusion, points)
+    free = diffusion.sample_x0(oracle, 16, seed=0, progress=False)
+    nearest = (free[:, None] - points[None]).flatten(2).abs().amax(-1).argmin(dim=1)  # (16,): a or b
+    assert set(nearest.tolist()) == {0, 1}  # without RePaint both images come out
+    known = torch.zeros(1, 1, 8, 8)
+    known[:, :, :, :4] = 1  # the left half is known
+    wrong = {}
+    for jump_n_sample in (1, 3):
+        wrong[jump_n_sample] = 0
+        for k in (0, 1):
+            x_0 = diffusion.sample_x0(oracle, 64, known_image=points[k:k + 1].expand(64, -1, -1, -1), known_mask=known,
+                                      jump_length=10, jump_n_sample=jump_n_sample, seed=1, progress=False)
+            error = (x_0 - points[k]).flatten(1).abs().amax(dim=1)  # (64,)
+            assert (error[error >= 0.04] > 0.5).all()  # each is the image, or visibly not
+            wrong[jump_n_sample] += int((error >= 0.04).sum())
+    assert wrong[3] == 0 and 0 < wrong[1] < 16
+
+
+def test_repaint_levels_go_down_with_jumps_back_up_and_the_network_runs_once_per_step_down():
+    diffusion = Diffusion(noise_steps=20, img_size=8)
+    assert diffusion.repaint_levels(3, 1) == list(range(19, -1, -1))  # jump_n_sample 1: plain Alg. 2
+    levels = diffusion.repaint_levels(3, 3)
+    assert levels[0] == 19 and levels[-1] == 0 and 0 not in levels[:-1]
+    moves = [b - a for a, b in zip(levels[:-1], levels[1:])]
+    assert set(moves) == {-1, 1}
+    # jumps at levels 1, 4, .., 16 (below T - jump_length = 17), each gone back up 3 levels, 2 more times
+    assert moves.count(1) == 6 * 2 * 3 and moves.count(-1) == 19 + 6 * 2 * 3
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(t[0].item())
+            return torch.zeros_like(x)
+
+    known = torch.ones(1, 1, 8, 8)
+    known[:, :, 4:] = 0
+    diffusion.sample_x0(Recorder(), 1, known_image=torch.zeros(1, 3, 8, 8), known_mask=known, jump_length=3,
+                        jump_n_sample=3, seed=0, progress=False)
+    assert seen == [a for a, b in zip(levels[:-1], levels[1:]) if b < a]  # the network at each level it goes down from
+
+
+def test_repaint_is_refused_by_the_other_samplers_and_needs_image_and_mask():
+    diffusion = Diffusion(noise_steps=10, img_size=8)
+    image, known = torch.zeros(1, 3, 8, 8), torch.ones(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="RePaint is written into DDPM Alg. 2: use sampler 'ddpm'"):
+        diffusion.sample_x0(UNet(base_channels=8), 1, sampler="ddim", known_image=image, known_mask=known)
+    with pytest.raises(ValueError, match="needs both known_image and known_mask"):
+        diffusion.sample_x0(UNet(base_channels=8), 1, known_image=image)
+    with pytest.raises(ValueError, match="known_mask of shape"):
+        diffusion.sample_x0(UNet(base_channels=8), 1, known_image=image, known_mask=known[0])
+
+
+def test_guidance_on_an_image_condition_is_two_passes_then_lerp_against_a_zero_image():
+    torch.manual_seed(0)
+    net = UNet_conditional(base_channels=8, cond_channels=3).eval()
+    diffusion = Diffusion(img_size=16)
+    x_t, t, cond = torch.randn(2, 3, 16, 16), torch.tensor([50, 700]), torch.randn(2, 3, 16, 16)
+    model = CountingModel(net)
+    with torch.no_grad():
+        guided = diffusion.predict_eps(model, x_t, t, cond=cond, null_cond=torch.zeros_like(cond), cfg_scale=3.0)
+        eps_cond, eps_uncond = net(x_t, t, cond=cond), net(x_t, t, cond=torch.zeros_like(cond))
+    assert model.batch_sizes == [4]  # both halves in one pass
+    torch.testing.assert_close(guided, eps_uncond + 3.0 * (eps_cond - eps_uncond), atol=1e-4, rtol=1e-4)
+    images = diffusion.sample_x0(model, 2, cfg_scale=0, cond=cond, sampler="ddim", steps=2, seed=0, progress=False)
+    assert images.shape == (2, 3, 16, 16) and model.batch_sizes[1:] == [2, 2]
+    with pytest.raises(ValueError, match="give one condition image per image"):
+        diffusion.sample_x0(model, 3, cond=cond, sampler="ddim", steps=2, progress=False)
+
+
+def test_the_loss_gives_the_model_the_condition_image():
+    got = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, cond=None):
+            got.append(cond)
+            return torch.zeros_like(x)
+
+    cond = torch.randn(4, 2, 8, 8)
+    Diffusion(img_size=8).loss(Recorder(), torch.zeros(4, 3, 8, 8), cond=cond)
+    assert got[0] is cond

@@ -364,3 +364,65 @@ def test_grey_images_reach_inception_as_three_equal_channels():
     assert torch.equal(evaluate.Uint8Images(grey)[1], grey[1].repeat(3, 1, 1))
     assert torch.equal(evaluate.Uint8Images(rgb)[1], rgb[1])
 
+
+
+# ----------------------------------------------------------------------------- image-to-image and RePaint figures
+RESTORE = ["--num_samples", "6", "--num_real", "200", "--judge_epochs", "1", "--device", "cpu"]
+
+
+@pytest.fixture
+def in_runs(img2img_runs, monkeypatch):
+    """The working folder of conftest's img2img_runs, where their configs' data and judges live."""
+    monkeypatch.chdir(img2img_runs["root"])
+    return img2img_runs
+
+
+def test_superres_is_measured_on_held_out_images_beside_bicubic_and_the_ground_truth(in_runs, tmp_path):
+    out = tmp_path / "sr.json"
+    metrics = evaluate.main(["--ckpt", in_runs["superres"], "--cfg_scale", "0,3", "--sampler", "ddim", "--steps",
+                             "2", "--out", str(out), *RESTORE])
+    rows = metrics["rows"]
+    assert [(r["method"], r["cfg_scale"]) for r in rows] == [("ground truth", None), ("bicubic", None),
+                                                             ("diffusion", 0.0), ("diffusion", 3.0)]
+    assert rows[0]["psnr"] is None and all(r["num_samples"] == 6 for r in rows)
+    assert rows[1]["psnr"] > 10 and 0 < rows[1]["ssim"] < 1 and 0 <= rows[1]["class_accuracy"] <= 1
+    assert rows[2]["psnr"] != rows[3]["psnr"]  # guidance changes the outputs
+    assert json.loads(out.read_text())["task"] == "superres" and (tmp_path / "sr.png").is_file()
+    # the held-out images are the run's: never among those it trained on
+    saved = json.loads(open(os.path.join(os.path.dirname(in_runs["superres"]), "config.json")).read())
+    train, held, _ = data.run_datasets("shapes", None, 16, saved["seed"], saved["dataset_size"], holdout=8)
+    images, _ = evaluate.heldout_images(saved, 6, 3)
+    assert torch.equal(images[0], held[0][0]) and not set(held.indices) & set(train.indices)
+
+
+def test_repaint_is_measured_on_held_out_images_with_the_lower_half_masked(in_runs, tmp_path):
+    out = tmp_path / "repaint.json"
+    metrics = evaluate.main(["--ckpt", in_runs["uncond"], "--repaint", "true", "--jump_length", "5",
+                             "--jump_n_sample", "1", "--out", str(out), *RESTORE])
+    assert metrics["masks"] == "lower"
+    rows = {r["method"]: r for r in metrics["rows"]}
+    assert set(rows) == {"ground truth", "blurred fill", "repaint"} and rows["repaint"]["sampler"] == "ddpm"
+    assert rows["repaint"]["jump_n_sample"] == 1 and rows["repaint"]["psnr"] > 0
+
+
+@pytest.mark.parametrize("run, args, message", [
+    ("superres", ["--repaint", "true"], "this checkpoint is trained for superres: drop --repaint"),
+    ("superres", ["--masks", "lower"], "--masks is for inpainting, and this checkpoint does superres: drop --masks"),
+    ("uncond", ["--repaint", "true", "--sampler", "ddim"], "RePaint runs inside DDPM Alg. 2 with all its steps"),
+    ("uncond", ["--masks", "lower"], "--masks is for inpainting: pass --repaint true"),
+])
+def test_bad_restoration_input_is_one_line(in_runs, capsys, run, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(evaluate.main, ["--ckpt", in_runs[run], *args, *RESTORE])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_repaint_needs_a_run_with_held_out_images(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "R").mkdir(parents=True)
+    torch.save(UNet(base_channels=8).state_dict(), tmp_path / "models" / "R" / "ema_ckpt.pt")
+    save_config(ddpm_conditional.Config(dataset="shapes", image_size=16, base_channels=8),
+                str(tmp_path / "models" / "R" / "config.json"))
+    with pytest.raises(SystemExit):
+        run_cli(evaluate.main, ["--ckpt", "models/R/ema_ckpt.pt", "--repaint", "true", *RESTORE])
+    assert "held no images out of training (holdout 0)" in capsys.readouterr().err

@@ -368,6 +368,35 @@ def test_adanorm_scales_and_shifts_each_norm():
         torch.testing.assert_close(block(x), block.double_conv(x))  # no embedding: the plain block
 
 
+@pytest.mark.parametrize("num_classes, conditioning", [(None, "add"), (4, "add"), (4, "concat")])
+def test_the_condition_image_reaches_the_network_as_input_channels(num_classes, conditioning):
+    """ddpm_img2img.py's network: the output changes when only the condition image changes, a missing condition is
+    the zero image (the dropped one), and the image enters through the same concat_maps as the class map."""
+    torch.manual_seed(0)
+    model = UNet_conditional(num_classes=num_classes, base_channels=8, conditioning=conditioning,
+                             cond_channels=3).eval()
+    concat = 8 if conditioning == "concat" else 0
+    assert model.inc.double_conv[0].weight.shape == (8, 3 + 3 + concat, 3, 3)  # RGB superres: 6 channels (+ the map)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 700])
+    y = None if num_classes is None else torch.tensor([1, 2])
+    cond, other = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = model(x, t, y, cond=cond)
+        assert not torch.allclose(out, model(x, t, y, cond=other), atol=1e-4)
+        torch.testing.assert_close(model(x, t, y), model(x, t, y, cond=torch.zeros_like(cond)))
+        if num_classes is not None:  # the label still counts beside the image
+            assert not torch.allclose(out, model(x, t, torch.tensor([3, 0]), cond=cond), atol=1e-4)
+    with pytest.raises(ValueError, match=r"condition image of shape \(2, 1, 16, 16\).*takes \(2, 3, 16, 16\)"):
+        model(x, t, y, cond=torch.zeros(2, 1, 16, 16))
+
+
+def test_an_inpainting_network_reads_7_channels_and_a_network_without_a_condition_keeps_its_weights():
+    inpaint = UNet_conditional(base_channels=8, cond_channels=4)  # Palette: the masked RGB image and the mask
+    assert inpaint.inc.double_conv[0].weight.shape == (8, 7, 3, 3)
+    plain = {k: v.shape for k, v in UNet(base_channels=8).state_dict().items()}
+    assert {k: v.shape for k, v in UNet_conditional(base_channels=8).state_dict().items()} == plain
+
+
 def test_unknown_conditioning_is_a_value_error():
     with pytest.raises(ValueError, match=r"conditioning 'film' is unknown: use one of add, concat, xattn, adanorm"):
         UNet_conditional(num_classes=3, conditioning="film")

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -424,7 +425,8 @@ def test_help_lists_defaults(capsys):
         parse_config(sample.Config, ["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    assert "(default: dpm++)" in text and "(default: grid.png)" in text and "(default: 10)" in text
+    assert "(default: grid.png)" in text and "(default: 10)" in text
+    assert "None: dpm++, or ddpm for --inpaint" in " ".join(text.split())  # the sampler's default, which RePaint needs
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -459,3 +461,81 @@ def test_cli_bad_label_exits_2(run_dir, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: label 12 is outside the model's 3 classes: use 0..2"
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- image inputs: --condition, --inpaint
+def write_png(path, pixels):
+    """Save uint8 pixels (H, W) as grey or (H, W, 3) as RGB; returns the path as a string."""
+    Image.fromarray(pixels.numpy() if torch.is_tensor(pixels) else pixels).save(path)
+    return str(path)
+
+
+def half_mask(path, size=16):
+    """White (to fill) lower half."""
+    pixels = torch.zeros(size, size, dtype=torch.uint8)
+    pixels[size // 2:] = 255
+    return write_png(path, pixels)
+
+
+def rgb(size, seed=0):
+    return torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_superres_samples_one_column_per_input_of_a_folder(img2img_runs, tmp_path):
+    folder = tmp_path / "low"
+    folder.mkdir()
+    for i in range(2):
+        write_png(folder / f"{i}.png", rgb(4, i))  # 16 px / scale 4
+    out = tmp_path / "sr.png"
+    images = sample.main(["--ckpt", img2img_runs["superres"], "--condition", str(folder), "--n_per_input", "2",
+                          "--out", str(out), *FAST])
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    assert image_size_of(out) == grid_size(4, 2, 16)  # input, output 1, output 2, bicubic
+
+
+def test_an_inpaint_checkpoint_takes_the_image_and_its_mask(img2img_runs, tmp_path):
+    image = write_png(tmp_path / "image.png", rgb(16))
+    images = sample.main(["--ckpt", img2img_runs["inpaint"], "--condition", image, "--mask",
+                          half_mask(tmp_path / "mask.png"), "--out", str(tmp_path / "grid.png"), *FAST])
+    assert images.shape == (1, 3, 16, 16)
+
+
+def test_repaint_keeps_the_known_pixels_of_the_image_and_fills_the_hole(img2img_runs, tmp_path):
+    pixels = rgb(16)
+    image = write_png(tmp_path / "image.png", pixels)
+    images = sample.main(["--ckpt", img2img_runs["uncond"], "--inpaint", image, "--mask",
+                          half_mask(tmp_path / "mask.png"), "--jump_length", "5", "--jump_n_sample", "2",
+                          "--n_per_input", "2", "--out", str(tmp_path / "grid.png")])
+    assert images.shape == (2, 3, 16, 16)
+    assert torch.equal(images[:, :, :8], pixels.permute(2, 0, 1)[None, :, :8].expand(2, -1, -1, -1))
+    assert not torch.equal(images[0, :, 8:], images[1, :, 8:])  # two completions of the hole
+
+
+@pytest.mark.parametrize("run, args, message", [
+    ("superres", ["--condition", "{rgb16}"], r"--condition image '.*rgb16.png' is 16x16 pixels, but this checkpoint "
+                                              r"takes 4x4: resize it to 4x4"),
+    ("superres", ["--condition", "{grey4}"], r"--condition image '.*grey4.png' is grey, but this checkpoint takes RGB "
+                                              r"images \(3 channels\): convert it"),
+    ("superres", [], r"this checkpoint is conditioned on a superres image: pass --condition IMAGE"),
+    ("inpaint", ["--condition", "{rgb16}"], r"an inpaint checkpoint needs --mask MASK beside --condition"),
+    ("uncond", ["--inpaint", "{rgb16}"], r"--inpaint needs --mask MASK: a black-and-white image"),
+    ("uncond", ["--inpaint", "{rgb16}", "--mask", "{mask}", "--sampler", "dpm++"],
+     r"RePaint runs inside DDPM Alg. 2 with all its steps, not with --sampler dpm\+\+: pass --sampler ddpm"),
+    ("uncond", ["--inpaint", "{rgb16}", "--mask", "{grey_mask}"], r"mask '.*grey_mask.png' is not binary"),
+    ("uncond", ["--inpaint", "{rgb16}", "--mask", "{empty_mask}"], r"mask '.*empty_mask.png' is empty"),
+    ("uncond", ["--inpaint", "{rgb16}", "--mask", "{full_mask}"], r"mask '.*full_mask.png' covers every pixel"),
+    ("uncond", ["--condition", "{rgb16}"], r"--condition is for ddpm_img2img.py checkpoints, and this one reads no "
+                                            r"image: .* --inpaint IMAGE --mask MASK"),
+])
+def test_bad_image_input_is_one_line_naming_the_fix_and_exit_2(img2img_runs, tmp_path, capsys, run, args, message):
+    files = {"rgb16": write_png(tmp_path / "rgb16.png", rgb(16)),
+             "grey4": write_png(tmp_path / "grey4.png", rgb(4)[:, :, 0]),
+             "mask": half_mask(tmp_path / "mask.png"),
+             "grey_mask": write_png(tmp_path / "grey_mask.png", torch.full((16, 16), 128, dtype=torch.uint8)),
+             "empty_mask": write_png(tmp_path / "empty_mask.png", torch.zeros(16, 16, dtype=torch.uint8)),
+             "full_mask": write_png(tmp_path / "full_mask.png", torch.full((16, 16), 255, dtype=torch.uint8))}
+    out = tmp_path / "grid.png"
+    code = run_main(["--ckpt", img2img_runs[run], *[a.format(**files) for a in args], "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not out.exists()
+    assert re.search(message, lines[0]), lines[0]

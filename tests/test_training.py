@@ -59,8 +59,8 @@ def help_entries(text):
     return entries
 
 
-@pytest.mark.parametrize("script", ["ddpm", "ddpm_conditional", "train_sd", "train_vae", "sample", "evaluate",
-                                    "visualize", "bench", "compare"])
+@pytest.mark.parametrize("script", ["ddpm", "ddpm_conditional", "ddpm_img2img", "train_sd", "train_vae", "sample",
+                                    "evaluate", "visualize", "bench", "compare"])
 def test_help_lists_every_field_with_its_default(capsys, script):
     """Each Config field's flag, and its own entry ends with that field's default."""
     module = importlib.import_module(script)
@@ -72,7 +72,7 @@ def test_help_lists_every_field_with_its_default(capsys, script):
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         assert field.name in entries, f"--{field.name} is missing"
         assert entries[field.name].endswith("".join(f"(default: {default})".split())), (field.name, default)
-    if script in ("ddpm", "ddpm_conditional", "train_vae"):
+    if script in ("ddpm", "ddpm_conditional", "ddpm_img2img", "train_vae"):
         assert {"resume", "overwrite", "config"} <= set(entries)
 
 
@@ -378,13 +378,13 @@ class RecordingAccelerator:
 def test_the_data_set_is_built_by_the_main_process_first(monkeypatch):
     """Every process builds the data set, and CIFAR-10 downloads into the same files: the main process goes first."""
     accelerator, opened = RecordingAccelerator(), []
-    get_dataset = training.get_dataset
+    run_datasets = training.run_datasets
 
     def recording(*args, **kwargs):
         opened.append(accelerator.inside)
-        return get_dataset(*args, **kwargs)
+        return run_datasets(*args, **kwargs)
 
-    monkeypatch.setattr(training, "get_dataset", recording)
+    monkeypatch.setattr(training, "run_datasets", recording)
     cfg = training.parse_config(ddpm_conditional.Config, TINY)
     training.image_task(cfg, accelerator, conditional=True)
     assert opened == [True]

@@ -17,7 +17,7 @@ import train_sd  # noqa: E402
 import visualize  # noqa: E402
 from ddpm import SAMPLERS  # noqa: E402
 from modules import DIT_SIZES, DiT, UNet, UNet_conditional  # noqa: E402
-from utils import parse_config, run_cli, save_config, to_uint8  # noqa: E402
+from utils import UsageError, parse_config, run_cli, save_config, to_uint8  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "3"]
 CELL = round(visualize.CELL_INCHES * visualize.DPI)
@@ -277,3 +277,21 @@ def test_cli_subprocess_writes_the_strip(tmp_path):
                          "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert f"saved {out}" in ok.stdout and png(out)[0] == expected_size(1, 3)
+
+
+def test_trajectory_of_an_img2img_run_restores_its_held_out_input(img2img_runs, monkeypatch):
+    monkeypatch.chdir(img2img_runs["root"])  # where the run's data and held-out split are rebuilt
+    args = ["--ckpt", img2img_runs["superres"], "--frames", "3", "--cfg_scale", "0", *FAST]
+    results = {}
+    for image in (2, 3):
+        cfg = options([*args, "--image", str(image)])
+        results[image] = visualize.trajectory(cfg, visualize.load(cfg, cfg.ckpt, "cpu"))
+    cells, titles, _, title = results[2]
+    assert titles[0] == "input" and titles[-1] == "result x_0" and cells[1][0] is None
+    assert "superres of held-out image 2" in title
+    low = cells[0][0]  # the 4 px input shown at 16 px: constant on each 4 x 4 block
+    torch.testing.assert_close(low, low[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2))
+    assert not torch.equal(cells[0][-1], results[3][0][0][-1])  # another input, another result from the same noise
+    with pytest.raises(UsageError, match="--image 8: the run holds out 8 images; use 0..7"):
+        cfg = options([*args, "--image", "8"])
+        visualize.load(cfg, cfg.ckpt, "cpu")
