@@ -550,7 +550,7 @@ def evaluate_restoration(cfg, model, arch, saved, device):
                                 shown[first], size)
     if degradation.task != "superres":
         grid_rows.append((degradation.baseline_name(), baseline[first]))
-    picture = os.path.splitext(out)[0] + ".png"
+    picture = os.path.splitext(out)[0] + "_grid.png"  # not metrics.png: that name is the sweep plot of class runs
     save_rows(grid_rows, picture)
     metrics = {"checkpoint": cfg.ckpt, "run_name": run_name, "task": task or "repaint", "dataset": saved["dataset"],
                "image_size": size, "masks": None if degradation.masks is None else degradation.masks.spec,

@@ -387,7 +387,7 @@ def test_superres_is_measured_on_held_out_images_beside_bicubic_and_the_ground_t
     assert rows[0]["psnr"] is None and all(r["num_samples"] == 6 for r in rows)
     assert rows[1]["psnr"] > 10 and 0 < rows[1]["ssim"] < 1 and 0 <= rows[1]["class_accuracy"] <= 1
     assert rows[2]["psnr"] != rows[3]["psnr"]  # guidance changes the outputs
-    assert json.loads(out.read_text())["task"] == "superres" and (tmp_path / "sr.png").is_file()
+    assert json.loads(out.read_text())["task"] == "superres" and (tmp_path / "sr_grid.png").is_file()
     # the held-out images are the run's: never among those it trained on
     saved = json.loads(open(os.path.join(os.path.dirname(in_runs["superres"]), "config.json")).read())
     train, held, _ = data.run_datasets("shapes", None, 16, saved["seed"], saved["dataset_size"], holdout=8)
