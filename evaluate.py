@@ -73,7 +73,8 @@ class Config:
     inception_weights: str | None = arg(None, "local Inception weights file for torch-fidelity, for machines "
                                               "without internet")
     out: str | None = arg(None, "metrics file, replaced atomically (None: results/<run_name>/metrics.json); "
-                                "metrics.png is written beside it")
+                                "beside it metrics.png plots a sweep, or <out>_grid.png shows the restorations of an "
+                                "image-conditioned run or --repaint")
     weights: str = arg("ema", "weights of a training_state.pt: ema | model")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     repaint: bool = arg(False, "measure RePaint inpainting (ddpm sampler) of the run's held-out images with --masks, "
