@@ -51,6 +51,8 @@ class Config:
     evaluate: bool = arg(True, "measure with evaluate.py (false: parameters, speeds and grids only)")
     num_samples: int = arg(200, "samples evaluate.py draws from each run, balanced over the classes")
     num_real: int = arg(2000, "real images for evaluate.py's judge and its reference statistics")
+    judge_epochs: int | None = arg(None, "epochs of evaluate.py's judge (None: its default, 5; the 32 px digits "
+                                         "need 20 for a judge above 0.98 on held-out images)")
     sampler: str = arg("dpm++", "sampler of the evaluation and the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
     steps: int | None = arg(None, "network steps of that sampler (None: its default, 20 for dpm++)")
     cfg_scale: float = arg(3.0, "guidance of the evaluation and the grids")
@@ -63,9 +65,10 @@ class Config:
     threads: int | None = arg(None, "CPU threads of torch (None: its default); 1 is faster on a busy shared CPU")
 
 
-# The options a run's record depends on: a record measured with others is not reused.
-MEASURED_WITH = ("preset", "max_steps", "train_args", "eval_every", "eval_samples", "evaluate", "num_samples",
-                 "num_real", "sampler", "steps", "cfg_scale", "n_per_class")
+# The options a run's record depends on. A record trained with other TRAINED_WITH options is not reused; one
+# that differs only in how it was measured is measured again from its checkpoint, without retraining.
+TRAINED_WITH = ("preset", "max_steps", "train_args", "eval_every", "eval_samples")
+MEASURED_WITH = TRAINED_WITH + ("evaluate", "num_samples", "num_real", "sampler", "steps", "cfg_scale", "n_per_class")
 
 
 def parse_ints(text, name):
@@ -107,8 +110,8 @@ def validate(cfg):
     if cfg.preset is not None and not os.path.isfile(cfg.preset):
         raise UsageError(f"preset '{cfg.preset}' not found: pass a ddpm_conditional.py config file, e.g. "
                          "configs/quick_cpu.json")
-    for name in ("max_steps", "eval_every", "eval_samples", "num_samples", "num_real", "steps", "n_per_class",
-                 "threads"):
+    for name in ("max_steps", "eval_every", "eval_samples", "num_samples", "num_real", "judge_epochs", "steps",
+                 "n_per_class", "threads"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UsageError(f"{name} {value} must be positive")
@@ -167,6 +170,8 @@ def evaluate_run(cfg, ckpt, out):
             "--device", cfg.device, "--out", out]
     if cfg.steps is not None:
         argv += ["--steps", str(cfg.steps)]
+    if cfg.judge_epochs is not None:
+        argv += ["--judge_epochs", str(cfg.judge_epochs)]
     metrics = evaluate.main(argv)
     row = metrics["rows"][0]
     return {"class_accuracy": row["class_accuracy"], "judge_fd": row["judge_fd"],
@@ -211,25 +216,34 @@ def measure(cfg, name, flags, seed, first_seed):
     """Train, count, time and evaluate one run; its record is saved under out_dir/runs/ and reused."""
     run_name = f"{cfg.run_prefix}_{name}_s{seed}"
     record_path = os.path.join(cfg.out_dir, "runs", f"{run_name}.json")
+    ckpt = os.path.join("models", run_name, "ema_ckpt.pt")
     options = {"flags": flags, **{key: getattr(cfg, key) for key in MEASURED_WITH}}
+    if cfg.judge_epochs is not None:  # recorded only when given: the records measured before the option stay valid
+        options["judge_epochs"] = cfg.judge_epochs
     if os.path.isfile(record_path) and not cfg.overwrite:
         with open(record_path) as f:
             record = json.load(f)
-        if record.get("options") != options:
-            raise UsageError(f"{record_path} was measured with other options ({record.get('options')}): pass "
-                             "--overwrite to measure again, or another --run_prefix and --out_dir")
-        print(f"{run_name}: reusing {record_path}")
-        ckpt = os.path.join("models", run_name, "ema_ckpt.pt")
-        if "gflops_per_image" not in record and os.path.isfile(ckpt):  # a record written before the column
-            record["gflops_per_image"] = gflops_per_image(ckpt)
-            write_json(record, record_path)
-        return record
-    record = {"variant": name, "seed": seed, "run_name": run_name, "options": options,
-              **train_run(cfg, flags, seed, run_name)}
-    ckpt = os.path.join("models", run_name, "ema_ckpt.pt")
-    state = load_checkpoint(ckpt)
-    record["parameters"] = sum(v.numel() for v in state.values())
-    record["gflops_per_image"] = gflops_per_image(ckpt)
+        saved = record.get("options") or {}
+        if record.get("options") == options:
+            print(f"{run_name}: reusing {record_path}")
+            if "gflops_per_image" not in record and os.path.isfile(ckpt):  # a record written before the column
+                record["gflops_per_image"] = gflops_per_image(ckpt)
+                write_json(record, record_path)
+            return record
+        trained_alike = all(saved.get(key) == options[key] for key in ("flags",) + TRAINED_WITH)
+        if not (trained_alike and os.path.isfile(ckpt)):
+            raise UsageError(f"{record_path} was trained with other options ({saved}): pass --overwrite to train "
+                             "again, or another --run_prefix and --out_dir")
+        print(f"{run_name}: trained alike, measuring {ckpt} again with the new evaluation options")
+        record = {key: value for key, value in record.items()
+                  if key not in ("class_accuracy", "judge_fd", "judge_heldout_accuracy")}
+        record["options"] = options
+    else:
+        record = {"variant": name, "seed": seed, "run_name": run_name, "options": options,
+                  **train_run(cfg, flags, seed, run_name)}
+        state = load_checkpoint(ckpt)
+        record["parameters"] = sum(v.numel() for v in state.values())
+        record["gflops_per_image"] = gflops_per_image(ckpt)
     if seed == first_seed:
         record["sample_img_per_s"] = draw_grid(cfg, ckpt, os.path.join(cfg.out_dir, f"{name}.png"))
     if cfg.evaluate:
@@ -325,9 +339,15 @@ def main(argv=None):
     table = markdown_table(rows)
     steps = f"{cfg.steps} steps" if cfg.steps else "its default steps"
     measured = f"{cfg.num_samples} samples per run by evaluate.py" if cfg.evaluate else "not evaluated"
-    note = (f"{len(seeds)} seeds ({cfg.seeds}) per variant, mean +- sd; {records[0]['steps']} steps of batch "
+    budgets = {name: sorted({r["steps"] for r in records if r["variant"] == name}) for name in variants}
+    if len({tuple(b) for b in budgets.values()}) == 1:
+        budget = f"{records[0]['steps']} steps"
+    else:  # a variant's flags set its own --max_steps
+        budget = "steps " + ", ".join(f"{name} {'/'.join(map(str, b))}" for name, b in budgets.items())
+    judge = f" (judge trained {cfg.judge_epochs} epochs)" if cfg.judge_epochs is not None else ""
+    note = (f"{len(seeds)} seeds ({cfg.seeds}) per variant, mean +- sd; {budget} of batch "
             f"{records[0]['batch_size']} from {cfg.preset}; {cfg.sampler} with {steps} at cfg_scale {cfg.cfg_scale}; "
-            f"{measured}; train seconds and img/s count the whole run (data set, two 10-image grids, "
+            f"{measured}{judge}; train seconds and img/s count the whole run (data set, two 10-image grids, "
             f"checkpoints) but not its --eval_every measurements; "
             f"CPU: {cpu_name()}, torch threads: {torch.get_num_threads()}\n")
     write_text(os.path.join(cfg.out_dir, "table.md"), table + "\n" + note)

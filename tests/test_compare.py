@@ -111,8 +111,19 @@ def test_records_are_reused_and_never_mixed_with_other_options(workdir, fake_eva
     monkeypatch.setattr(compare, "train_run", lambda *a: pytest.fail("trained a measured run again"))
     rows = compare.main(args)
     assert rows[0]["class_accuracy"] == pytest.approx(1.1) and rows[0]["class_accuracy_sd"] == 0.0
-    with pytest.raises(UsageError, match=r"measured with other options .* pass --overwrite"):
-        compare.main(args + ["--cfg_scale", "5"])
+    # other evaluation options: measured again from the checkpoint, not retrained, and the record says how
+    calls = len(fake_evaluate)
+    compare.main(args + ["--cfg_scale", "5", "--judge_epochs", "20"])
+    assert len(fake_evaluate) == calls + 1
+    argv = fake_evaluate[-1]
+    assert argv[argv.index("--cfg_scale") + 1] == "5.0" and argv[argv.index("--judge_epochs") + 1] == "20"
+    record = json.loads((workdir / "results" / "compare" / "compare_conditioning" / "runs" /
+                         "cmp_concat_s3.json").read_text())
+    assert record["options"]["cfg_scale"] == 5.0 and record["options"]["judge_epochs"] == 20
+    assert record["steps"] > 0 and record["parameters"] > 0  # the training figures are kept
+    # other training options: never mixed
+    with pytest.raises(UsageError, match=r"trained with other options .* pass --overwrite"):
+        compare.main(args + ["--max_steps", "1"])
 
 
 @pytest.mark.parametrize("args, message", [
