@@ -16,7 +16,8 @@ figure as mean +- sd over the seeds, with the parameters, the GFLOPs of one netw
 steps, one line per variant (mean over the seeds, the band from the lowest to the highest seed).
 Written to out_dir (default results/compare/<variants file name>): table.md, table.json, <variant>.png (a
 grid of the first seed's run, one row per class), curves.png with --eval_every, and runs/<run>.json (one
-record per run; a record that exists is reused, so an interrupted comparison continues where it stopped).
+record per run; a record that exists is reused, so an interrupted comparison continues where it stopped, and one
+trained alike but asked for other evaluation options, such as --judge_epochs, is measured again from its checkpoint).
 """
 import json
 import os
