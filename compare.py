@@ -225,16 +225,18 @@ def measure(cfg, name, flags, seed, first_seed):
         with open(record_path) as f:
             record = json.load(f)
         saved = record.get("options") or {}
-        if record.get("options") == options:
+        if saved == options:
             print(f"{run_name}: reusing {record_path}")
             if "gflops_per_image" not in record and os.path.isfile(ckpt):  # a record written before the column
                 record["gflops_per_image"] = gflops_per_image(ckpt)
                 write_json(record, record_path)
             return record
-        trained_alike = all(saved.get(key) == options[key] for key in ("flags",) + TRAINED_WITH)
-        if not (trained_alike and os.path.isfile(ckpt)):
+        if any(saved.get(key) != options[key] for key in ("flags",) + TRAINED_WITH):
             raise UsageError(f"{record_path} was trained with other options ({saved}): pass --overwrite to train "
                              "again, or another --run_prefix and --out_dir")
+        if not os.path.isfile(ckpt):
+            raise UsageError(f"{record_path} asks to be measured again, but its checkpoint {ckpt} is gone: pass "
+                             "--overwrite to train it again")
         print(f"{run_name}: trained alike, measuring {ckpt} again with the new evaluation options")
         record = {key: value for key, value in record.items()
                   if key not in ("class_accuracy", "judge_fd", "judge_heldout_accuracy")}

@@ -124,6 +124,12 @@ def test_records_are_reused_and_never_mixed_with_other_options(workdir, fake_eva
     # other training options: never mixed
     with pytest.raises(UsageError, match=r"trained with other options .* pass --overwrite"):
         compare.main(args + ["--max_steps", "1"])
+    # measured again needs the checkpoint: without it, one line that names the fix, and the record stays
+    (workdir / "models" / "cmp_concat_s3" / "ema_ckpt.pt").unlink()
+    with pytest.raises(UsageError, match=r"its checkpoint .* is gone: pass --overwrite"):
+        compare.main(args + ["--cfg_scale", "4"])
+    assert json.loads((workdir / "results" / "compare" / "compare_conditioning" / "runs" /
+                       "cmp_concat_s3.json").read_text())["options"]["cfg_scale"] == 5.0
 
 
 @pytest.mark.parametrize("args, message", [
