@@ -188,6 +188,13 @@ class Degradation:
             return blurred_fill(cond[:, :-1], holes)
         return cond.expand(-1, 3, -1, -1)
 
+    def keep_known(self, outputs, cond):
+        """The result of a task from the network's outputs: for inpaint the known pixels of the input with the output
+        only in the hole (the mask is the condition's last channel), as Palette returns it; the outputs otherwise."""
+        if self.task != "inpaint":
+            return outputs
+        return torch.lerp(cond[:, :-1].to(outputs), outputs, cond[:, -1:].to(outputs))  # the input is 0 in the hole
+
     def baseline_name(self):
         return {"superres": "bicubic", "inpaint": "blurred fill", "colorize": "grey"}[self.task]
 
@@ -254,6 +261,7 @@ def img2img_task(cfg, accelerator):
     def draw_grid(module, path):
         outputs = diffusion.sample_x0(module, n, labels, cfg.cfg_scale, sampler=cfg.sampler, steps=cfg.sample_steps,
                                       seed=cfg.seed, progress=False, cond=cond)
+        outputs = degradation.keep_known(outputs, cond)
         save_rows(comparison_rows(degradation, images, cond, holes, outputs, cfg.image_size), path)
 
     def make_batch(batch):

@@ -529,8 +529,9 @@ def evaluate_restoration(cfg, model, arch, saved, device):
                          {"known_image": images[rows_b].to(device), "known_mask": (1 - holes[rows_b]).to(device),
                           "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample})
                 y = None if given is None else given[rows_b].to(device)
-                outputs.append(diffusion.sample_x0(model, b, y, cfg_scale, sampler=cfg.sampler, steps=steps,
-                                                   generator=generator, progress=False, **extra).cpu())
+                x_0 = diffusion.sample_x0(model, b, y, cfg_scale, sampler=cfg.sampler, steps=steps,
+                                          generator=generator, progress=False, **extra)
+                outputs.append((x_0 if task is None else degradation.keep_known(x_0, extra["cond"])).cpu())
             outputs = torch.cat(outputs)
             shown = outputs if shown is None else shown
             steps_run = steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)

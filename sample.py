@@ -418,6 +418,8 @@ def sample_from_images(cfg, model, arch, saved, device):
     model.to(device)
     x_0 = diffusion.sample_x0(model, n, labels, cfg_scale, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
                               **extra)
+    if degradation is not None:  # inpaint: the known pixels of the input, the output in the hole
+        x_0 = degradation.keep_known(x_0, extra["cond"])
     outputs = to_uint8(x_0).cpu()
     rows = shown[:1] + [(f"output {r + 1}" if cfg.n_per_input > 1 else "output", outputs[r * count:(r + 1) * count])
                         for r in range(cfg.n_per_input)] + shown[1:]

@@ -55,6 +55,18 @@ def test_each_condition_has_the_channels_and_content_of_its_task():
     torch.testing.assert_close(grey[:, 0], 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2])
 
 
+def test_inpainting_keeps_the_known_pixels_and_takes_the_output_only_in_the_hole():
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    outputs = torch.rand(2, 3, 16, 16) * 2 - 1
+    holes = torch.zeros(2, 1, 16, 16)
+    holes[:, :, 8:] = 1
+    inpaint = Degradation("inpaint")
+    result = inpaint.keep_known(outputs, inpaint.condition(images, holes))
+    assert torch.equal(result[:, :, :8], images[:, :, :8]) and torch.equal(result[:, :, 8:], outputs[:, :, 8:])
+    superres = Degradation("superres")
+    assert torch.equal(superres.keep_known(outputs, superres.condition(images)), outputs)  # nothing is known there
+
+
 def test_the_blurred_fill_keeps_the_known_pixels_and_fills_the_hole_from_them():
     images = torch.full((1, 1, 8, 8), -1.0)
     images[:, :, :, :4] = 1.0  # left white, right black
