@@ -160,7 +160,8 @@ class Diffusion:
     with `known_image` and `known_mask` runs Alg. 2 and, after each step to level t-1, overwrites the known pixels
     with a draw of q(x_{t-1} | x_0) of the given image; every jump_length steps it goes back up jump_length levels by
     q(x_t | x_{t-1}) and down again, jump_n_sample - 1 times, so that the generated region can agree with the
-    known one (see `repaint_levels`). Only the ddpm sampler does this.
+    known one (see `repaint_levels`). Only the ddpm sampler does this, over every timestep or over `steps` evenly
+    spaced ones (`spaced_timesteps`: each step then goes from timestep t to s < t by `step_scales(t, s)`).
 
     min_snr_gamma: None is the simple loss of Alg. 1 (an unweighted MSE to the target). A number gamma weights the
     loss at t so that every target gets the x_0-space weight min(SNR_t, gamma), with SNR_t = alpha_hat_t /
@@ -312,18 +313,29 @@ class Diffusion:
         signal, noise = self._scales(t, x_t)
         return (x_t - signal * x_0) / noise
 
-    def p_sample_step(self, x_t, t, eps, z, clip_x0=False):
-        """One step of DDPM Alg. 2 at the integer timestep t >= 1, with sigma_t^2 = beta_t and noise z.
+    def step_scales(self, t, s):
+        """(alpha, beta) of one step between the timesteps s < t: x_t ~ N(sqrt(alpha) x_s, beta I), with
+        alpha = alpha_hat_t / alpha_hat_s; for s = t - 1 the schedule's own alpha_t and beta_t (a respaced chain,
+        improved-diffusion's, steps over several timesteps at once)."""
+        if s == t - 1:
+            return self.alpha[t], self.beta[t]
+        alpha = self.alpha_hat[t] / self.alpha_hat[s]
+        return alpha, 1.0 - alpha
+
+    def p_sample_step(self, x_t, t, eps, z, clip_x0=False, s=None):
+        """One step of DDPM Alg. 2 from the integer timestep t >= 1 down to s (None: t - 1), with sigma^2 = beta of
+        `step_scales(t, s)` and noise z.
 
         clip_x0=False is Alg. 2 as written. clip_x0=True goes through x_0: it clamps predict_x0 to [-1, 1] and
-        takes the mean of the posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 7), which is the same mean when no
+        takes the mean of the posterior q(x_s | x_t, x_0) (DDPM eq. 7), which is the same mean when no
         pixel is clipped.
         """
-        alpha, alpha_hat, beta = self.alpha[t], self.alpha_hat[t], self.beta[t]
+        s = t - 1 if s is None else s
+        (alpha, beta), alpha_hat = self.step_scales(t, s), self.alpha_hat[t]
         if not clip_x0:
             mean = (x_t - (1.0 - alpha) / (1.0 - alpha_hat).sqrt() * eps) / alpha.sqrt()
             return mean + beta.sqrt() * z
-        alpha_hat_prev = self.alpha_hat[t - 1]
+        alpha_hat_prev = self.alpha_hat[s]
         x_0 = self.predict_x0(x_t, t, eps, "epsilon").clamp(-1.0, 1.0)
         coef_x0 = alpha_hat_prev.sqrt() * beta / (1.0 - alpha_hat)  # DDPM eq. 7, mu_tilde
         coef_xt = alpha.sqrt() * (1.0 - alpha_hat_prev) / (1.0 - alpha_hat)
@@ -368,7 +380,7 @@ class Diffusion:
             the others (and ddpm with fewer steps) use diffusers' schedulers built from these betas.
         known_image (n, c_in, H, W) and known_mask (n or 1, 1, H, W; 1 where known, 0 in the hole): RePaint
             inpainting (see the class docstring), with jump_length and jump_n_sample (1 and 1: no resampling);
-            sampler "ddpm" with the default steps only.
+            sampler "ddpm" only, over all T - 1 steps or, with `steps`, a chain of that many evenly spaced ones.
         generator or seed: make the noise reproducible. clip_x0: clip the predicted x_0 to [-1, 1] at every
             step (None: this Diffusion's clip_x0).
         callback: None, or callback(step_index, t, x_t, x0_pred), called once per network step, in order, with
@@ -394,7 +406,7 @@ class Diffusion:
         was_training = model.training
         model.eval()
         clip_x0 = self.clip_x0 if clip_x0 is None else clip_x0
-        if sampler == "ddpm" and steps in (None, self.noise_steps - 1):
+        if repaint is not None or (sampler == "ddpm" and steps in (None, self.noise_steps - 1)):
             x = self._ddpm_loop(model, x, guide, generator, progress, clip_x0, callback, repaint)
         else:
             x = self._scheduler_loop(model, x, guide, sampler, steps, eta, generator, progress, clip_x0, callback)
@@ -407,9 +419,9 @@ class Diffusion:
             return None
         if known_image is None or known_mask is None:
             raise ValueError("RePaint needs both known_image and known_mask: pass the image and its mask")
-        if sampler != "ddpm" or steps not in (None, self.noise_steps - 1):
-            raise ValueError(f"RePaint is written into DDPM Alg. 2: use sampler 'ddpm' with its default "
-                             f"{self.noise_steps - 1} steps, not {sampler!r} with steps {steps}")
+        if sampler != "ddpm" or not (steps is None or 1 <= steps <= self.noise_steps - 1):
+            raise ValueError(f"RePaint is written into DDPM Alg. 2: use sampler 'ddpm' with 1 to "
+                             f"{self.noise_steps - 1} steps (None: all), not {sampler!r} with steps {steps}")
         if known_image.shape != (n, self.c_in, self.img_size, self.img_size):
             raise ValueError(f"known_image of shape {tuple(known_image.shape)}: RePaint of n={n} images takes "
                              f"({n}, {self.c_in}, {self.img_size}, {self.img_size})")
@@ -417,14 +429,21 @@ class Diffusion:
                 known_mask.shape[2:] != known_image.shape[2:]:
             raise ValueError(f"known_mask of shape {tuple(known_mask.shape)}: use (n or 1, 1, H, W) with 1 where the "
                              "image is known, 0 in the hole")
-        levels = self.repaint_levels(jump_length, jump_n_sample)
+        levels = self.repaint_levels(jump_length, jump_n_sample, steps)
         return known_image.to(self.device), known_mask.to(self.device, known_image.dtype), levels
 
-    def repaint_levels(self, jump_length=1, jump_n_sample=1):
-        """The noise levels RePaint visits, from T-1 (pure noise) to 0 (the result): RePaint's time schedule
-        (Lugmayr et al. 2022, Sec. 4.2 and its code's get_schedule_jump) in this class's index convention.
+    def spaced_timesteps(self, steps=None):
+        """The timesteps of a chain of `steps` network steps (None: T - 1): steps + 1 timesteps from 0 to T - 1, evenly
+        spaced; level k of the chain is timestep spaced_timesteps(steps)[k]. T - 1 steps is every timestep."""
+        steps = self.noise_steps - 1 if steps is None else steps
+        return [round(k * (self.noise_steps - 1) / steps) for k in range(steps + 1)]
 
-        Each step down from level t to t-1 is one network step of Alg. 2 at t; a step up is a draw of q(x_t | x_{t-1}).
+    def repaint_levels(self, jump_length=1, jump_n_sample=1, steps=None):
+        """The levels RePaint visits, from `steps` (None: T - 1; pure noise) to 0 (the result): RePaint's time schedule
+        (Lugmayr et al. 2022, Sec. 4.2 and its code's get_schedule_jump) in this class's index convention. Level k is
+        the timestep spaced_timesteps(steps)[k]: with all T - 1 steps, level k is timestep k.
+
+        Each step down from level k to k-1 is one network step of Alg. 2; a step up is a draw of q(x_k | x_{k-1}).
         At the levels 1, 1 + jump_length, 1 + 2 jump_length, ... (below T - jump_length), reached going down, the
         path goes back up jump_length levels and down again, jump_n_sample - 1 times; it never goes up from level 0.
         jump_n_sample 1 is the plain T-1..0 of Alg. 2; the network runs about jump_n_sample times as often.
@@ -432,7 +451,7 @@ class Diffusion:
         if jump_length < 1 or jump_n_sample < 1:
             raise ValueError(f"jump_length {jump_length} and jump_n_sample {jump_n_sample} must be >= 1 (1 and 1: "
                              "no resampling)")
-        top = self.noise_steps - 1
+        top = self.noise_steps - 1 if steps is None else steps
         jumps_left = {level: jump_n_sample - 1 for level in range(1, top - jump_length + 1, jump_length)}
         levels, level = [top], top
         while level > 0:
@@ -449,35 +468,39 @@ class Diffusion:
         """DDPM Alg. 2, exactly as the reference runs it when clip_x0 is False; a v or x_0 output is turned into eps.
 
         guide: the conditioning keywords of `predict_eps`. repaint: None, or (known image x_0, known mask, levels):
-        RePaint's known-region replacement and its jumps (see the class docstring and `repaint_levels`).
+        RePaint's known-region replacement and its jumps (see the class docstring and `repaint_levels`), over the
+        chain of `spaced_timesteps(steps)` (steps: the top level, levels[0]).
         """
         n = x.shape[0]
         levels = list(range(self.noise_steps - 1, -1, -1)) if repaint is None else repaint[2]
+        timesteps = self.spaced_timesteps(levels[0])  # level -> timestep; the identity with all T - 1 steps
         steps = tqdm(total=len(levels) - 1, desc="ddpm" if repaint is None else "repaint", leave=False,
                      disable=not progress)
         step_index = 0
         for i, level in zip(levels[:-1], levels[1:]):  # i: the level of x, `level` the next one
             steps.update()
-            if level > i:  # RePaint's jump up: x_{i+1} ~ q(x_{i+1} | x_i) = N(sqrt(alpha_{i+1}) x_i, beta_{i+1} I)
+            now, then = timesteps[i], timesteps[level]
+            if level > i:  # RePaint's jump up: x_then ~ q(x_then | x_now) = N(sqrt(alpha) x_now, beta I)
                 z = torch.randn(x.shape, generator=generator, device=self.device)
-                x = self.alpha[level].sqrt() * x + self.beta[level].sqrt() * z
+                alpha, beta = self.step_scales(then, now)
+                x = alpha.sqrt() * x + beta.sqrt() * z
                 continue
-            t = torch.full((n,), i, dtype=torch.long, device=self.device)
+            t = torch.full((n,), now, dtype=torch.long, device=self.device)
             eps = self.predict_eps(model, x, t, **guide)
             if callback is not None:
-                x0_pred = self.predict_x0(x, i, eps, "epsilon")
-                callback(step_index, i, x, x0_pred.clamp(-1.0, 1.0) if clip_x0 else x0_pred)
+                x0_pred = self.predict_x0(x, now, eps, "epsilon")
+                callback(step_index, now, x, x0_pred.clamp(-1.0, 1.0) if clip_x0 else x0_pred)
             step_index += 1
             if i > 1:
                 z = torch.randn(x.shape, generator=generator, device=self.device)
             else:
                 z = torch.zeros_like(x)
-            x = self.p_sample_step(x, i, eps, z, clip_x0)
-            if repaint is not None:  # RePaint: the known pixels from q(x_{i-1} | x_0) of the given image
+            x = self.p_sample_step(x, now, eps, z, clip_x0, then)
+            if repaint is not None:  # RePaint: the known pixels from q(x_then | x_0) of the given image
                 known_image, known_mask = repaint[:2]
                 if i > 1:
                     z = torch.randn(x.shape, generator=generator, device=self.device)
-                    known_image, _ = self.noise_images(known_image, torch.full_like(t, i - 1), z)
+                    known_image, _ = self.noise_images(known_image, torch.full_like(t, then), z)
                 x = torch.lerp(x, known_image, known_mask)  # known_mask * known + (1 - known_mask) * x
         steps.close()
         return x

@@ -104,9 +104,9 @@ def validate(cfg):
         raise UsageError("no checkpoint given: pass --ckpt models/<run>/ema_ckpt.pt")
     if cfg.sampler not in (None, *SAMPLERS):
         raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
-    if cfg.repaint and (cfg.sampler not in (None, "ddpm") or parse_list(cfg.steps, int, "steps") != [None]):
-        raise UsageError("RePaint runs inside DDPM Alg. 2 with all its steps: pass --sampler ddpm without --steps (or "
-                         "leave both out)")
+    if cfg.repaint and cfg.sampler not in (None, "ddpm"):
+        raise UsageError(f"RePaint runs inside DDPM Alg. 2, not with --sampler {cfg.sampler}: pass --sampler ddpm (or "
+                         "leave it out)")
     if cfg.jump_length < 1 or cfg.jump_n_sample < 1:
         raise UsageError(f"jump_length {cfg.jump_length} and jump_n_sample {cfg.jump_n_sample} must be >= 1 (1 and 1: "
                          "no resampling)")

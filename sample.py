@@ -52,7 +52,8 @@ class Config:
     seed: int = arg(0, "seed of the noise: the same seed gives the same images")
     sampler: str | None = arg(None, "ddpm (999-step Alg. 2) | ddim | dpm++ | dpm++ode | euler_a; None: dpm++, or ddpm "
                                     "for --inpaint (RePaint runs in Alg. 2)")
-    steps: int | None = arg(None, "network steps of the sampler (None: its default, 20 for dpm++)")
+    steps: int | None = arg(None, "network steps of the sampler (None: its default, 20 for dpm++; for --inpaint, "
+                                  "RePaint's chain: all 999, or this many evenly spaced)")
     clip_x0: bool | None = arg(None, "clip the predicted x_0 to [-1, 1] at each step (None: the run's setting, "
                                      "else true; false: the reference's sampler)")
     image_size: int | None = arg(None, "pixels, divisible by 8 (None: the training size, or 64)")
@@ -88,10 +89,9 @@ def validate(cfg):
         if cfg.mask is None:
             raise UsageError("--inpaint needs --mask MASK: a black-and-white image of the same size, white where to "
                              "fill")
-        if cfg.sampler not in (None, "ddpm") or cfg.steps is not None:
-            asked = f"--sampler {cfg.sampler}" if cfg.sampler not in (None, "ddpm") else f"--steps {cfg.steps}"
-            raise UsageError(f"RePaint runs inside DDPM Alg. 2 with all its steps, not with {asked}: pass --sampler "
-                             "ddpm without --steps (or leave both out)")
+        if cfg.sampler not in (None, "ddpm"):
+            raise UsageError(f"RePaint runs inside DDPM Alg. 2, not with --sampler {cfg.sampler}: pass --sampler ddpm "
+                             "(or leave it out)")
         if cfg.condition is not None:
             raise UsageError("--inpaint (RePaint, any checkpoint) and --condition (a ddpm_img2img.py checkpoint) "
                              "exclude each other: pass one")
@@ -411,7 +411,8 @@ def sample_from_images(cfg, model, arch, saved, device):
         extra["cond"] = cond.repeat(cfg.n_per_input, 1, 1, 1).to(device)
     cfg_scale = cfg.cfg_scale if labels is not None or task is not None else 0.0
     steps = cfg.steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
-    how = (f"RePaint (jump_length {cfg.jump_length}, jump_n_sample {cfg.jump_n_sample})" if cfg.inpaint else
+    how = (f"RePaint over {steps} steps (jump_length {cfg.jump_length}, jump_n_sample {cfg.jump_n_sample})"
+           if cfg.inpaint else
            f"{cfg.sampler} with {steps} steps, cfg_scale {cfg_scale:g}")
     print(f"{task or 'RePaint'} with {describe(arch)} from {cfg.ckpt}: {count} input(s) x {cfg.n_per_input} at "
           f"{size} px, {how}, on {device}")

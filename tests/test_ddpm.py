@@ -378,11 +378,40 @@ def test_repaint_levels_go_down_with_jumps_back_up_and_the_network_runs_once_per
     assert seen == [a for a, b in zip(levels[:-1], levels[1:]) if b < a]  # the network at each level it goes down from
 
 
+def test_a_spaced_chain_keeps_every_timestep_or_steps_evenly_over_them():
+    diffusion = Diffusion(noise_steps=20, img_size=8)
+    assert diffusion.spaced_timesteps() == list(range(20))  # all T - 1 steps: level k is timestep k
+    assert diffusion.spaced_timesteps(4) == [0, 5, 10, 14, 19]
+    alpha, beta = diffusion.step_scales(10, 5)  # five steps at once: q(x_10 | x_5)
+    torch.testing.assert_close(alpha, diffusion.alpha[6:11].prod())
+    torch.testing.assert_close(beta, 1 - diffusion.alpha[6:11].prod())
+    assert diffusion.step_scales(10, 9) == (diffusion.alpha[10], diffusion.beta[10])
+    x_t, eps, z = torch.randn(3, 2, 1, 8, 8).unbind()
+    torch.testing.assert_close(diffusion.p_sample_step(x_t, 7, eps, z), diffusion.p_sample_step(x_t, 7, eps, z, s=6))
+
+
+def test_repaint_over_a_spaced_chain_calls_the_network_at_its_timesteps_and_returns_the_one_image():
+    diffusion = oracle_diffusion()
+    image = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    known = torch.zeros(1, 1, 8, 8)
+    known[:, :, :4] = 1
+    oracle, seen = MixtureOracle(diffusion, image), []
+    oracle.register_forward_pre_hook(lambda module, args: seen.append(args[1][0].item()))
+    x_0 = diffusion.sample_x0(oracle, 4, known_image=image.expand(4, -1, -1, -1), known_mask=known, steps=50,
+                              jump_length=5, jump_n_sample=2, seed=0, progress=False)
+    levels, timesteps = diffusion.repaint_levels(5, 2, 50), diffusion.spaced_timesteps(50)
+    assert seen == [timesteps[a] for a, b in zip(levels[:-1], levels[1:]) if b < a] and len(seen) < 100
+    torch.testing.assert_close(x_0[:, :, :4], image.expand(4, -1, -1, -1)[:, :, :4])
+    assert (x_0[:, :, 4:] - image[:, :, 4:]).abs().max() < 0.04
+
+
 def test_repaint_is_refused_by_the_other_samplers_and_needs_image_and_mask():
     diffusion = Diffusion(noise_steps=10, img_size=8)
     image, known = torch.zeros(1, 3, 8, 8), torch.ones(1, 1, 8, 8)
     with pytest.raises(ValueError, match="RePaint is written into DDPM Alg. 2: use sampler 'ddpm'"):
         diffusion.sample_x0(UNet(base_channels=8), 1, sampler="ddim", known_image=image, known_mask=known)
+    with pytest.raises(ValueError, match="with 1 to 9 steps"):
+        diffusion.sample_x0(UNet(base_channels=8), 1, steps=10, known_image=image, known_mask=known)
     with pytest.raises(ValueError, match="needs both known_image and known_mask"):
         diffusion.sample_x0(UNet(base_channels=8), 1, known_image=image)
     with pytest.raises(ValueError, match="known_mask of shape"):

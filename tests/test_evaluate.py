@@ -408,7 +408,7 @@ def test_repaint_is_measured_on_held_out_images_with_the_lower_half_masked(in_ru
 @pytest.mark.parametrize("run, args, message", [
     ("superres", ["--repaint", "true"], "this checkpoint is trained for superres: drop --repaint"),
     ("superres", ["--masks", "lower"], "--masks is for inpainting, and this checkpoint does superres: drop --masks"),
-    ("uncond", ["--repaint", "true", "--sampler", "ddim"], "RePaint runs inside DDPM Alg. 2 with all its steps"),
+    ("uncond", ["--repaint", "true", "--sampler", "ddim"], "RePaint runs inside DDPM Alg. 2, not with --sampler ddim"),
     ("uncond", ["--masks", "lower"], "--masks is for inpainting: pass --repaint true"),
 ])
 def test_bad_restoration_input_is_one_line(in_runs, capsys, run, args, message):
