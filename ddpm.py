@@ -161,7 +161,12 @@ class Diffusion:
     with a draw of q(x_{t-1} | x_0) of the given image; every jump_length steps it goes back up jump_length levels by
     q(x_t | x_{t-1}) and down again, jump_n_sample - 1 times, so that the generated region can agree with the
     known one (see `repaint_levels`). Only the ddpm sampler does this, over every timestep or over `steps` evenly
-    spaced ones (`spaced_timesteps`: each step then goes from timestep t to s < t by `step_scales(t, s)`).
+    spaced ones (`spaced_timesteps`: each step then goes from timestep t to s < t by `step_scales(t, s)`). With
+    reconstruction_guidance zeta > 0, each step also moves x_{t-1} by -zeta times the gradient, with respect to x_t,
+    of || known_mask * (x0_pred(x_t) - x_0) ||_2, the distance of the known pixels that the network predicts from the
+    given ones (MCG, Chung et al. 2022, its manifold-constrained gradient before RePaint's replacement; DPS is the
+    same step without it): the hole hears of the known region through the network at every noise level, not only
+    through the noisy known pixels it is shown.
 
     min_snr_gamma: None is the simple loss of Alg. 1 (an unweighted MSE to the target). A number gamma weights the
     loss at t so that every target gets the x_0-space weight min(SNR_t, gamma), with SNR_t = alpha_hat_t /
@@ -369,7 +374,8 @@ class Diffusion:
     @torch.no_grad()
     def sample_x0(self, model, n, labels=None, cfg_scale=3, *, null_labels=None, sampler="ddpm", steps=None,
                   eta=0.0, generator=None, seed=None, progress=True, clip_x0=None, callback=None, cond=None,
-                  null_cond=None, known_image=None, known_mask=None, jump_length=1, jump_n_sample=1):
+                  null_cond=None, known_image=None, known_mask=None, jump_length=1, jump_n_sample=1,
+                  reconstruction_guidance=0.0):
         """Generate n samples x_0 as float (n, c_in, H, W), in the model's space (pixels in [-1, 1], or latents).
 
         labels: None (unconditional), class ids (n,), or any conditioning with n rows, such as text token
@@ -379,7 +385,8 @@ class Diffusion:
             sampler: "ddpm" with the default steps is the hand-written Alg. 2 over t = T-1..1;
             the others (and ddpm with fewer steps) use diffusers' schedulers built from these betas.
         known_image (n, c_in, H, W) and known_mask (n or 1, 1, H, W; 1 where known, 0 in the hole): RePaint
-            inpainting (see the class docstring), with jump_length and jump_n_sample (1 and 1: no resampling);
+            inpainting (see the class docstring), with jump_length and jump_n_sample (1 and 1: no resampling) and
+            reconstruction_guidance zeta (0: RePaint alone; each step then runs the network backward too);
             sampler "ddpm" only, over all T - 1 steps or, with `steps`, a chain of that many evenly spaced ones.
         generator or seed: make the noise reproducible. clip_x0: clip the predicted x_0 to [-1, 1] at every
             step (None: this Diffusion's clip_x0).
@@ -392,7 +399,8 @@ class Diffusion:
             else `predict_x0` of the network's output.
         """
         self._check_sample_args(model, n, labels, cfg_scale, sampler, cond)
-        repaint = self._repaint_args(n, known_image, known_mask, jump_length, jump_n_sample, sampler, steps)
+        repaint = self._repaint_args(n, known_image, known_mask, jump_length, jump_n_sample, sampler, steps,
+                                     reconstruction_guidance)
         if labels is not None and null_labels is None:
             null_labels = torch.full_like(labels, NULL_LABEL)
         if cond is not None and null_cond is None:
@@ -413,10 +421,15 @@ class Diffusion:
         model.train(was_training)
         return x
 
-    def _repaint_args(self, n, known_image, known_mask, jump_length, jump_n_sample, sampler, steps):
-        """None without known_image, else (known image, known mask, the levels of `repaint_levels`); checked."""
+    def _repaint_args(self, n, known_image, known_mask, jump_length, jump_n_sample, sampler, steps,
+                      reconstruction_guidance=0.0):
+        """None without known_image, else (known image, known mask, the levels of `repaint_levels`, zeta); checked."""
         if known_image is None and known_mask is None:
+            if reconstruction_guidance:
+                raise ValueError("reconstruction_guidance is a part of RePaint: pass known_image and known_mask too")
             return None
+        if not reconstruction_guidance >= 0:
+            raise ValueError(f"reconstruction_guidance {reconstruction_guidance} must be >= 0 (0: RePaint alone)")
         if known_image is None or known_mask is None:
             raise ValueError("RePaint needs both known_image and known_mask: pass the image and its mask")
         if sampler != "ddpm" or not (steps is None or 1 <= steps <= self.noise_steps - 1):
@@ -430,7 +443,8 @@ class Diffusion:
             raise ValueError(f"known_mask of shape {tuple(known_mask.shape)}: use (n or 1, 1, H, W) with 1 where the "
                              "image is known, 0 in the hole")
         levels = self.repaint_levels(jump_length, jump_n_sample, steps)
-        return known_image.to(self.device), known_mask.to(self.device, known_image.dtype), levels
+        return (known_image.to(self.device), known_mask.to(self.device, known_image.dtype), levels,
+                float(reconstruction_guidance))
 
     def spaced_timesteps(self, steps=None):
         """The timesteps of a chain of `steps` network steps (None: T - 1): steps + 1 timesteps from 0 to T - 1, evenly
@@ -467,9 +481,9 @@ class Diffusion:
     def _ddpm_loop(self, model, x, guide, generator, progress, clip_x0, callback=None, repaint=None):
         """DDPM Alg. 2, exactly as the reference runs it when clip_x0 is False; a v or x_0 output is turned into eps.
 
-        guide: the conditioning keywords of `predict_eps`. repaint: None, or (known image x_0, known mask, levels):
-        RePaint's known-region replacement and its jumps (see the class docstring and `repaint_levels`), over the
-        chain of `spaced_timesteps(steps)` (steps: the top level, levels[0]).
+        guide: the conditioning keywords of `predict_eps`. repaint: None, or (known image x_0, known mask, levels,
+        zeta): RePaint's known-region replacement and its jumps (see the class docstring and `repaint_levels`), over
+        the chain of `spaced_timesteps(steps)` (steps: the top level, levels[0]), with reconstruction guidance zeta.
         """
         n = x.shape[0]
         levels = list(range(self.noise_steps - 1, -1, -1)) if repaint is None else repaint[2]
@@ -486,7 +500,10 @@ class Diffusion:
                 x = alpha.sqrt() * x + beta.sqrt() * z
                 continue
             t = torch.full((n,), now, dtype=torch.long, device=self.device)
-            eps = self.predict_eps(model, x, t, **guide)
+            if repaint is not None and repaint[3] > 0:
+                eps, gradient = self.reconstruction_gradient(model, x, t, *repaint[:2], guide)
+            else:
+                eps = self.predict_eps(model, x, t, **guide)
             if callback is not None:
                 x0_pred = self.predict_x0(x, now, eps, "epsilon")
                 callback(step_index, now, x, x0_pred.clamp(-1.0, 1.0) if clip_x0 else x0_pred)
@@ -497,13 +514,28 @@ class Diffusion:
                 z = torch.zeros_like(x)
             x = self.p_sample_step(x, now, eps, z, clip_x0, then)
             if repaint is not None:  # RePaint: the known pixels from q(x_then | x_0) of the given image
-                known_image, known_mask = repaint[:2]
+                known_image, known_mask, _, zeta = repaint
+                if zeta > 0:
+                    x = x - zeta * gradient
                 if i > 1:
                     z = torch.randn(x.shape, generator=generator, device=self.device)
                     known_image, _ = self.noise_images(known_image, torch.full_like(t, then), z)
                 x = torch.lerp(x, known_image, known_mask)  # known_mask * known + (1 - known_mask) * x
         steps.close()
         return x
+
+    def reconstruction_gradient(self, model, x_t, t, known_image, known_mask, guide):
+        """(eps, gradient): the model's eps at x_t, and the gradient with respect to x_t of each image's distance
+        || known_mask * (x0_pred(x_t) - known_image) ||_2, where x0_pred is `predict_x0` of the network's output: the
+        step of reconstruction guidance (MCG / DPS, Chung et al. 2022), which backpropagates through the network."""
+        with torch.enable_grad():
+            x_t = x_t.detach().requires_grad_(True)
+            output = self.predict(model, x_t, t, **guide)
+            squared = (known_mask * (self.predict_x0(x_t, t, output) - known_image)).flatten(1).pow(2).sum(dim=1)
+            (gradient,) = torch.autograd.grad(squared.sum(), x_t)  # of ||r||^2, one image's rows apart from another's
+        distance = squared.detach().sqrt().clamp_min(1e-12)
+        gradient = gradient / broadcast(2.0 * distance, gradient)  # d||r|| = d||r||^2 / (2 ||r||)
+        return self.eps_from_output(x_t.detach(), t, output.detach()), gradient
 
     def make_scheduler(self, sampler, steps=None, clip_x0=False):
         """A diffusers scheduler for `sampler`, built from these betas, with `steps` network steps.

@@ -83,6 +83,8 @@ class Config:
                                   "folder (None: the run's --masks; lower with --repaint)")
     jump_length: int = arg(10, "--repaint: levels of each jump back up (Lugmayr et al. 2022: 10)")
     jump_n_sample: int = arg(10, "--repaint: times each stretch is gone down (1: no resampling)")
+    reconstruction_guidance: float = arg(2.0, "--repaint: step zeta of the gradient that pulls the predicted known "
+                                              "pixels to the given ones (MCG; 0: RePaint alone)")
 
 
 JUDGE_VERSION = 2  # bump when the judge's network or training, or the built-in data, changes, so old cached
@@ -110,6 +112,8 @@ def validate(cfg):
     if cfg.jump_length < 1 or cfg.jump_n_sample < 1:
         raise UsageError(f"jump_length {cfg.jump_length} and jump_n_sample {cfg.jump_n_sample} must be >= 1 (1 and 1: "
                          "no resampling)")
+    if not cfg.reconstruction_guidance >= 0:
+        raise UsageError(f"reconstruction_guidance {cfg.reconstruction_guidance} must be >= 0 (0: RePaint alone)")
     if any(s is not None and s <= 0 for s in parse_list(cfg.steps, int, "steps")):
         raise UsageError(f"--steps {cfg.steps} must be positive")
     if any(c is None or c < 0 for c in parse_list(cfg.cfg_scale, float, "cfg_scale")):
@@ -527,7 +531,8 @@ def evaluate_restoration(cfg, model, arch, saved, device):
                 b = len(images[rows_b])
                 extra = ({"cond": cond[rows_b].to(device)} if task is not None else
                          {"known_image": images[rows_b].to(device), "known_mask": (1 - holes[rows_b]).to(device),
-                          "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample})
+                          "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample,
+                          "reconstruction_guidance": cfg.reconstruction_guidance})
                 y = None if given is None else given[rows_b].to(device)
                 x_0 = diffusion.sample_x0(model, b, y, cfg_scale, sampler=cfg.sampler, steps=steps,
                                           generator=generator, progress=False, **extra)
@@ -537,7 +542,8 @@ def evaluate_restoration(cfg, model, arch, saved, device):
             steps_run = steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
             rows.append({"method": "repaint" if task is None else "diffusion", "sampler": cfg.sampler, "steps": steps,
                          "steps_run": steps_run, "cfg_scale": cfg_scale, "num_samples": len(images), "seed": cfg.seed,
-                         **({"jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample} if task is None
+                         **({"jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample,
+                             "reconstruction_guidance": cfg.reconstruction_guidance} if task is None
                             else {}),
                          **restoration_figures(judge, to_uint8(outputs), truth, labels),
                          "seconds": round(time.perf_counter() - start, 2)})

@@ -69,6 +69,9 @@ class Config:
     jump_length: int = arg(10, "RePaint: levels of each jump back up (Lugmayr et al. 2022: 10)")
     jump_n_sample: int = arg(10, "RePaint: times each stretch of jump_length levels is gone down (1: no resampling; "
                                  "the network runs about this many times as often)")
+    reconstruction_guidance: float = arg(2.0, "RePaint: step zeta along the gradient that pulls the network's "
+                                              "predicted known pixels to the given ones (MCG; 0: RePaint alone, "
+                                              "without the network's backward pass)")
     n_per_input: int = arg(1, "--condition / --inpaint: outputs per input image, one grid row each")
 
 
@@ -102,6 +105,8 @@ def validate(cfg):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UsageError(f"{name} {value} must be positive")
+    if not cfg.reconstruction_guidance >= 0:
+        raise UsageError(f"reconstruction_guidance {cfg.reconstruction_guidance} must be >= 0 (0: RePaint alone)")
     if cfg.image_size is not None and (cfg.image_size <= 0 or cfg.image_size % 8):
         raise UsageError(f"image_size {cfg.image_size} is not divisible by 8: the U-Net halves it 3 times; "
                          "use e.g. 16, 32 or 64")
@@ -403,7 +408,8 @@ def sample_from_images(cfg, model, arch, saved, device):
         cond = None
         shown = [("input (hole: grey)", images * (1 - holes))]
         extra = {"known_image": images.repeat(cfg.n_per_input, 1, 1, 1).to(device), "known_mask": (1 - holes).to(device),
-                 "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample}
+                 "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample,
+                 "reconstruction_guidance": cfg.reconstruction_guidance}
     count, n = len(names), len(names) * cfg.n_per_input
     labels = input_labels(cfg, arch["num_classes"], count, required=task is not None)
     labels = None if labels is None else labels.repeat(cfg.n_per_input).to(device)
@@ -411,7 +417,8 @@ def sample_from_images(cfg, model, arch, saved, device):
         extra["cond"] = cond.repeat(cfg.n_per_input, 1, 1, 1).to(device)
     cfg_scale = cfg.cfg_scale if labels is not None or task is not None else 0.0
     steps = cfg.steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
-    how = (f"RePaint over {steps} steps (jump_length {cfg.jump_length}, jump_n_sample {cfg.jump_n_sample})"
+    how = (f"RePaint over {steps} steps (jump_length {cfg.jump_length}, jump_n_sample {cfg.jump_n_sample}, "
+           f"reconstruction_guidance {cfg.reconstruction_guidance:g})"
            if cfg.inpaint else
            f"{cfg.sampler} with {steps} steps, cfg_scale {cfg_scale:g}")
     print(f"{task or 'RePaint'} with {describe(arch)} from {cfg.ckpt}: {count} input(s) x {cfg.n_per_input} at "

@@ -355,6 +355,44 @@ def test_repaint_completes_each_image_of_two_from_its_known_half_and_resampling_
     assert wrong[3] == 0 and 0 < wrong[1] < 16
 
 
+def test_reconstruction_guidance_makes_the_completions_agree_without_resampling():
+    """The two images of the test above, with no jumps: RePaint alone lets a few completions take the other image's
+    half; the gradient of the known pixels' reconstruction error through the oracle steers every hole to its own image,
+    and the known pixels are still the given ones."""
+    diffusion = oracle_diffusion()
+    points = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    oracle = MixtureOracle(diffusion, points)
+    known = torch.zeros(1, 1, 8, 8)
+    known[:, :, :, :4] = 1
+    wrong = {}
+    for zeta in (0.0, 1.0):
+        wrong[zeta] = 0
+        for k in (0, 1):
+            x_0 = diffusion.sample_x0(oracle, 64, known_image=points[k:k + 1].expand(64, -1, -1, -1), known_mask=known,
+                                      reconstruction_guidance=zeta, seed=1, progress=False)
+            torch.testing.assert_close(x_0[:, :, :, :4], points[k:k + 1, :, :, :4].expand(64, -1, -1, -1))
+            wrong[zeta] += int(((x_0 - points[k]).flatten(1).abs().amax(dim=1) >= 0.04).sum())
+    assert wrong[0.0] > 0 and wrong[1.0] == 0
+
+
+def test_reconstruction_gradient_is_that_of_the_known_pixels_distance_and_the_eps_is_the_plain_one():
+    diffusion = Diffusion(noise_steps=50, img_size=8, c_in=1, prediction_type="v_prediction", schedule="cosine")
+    model = UNet(c_in=1, c_out=1, base_channels=8).eval()
+    x_t, image = torch.randn(2, 2, 1, 8, 8, generator=torch.Generator().manual_seed(0)).unbind()
+    known = torch.zeros(1, 1, 8, 8)
+    known[..., :4, :] = 1
+    t = torch.tensor([30, 10])
+    with torch.no_grad():  # as inside sample_x0
+        eps, gradient = diffusion.reconstruction_gradient(model, x_t, t, image, known, {})
+    torch.testing.assert_close(eps, diffusion.predict_eps(model, x_t, t))
+    assert all(p.grad is None for p in model.parameters())  # the gradient of x_t only: the weights' are left alone
+    x = x_t[1:].clone().requires_grad_(True)  # the second image alone: each row's gradient is its own
+    x0_pred = diffusion.predict_x0(x, t[1:], model(x, t[1:]))
+    (known * (x0_pred - image[1:])).norm().backward()
+    torch.testing.assert_close(gradient[1:], x.grad)
+    assert gradient[0].abs().sum() > 0 and not gradient[..., 4:, :].eq(0).all()  # the hole is moved too
+
+
 def test_repaint_levels_go_down_with_jumps_back_up_and_the_network_runs_once_per_step_down():
     diffusion = Diffusion(noise_steps=20, img_size=8)
     assert diffusion.repaint_levels(3, 1) == list(range(19, -1, -1))  # jump_n_sample 1: plain Alg. 2
@@ -416,6 +454,10 @@ def test_repaint_is_refused_by_the_other_samplers_and_needs_image_and_mask():
         diffusion.sample_x0(UNet(base_channels=8), 1, known_image=image)
     with pytest.raises(ValueError, match="known_mask of shape"):
         diffusion.sample_x0(UNet(base_channels=8), 1, known_image=image, known_mask=known[0])
+    with pytest.raises(ValueError, match="reconstruction_guidance -1 must be >= 0"):
+        diffusion.sample_x0(UNet(base_channels=8), 1, known_image=image, known_mask=known, reconstruction_guidance=-1)
+    with pytest.raises(ValueError, match="reconstruction_guidance is a part of RePaint"):
+        diffusion.sample_x0(UNet(base_channels=8), 1, reconstruction_guidance=1.0)
 
 
 def test_guidance_on_an_image_condition_is_two_passes_then_lerp_against_a_zero_image():

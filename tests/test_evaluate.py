@@ -403,6 +403,7 @@ def test_repaint_is_measured_on_held_out_images_with_the_lower_half_masked(in_ru
     rows = {r["method"]: r for r in metrics["rows"]}
     assert set(rows) == {"ground truth", "blurred fill", "repaint"} and rows["repaint"]["sampler"] == "ddpm"
     assert rows["repaint"]["jump_n_sample"] == 1 and rows["repaint"]["psnr"] > 0
+    assert rows["repaint"]["reconstruction_guidance"] == 2.0  # the default: RePaint with MCG's gradient step
 
 
 @pytest.mark.parametrize("run, args, message", [
@@ -410,6 +411,7 @@ def test_repaint_is_measured_on_held_out_images_with_the_lower_half_masked(in_ru
     ("superres", ["--masks", "lower"], "--masks is for inpainting, and this checkpoint does superres: drop --masks"),
     ("uncond", ["--repaint", "true", "--sampler", "ddim"], "RePaint runs inside DDPM Alg. 2, not with --sampler ddim"),
     ("uncond", ["--masks", "lower"], "--masks is for inpainting: pass --repaint true"),
+    ("uncond", ["--repaint", "true", "--reconstruction_guidance", "-1"], "reconstruction_guidance -1.0 must be >= 0"),
 ])
 def test_bad_restoration_input_is_one_line(in_runs, capsys, run, args, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -521,6 +521,8 @@ def test_repaint_keeps_the_known_pixels_of_the_image_and_fills_the_hole(img2img_
     ("uncond", ["--inpaint", "{rgb16}"], r"--inpaint needs --mask MASK: a black-and-white image"),
     ("uncond", ["--inpaint", "{rgb16}", "--mask", "{mask}", "--sampler", "dpm++"],
      r"RePaint runs inside DDPM Alg. 2, not with --sampler dpm\+\+: pass --sampler ddpm"),
+    ("uncond", ["--inpaint", "{rgb16}", "--mask", "{mask}", "--reconstruction_guidance", "-2"],
+     r"reconstruction_guidance -2.0 must be >= 0 \(0: RePaint alone\)"),
     ("uncond", ["--inpaint", "{rgb16}", "--mask", "{grey_mask}"], r"mask '.*grey_mask.png' is not binary"),
     ("uncond", ["--inpaint", "{rgb16}", "--mask", "{empty_mask}"], r"mask '.*empty_mask.png' is empty"),
     ("uncond", ["--inpaint", "{rgb16}", "--mask", "{full_mask}"], r"mask '.*full_mask.png' covers every pixel"),
