@@ -486,7 +486,7 @@ class Diffusion:
         the chain of `spaced_timesteps(steps)` (steps: the top level, levels[0]), with reconstruction guidance zeta.
         """
         n = x.shape[0]
-        levels = list(range(self.noise_steps - 1, -1, -1)) if repaint is None else repaint[2]
+        known_x0, known_mask, levels, zeta = repaint or (None, None, list(range(self.noise_steps - 1, -1, -1)), 0.0)
         timesteps = self.spaced_timesteps(levels[0])  # level -> timestep; the identity with all T - 1 steps
         steps = tqdm(total=len(levels) - 1, desc="ddpm" if repaint is None else "repaint", leave=False,
                      disable=not progress)
@@ -500,8 +500,8 @@ class Diffusion:
                 x = alpha.sqrt() * x + beta.sqrt() * z
                 continue
             t = torch.full((n,), now, dtype=torch.long, device=self.device)
-            if repaint is not None and repaint[3] > 0:
-                eps, gradient = self.reconstruction_gradient(model, x, t, *repaint[:2], guide)
+            if zeta > 0:
+                eps, gradient = self.reconstruction_gradient(model, x, t, known_x0, known_mask, guide)
             else:
                 eps = self.predict_eps(model, x, t, **guide)
             if callback is not None:
@@ -514,13 +514,13 @@ class Diffusion:
                 z = torch.zeros_like(x)
             x = self.p_sample_step(x, now, eps, z, clip_x0, then)
             if repaint is not None:  # RePaint: the known pixels from q(x_then | x_0) of the given image
-                known_image, known_mask, _, zeta = repaint
                 if zeta > 0:
                     x = x - zeta * gradient
+                known = known_x0
                 if i > 1:
                     z = torch.randn(x.shape, generator=generator, device=self.device)
-                    known_image, _ = self.noise_images(known_image, torch.full_like(t, then), z)
-                x = torch.lerp(x, known_image, known_mask)  # known_mask * known + (1 - known_mask) * x
+                    known, _ = self.noise_images(known_x0, torch.full_like(t, then), z)
+                x = torch.lerp(x, known, known_mask)  # known_mask * known + (1 - known_mask) * x
         steps.close()
         return x
 
