@@ -75,7 +75,8 @@ class Config:
     out: str | None = arg(None, "metrics file, replaced atomically (None: results/<run_name>/metrics.json); "
                                 "beside it metrics.png plots a sweep, or <out>_grid.png shows the restorations of an "
                                 "image-conditioned run or --repaint")
-    weights: str = arg("ema", "weights of a training_state.pt: ema | model")
+    weights: str = arg("ema", "weights of a training_state.pt: ema | model (ema_ckpt.pt holds only the EMA's, "
+                              "ckpt.pt only the model's)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     repaint: bool = arg(False, "measure RePaint inpainting (ddpm sampler) of the run's held-out images with --masks, "
                                "with a ddpm.py / ddpm_conditional.py checkpoint trained with --holdout")

@@ -57,7 +57,8 @@ class Config:
     clip_x0: bool | None = arg(None, "clip the predicted x_0 to [-1, 1] at each step (None: the run's setting, "
                                      "else true; false: the reference's sampler)")
     image_size: int | None = arg(None, "pixels, divisible by 8 (None: the training size, or 64)")
-    weights: str = arg("ema", "weights of a training_state.pt: ema | model")
+    weights: str = arg("ema", "weights of a training_state.pt: ema | model (ema_ckpt.pt holds only the EMA's, ckpt.pt "
+                              "only the model's)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     condition: str | None = arg(None, "ddpm_img2img.py checkpoint: the input image, or a folder of them: the "
                                       "low-resolution image (superres), the image to fill with --mask (inpaint), the "
@@ -146,6 +147,9 @@ def read_checkpoint(path, weights="ema"):
             raise UsageError(f"checkpoint '{path}' holds no '{weights}' weights: use --weights model")
         state_dict, saved = obj[weights], obj.get("config") or _config_beside(path)
     else:
+        if weights == "model" and os.path.basename(path) == "ema_ckpt.pt":  # else --weights would be ignored
+            raise UsageError(f"'{path}' holds the EMA weights only: for the model's, pass ckpt.pt beside it, or "
+                             "training_state.pt with --weights model")
         state_dict, saved = obj, _config_beside(path)
     if not _is_state_dict(state_dict):
         raise UsageError(f"checkpoint '{path}' is not a model state_dict (a dict of tensors): pass ckpt.pt, "

@@ -17,7 +17,7 @@ sys.path.insert(0, REPO)
 import ddpm_conditional  # noqa: E402
 import sample  # noqa: E402
 from modules import DIT_SIZES, DiT, UNet, UNet_conditional  # noqa: E402
-from utils import load_state_dict_strict, parse_config, run_cli, save_config  # noqa: E402
+from utils import UsageError, load_state_dict_strict, parse_config, run_cli, save_config  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "2"]
 
@@ -146,6 +146,8 @@ def test_training_state_uses_ema_by_default(run_dir):
     assert torch.equal(ema.inc.double_conv[0].weight, tiny_conditional(seed=2).inc.double_conv[0].weight)
     assert torch.equal(model.inc.double_conv[0].weight, tiny_conditional(seed=1).inc.double_conv[0].weight)
     assert saved["image_size"] == 24  # the config inside the file wins over config.json beside it
+    with pytest.raises(UsageError, match="holds the EMA weights only: for the model's, pass ckpt.pt"):
+        sample.load_model(str(run_dir / "ema_ckpt.pt"), weights="model")  # not silently the EMA's
 
 
 def test_schedule_comes_from_saved_config_or_reference_defaults(run_dir):
