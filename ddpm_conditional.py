@@ -41,6 +41,7 @@ class Config:
     base_channels: int = arg(64, "U-Net width; 64 is the reference network (23M parameters)")
     attn_factors: str = arg("1,2,4,8", "self-attention after the U-Net blocks at these downsampling factors (1: full "
                                        "resolution, 8: the lowest); the reference: all four")
+    dropout: float = arg(0.0, "dropout rate between the two convolutions of every U-Net block, in training")
     conditioning: str = arg("add", "how the label enters: add (the reference's) | concat | xattn | adanorm")
     batch_size: int = arg(14, "images per optimizer step")
     epochs: int = arg(300, "passes over the data set")

@@ -50,6 +50,7 @@ class Config:
     base_channels: int = arg(32, "U-Net width; 64 is the reference network")
     attn_factors: str = arg("2,4,8", "self-attention after the U-Net blocks at these downsampling factors (1: full "
                                      "resolution, 8: the lowest)")
+    dropout: float = arg(0.0, "dropout rate between the two convolutions of every U-Net block, in training")
     batch_size: int = arg(64, "images per optimizer step")
     epochs: int = arg(1000, "passes over the data set")
     max_steps: int | None = arg(None, "stop after this many optimizer steps, whatever the epochs")

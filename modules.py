@@ -45,12 +45,15 @@ class DoubleConv(nn.Module):
     With `norm_emb_dim`, an embedding (B, norm_emb_dim) predicts a per-channel scale and shift for both
     norms, norm(h) * (1 + scale) + shift (AdaGN: ADM's use_scale_shift_norm). The prediction is
     zero-initialised (as DiT's adaLN-Zero), so the block starts as the one without it.
+    `dropout` zeroes activations between the two convolutions in training, where ADM's ResBlock has its dropout
+    (Ho et al. 2020 used 0.1 on CIFAR-10); it has no weights, so a checkpoint loads with any value.
     """
 
-    def __init__(self, in_channels, out_channels, mid_channels=None, residual=False, norm_emb_dim=None):
+    def __init__(self, in_channels, out_channels, mid_channels=None, residual=False, norm_emb_dim=None, dropout=0.0):
         super().__init__()
         mid_channels = mid_channels or out_channels
         self.residual = residual
+        self.dropout = dropout
         self.double_conv = nn.Sequential(
             nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
             nn.GroupNorm(1, mid_channels),
@@ -63,14 +66,15 @@ class DoubleConv(nn.Module):
             self.modulation = zero_modulation(norm_emb_dim, sum(self.split))
 
     def convolve(self, x, norm_emb):
-        if norm_emb is None:
-            return self.double_conv(x)
         conv1, norm1, act, conv2, norm2 = self.double_conv
+        if norm_emb is None:
+            h = act(norm1(conv1(x)))
+            return norm2(conv2(F.dropout(h, self.dropout, self.training)))
         scale1, shift1, scale2, shift2 = (
             m[:, :, None, None] for m in self.modulation(norm_emb).split(self.split, dim=1)  # (B, C) -> (B, C, 1, 1)
         )
-        h = norm1(conv1(x)) * (1 + scale1) + shift1
-        return norm2(conv2(act(h))) * (1 + scale2) + shift2
+        h = act(norm1(conv1(x)) * (1 + scale1) + shift1)
+        return norm2(conv2(F.dropout(h, self.dropout, self.training))) * (1 + scale2) + shift2
 
     def forward(self, x, norm_emb=None):
         if self.residual:
@@ -252,7 +256,7 @@ class UNet(GradientCheckpointing, nn.Module):
     at full resolution, after the last Up; 2: the two at 1/2; 4: the two at 1/4; 8: the one at 1/8); the others
     become NoAttention, with no weights. The reference has all four. Attention over the H*W pixels of a full-size
     map is the costliest block at small widths, and the one that small images need least.
-    `norm_emb_dim` gives every DoubleConv an AdaGN modulation (see DoubleConv).
+    `norm_emb_dim` gives every DoubleConv an AdaGN modulation, `dropout` its dropout rate in training (see DoubleConv).
     `enable_gradient_checkpointing()` keeps only the inputs of each Down, Up and attention block in training and
     recomputes the block in the backward pass (torch.utils.checkpoint), trading compute for activation memory.
     forward(x, t): x (B, c_in, H, W), t (B,) integer timesteps -> eps (B, c_out, H, W).
@@ -261,7 +265,7 @@ class UNet(GradientCheckpointing, nn.Module):
     ATTN_FACTORS = (1, 2, 4, 8)  # the downsampling factors of the attention blocks: the reference has all four
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, base_channels=64, attention=SelfAttention, norm_emb_dim=None,
-                 attn_factors=ATTN_FACTORS):
+                 attn_factors=ATTN_FACTORS, dropout=0.0):
         super().__init__()
         unknown = set(attn_factors) - set(self.ATTN_FACTORS)
         if unknown:
@@ -290,6 +294,9 @@ class UNet(GradientCheckpointing, nn.Module):
         self.up3 = Up(2 * c, c, time_dim, n)
         self.sa6 = attention_at(1, c)
         self.outc = nn.Conv2d(c, c_out, kernel_size=1)
+        for block in self.modules():  # every DoubleConv, inside the Downs and Ups too, drops at the same rate
+            if isinstance(block, DoubleConv):
+                block.dropout = dropout
 
     def time_embedding(self, t):
         return timestep_encoding(t, self.time_dim)
@@ -352,7 +359,8 @@ class UNet_conditional(UNet):
     CONDITIONINGS = ("add", "concat", "xattn", "adanorm")
 
     def __init__(self, c_in=3, c_out=3, time_dim=256, num_classes=None, base_channels=64, conditioning="add",
-                 concat_channels=8, context_tokens=4, heads=4, attn_factors=UNet.ATTN_FACTORS, cond_channels=0):
+                 concat_channels=8, context_tokens=4, heads=4, attn_factors=UNet.ATTN_FACTORS, cond_channels=0,
+                 dropout=0.0):
         if conditioning not in self.CONDITIONINGS:
             raise ValueError(f"conditioning {conditioning!r} is unknown: use one of {', '.join(self.CONDITIONINGS)}")
         if conditioning != "add" and num_classes is None:
@@ -362,7 +370,8 @@ class UNet_conditional(UNet):
         if conditioning == "xattn":
             attention = functools.partial(TransformerBlock, context_dim=time_dim, heads=heads)
         norm_emb_dim = time_dim if conditioning == "adanorm" else None
-        super().__init__(c_in + extra_channels, c_out, time_dim, base_channels, attention, norm_emb_dim, attn_factors)
+        super().__init__(c_in + extra_channels, c_out, time_dim, base_channels, attention, norm_emb_dim, attn_factors,
+                         dropout)
         self.num_classes = num_classes
         self.conditioning = conditioning
         self.cond_channels = cond_channels

@@ -82,6 +82,8 @@ def validate(cfg):
     if getattr(cfg, "prediction_type", PREDICTION_TYPES[0]) not in PREDICTION_TYPES:
         raise UsageError(f"prediction_type '{cfg.prediction_type}' is unknown: use one of "
                          f"{', '.join(PREDICTION_TYPES)}")
+    if not 0.0 <= getattr(cfg, "dropout", 0.0) < 1.0:
+        raise UsageError(f"dropout {cfg.dropout} is not a rate: use a value in [0, 1), e.g. 0.1, or 0 for none")
     if getattr(cfg, "min_snr_gamma", None) is not None and cfg.min_snr_gamma <= 0:
         raise UsageError(f"min_snr_gamma {cfg.min_snr_gamma} must be positive: use e.g. 5, or None for the plain loss")
     if getattr(cfg, "lr_decay", "none") not in LR_DECAYS:
@@ -367,15 +369,19 @@ def build_model(cfg, num_classes, channels=3, cond_channels=0):
         if conditioning != "add":
             raise UsageError(f"conditioning '{conditioning}' is a U-Net mode: DiT reads the label by adaLN-Zero; "
                              "drop --conditioning, or use --backbone unet")
+        if getattr(cfg, "dropout", 0.0):
+            raise UsageError("dropout is a U-Net option: drop --dropout, or use --backbone unet")
         return DiT(channels, channels, num_classes=num_classes, patch_size=cfg.patch_size, **dit_size(cfg.dit_size))
     attn_factors = parse_attn_factors(getattr(cfg, "attn_factors", "1,2,4,8"))
+    dropout = getattr(cfg, "dropout", 0.0)
     if num_classes is None and not cond_channels:
-        return UNet(channels, channels, base_channels=cfg.base_channels, attn_factors=attn_factors)
+        return UNet(channels, channels, base_channels=cfg.base_channels, attn_factors=attn_factors, dropout=dropout)
     if conditioning not in UNet_conditional.CONDITIONINGS:
         raise UsageError(f"conditioning '{conditioning}' is unknown: use one of "
                          f"{', '.join(UNet_conditional.CONDITIONINGS)}")
     return UNet_conditional(channels, channels, num_classes=num_classes, base_channels=cfg.base_channels,
-                            conditioning=conditioning, attn_factors=attn_factors, cond_channels=cond_channels)
+                            conditioning=conditioning, attn_factors=attn_factors, cond_channels=cond_channels,
+                            dropout=dropout)
 
 
 def grid_labels(cfg, num_classes, device):

@@ -339,6 +339,27 @@ def test_new_modes_leave_the_add_network_as_it_was():
     assert xattn.label_tokens.weight.shape == (11, 2 * 256)  # 10 classes and the null label, 2 tokens each
 
 
+@pytest.mark.parametrize("conditioning", ["add", "adanorm"])
+def test_dropout_acts_in_training_only_and_adds_no_weights(conditioning):
+    torch.manual_seed(0)
+    plain = UNet_conditional(num_classes=4, base_channels=8, conditioning=conditioning, cond_channels=1)
+    dropped = UNet_conditional(num_classes=4, base_channels=8, conditioning=conditioning, cond_channels=1,
+                               dropout=0.5)
+    dropped.load_state_dict(plain.state_dict(), strict=True)  # the same keys: a checkpoint loads at any rate
+    assert all(block.dropout == 0.5 for block in dropped.modules() if isinstance(block, DoubleConv))
+    x, t, y, cond = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.tensor([1, 2]), torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x, t, y, cond), dropped.eval()(x, t, y, cond))  # sampling: no dropout
+        torch.manual_seed(1)
+        first = dropped.train()(x, t, y, cond)
+        torch.manual_seed(2)
+        second = dropped(x, t, y, cond)
+        torch.manual_seed(1)
+        assert torch.equal(first, dropped(x, t, y, cond))  # the same dropout mask for the same generator state
+        assert not torch.allclose(first, second)  # another mask, another output
+        assert torch.equal(plain.train()(x, t, y, cond), plain.eval()(x, t, y, cond))  # rate 0: train = eval
+
+
 def test_adanorm_with_zero_initialised_modulation_starts_as_the_unconditional_network():
     torch.manual_seed(0)
     adanorm = UNet_conditional(num_classes=4, base_channels=8, conditioning="adanorm").eval()

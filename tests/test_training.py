@@ -299,6 +299,8 @@ def test_a_run_never_overwrites_another_runs_checkpoints(workdir):
     (["--resume", "--run_name", "nothing"], r"--resume found no models.nothing.training_state\.pt"),
     (["--image_size", "20"], r"image_size 20 is not divisible by 8"),
     (["--p_uncond", "1.5"], r"p_uncond 1\.5 is not a probability"),
+    (["--dropout", "1"], r"^dropout 1\.0 is not a rate: use a value in \[0, 1\), e\.g\. 0\.1, or 0 for none$"),
+    (["--backbone", "dit", "--dropout", "0.1"], r"^dropout is a U-Net option: drop --dropout, or use --backbone unet$"),
     (["--dataset", "imagefolder", "--dataset_path", "missing"], r"'missing' does not exist"),
     (["--mixed_precision", "fp16"], r"fp16 needs a GPU: use --mixed_precision bf16"),
     (["--sampler", "plms"], r"sampler 'plms' is unknown"),
