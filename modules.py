@@ -85,12 +85,12 @@ class DoubleConv(nn.Module):
 class Down(nn.Module):
     """Halve H and W, convolve, then add the projected embedding to every pixel."""
 
-    def __init__(self, in_channels, out_channels, emb_dim=256, norm_emb_dim=None):
+    def __init__(self, in_channels, out_channels, emb_dim=256, norm_emb_dim=None, dropout=0.0):
         super().__init__()
         self.maxpool_conv = nn.Sequential(
             nn.MaxPool2d(2),
-            DoubleConv(in_channels, in_channels, residual=True, norm_emb_dim=norm_emb_dim),
-            DoubleConv(in_channels, out_channels, norm_emb_dim=norm_emb_dim),
+            DoubleConv(in_channels, in_channels, residual=True, norm_emb_dim=norm_emb_dim, dropout=dropout),
+            DoubleConv(in_channels, out_channels, norm_emb_dim=norm_emb_dim, dropout=dropout),
         )
         self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
 
@@ -103,12 +103,12 @@ class Down(nn.Module):
 class Up(nn.Module):
     """Double H and W, concatenate the skip connection, convolve, then add the projected embedding."""
 
-    def __init__(self, in_channels, out_channels, emb_dim=256, norm_emb_dim=None):
+    def __init__(self, in_channels, out_channels, emb_dim=256, norm_emb_dim=None, dropout=0.0):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.conv = nn.Sequential(
-            DoubleConv(in_channels, in_channels, residual=True, norm_emb_dim=norm_emb_dim),
-            DoubleConv(in_channels, out_channels, in_channels // 2, norm_emb_dim=norm_emb_dim),
+            DoubleConv(in_channels, in_channels, residual=True, norm_emb_dim=norm_emb_dim, dropout=dropout),
+            DoubleConv(in_channels, out_channels, in_channels // 2, norm_emb_dim=norm_emb_dim, dropout=dropout),
         )
         self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
 
@@ -272,31 +272,28 @@ class UNet(GradientCheckpointing, nn.Module):
             raise ValueError(f"attn_factors {sorted(unknown)} are not downsampling factors of the U-Net: use some "
                              f"of {', '.join(map(str, self.ATTN_FACTORS))}")
         self.time_dim = time_dim
-        c, n = base_channels, norm_emb_dim
+        c, n, p = base_channels, norm_emb_dim, dropout
 
         def attention_at(factor, channels):  # a block without parameters where the factor has no attention
             return attention(channels) if factor in attn_factors else NoAttention()
 
-        self.inc = DoubleConv(c_in, c, norm_emb_dim=n)
-        self.down1 = Down(c, 2 * c, time_dim, n)
+        self.inc = DoubleConv(c_in, c, norm_emb_dim=n, dropout=p)
+        self.down1 = Down(c, 2 * c, time_dim, n, p)
         self.sa1 = attention_at(2, 2 * c)
-        self.down2 = Down(2 * c, 4 * c, time_dim, n)
+        self.down2 = Down(2 * c, 4 * c, time_dim, n, p)
         self.sa2 = attention_at(4, 4 * c)
-        self.down3 = Down(4 * c, 4 * c, time_dim, n)
+        self.down3 = Down(4 * c, 4 * c, time_dim, n, p)
         self.sa3 = attention_at(8, 4 * c)
-        self.bot1 = DoubleConv(4 * c, 8 * c, norm_emb_dim=n)
-        self.bot2 = DoubleConv(8 * c, 8 * c, norm_emb_dim=n)
-        self.bot3 = DoubleConv(8 * c, 4 * c, norm_emb_dim=n)
-        self.up1 = Up(8 * c, 2 * c, time_dim, n)
+        self.bot1 = DoubleConv(4 * c, 8 * c, norm_emb_dim=n, dropout=p)
+        self.bot2 = DoubleConv(8 * c, 8 * c, norm_emb_dim=n, dropout=p)
+        self.bot3 = DoubleConv(8 * c, 4 * c, norm_emb_dim=n, dropout=p)
+        self.up1 = Up(8 * c, 2 * c, time_dim, n, p)
         self.sa4 = attention_at(4, 2 * c)
-        self.up2 = Up(4 * c, c, time_dim, n)
+        self.up2 = Up(4 * c, c, time_dim, n, p)
         self.sa5 = attention_at(2, c)
-        self.up3 = Up(2 * c, c, time_dim, n)
+        self.up3 = Up(2 * c, c, time_dim, n, p)
         self.sa6 = attention_at(1, c)
         self.outc = nn.Conv2d(c, c_out, kernel_size=1)
-        for block in self.modules():  # every DoubleConv, inside the Downs and Ups too, drops at the same rate
-            if isinstance(block, DoubleConv):
-                block.dropout = dropout
 
     def time_embedding(self, t):
         return timestep_encoding(t, self.time_dim)

@@ -363,17 +363,17 @@ def build_model(cfg, num_classes, channels=3, cond_channels=0):
     --backbone, class-conditional when num_classes is given; with cond_channels (ddpm_img2img.py) a U-Net that also
     reads a condition image of that many channels, concatenated to its input."""
     conditioning = getattr(cfg, "conditioning", "add")
+    dropout = getattr(cfg, "dropout", 0.0)
     if getattr(cfg, "backbone", "unet") == "dit":
         if cond_channels:
             raise UsageError("an image condition is read by the U-Net: use --backbone unet")
         if conditioning != "add":
             raise UsageError(f"conditioning '{conditioning}' is a U-Net mode: DiT reads the label by adaLN-Zero; "
                              "drop --conditioning, or use --backbone unet")
-        if getattr(cfg, "dropout", 0.0):
+        if dropout:
             raise UsageError("dropout is a U-Net option: drop --dropout, or use --backbone unet")
         return DiT(channels, channels, num_classes=num_classes, patch_size=cfg.patch_size, **dit_size(cfg.dit_size))
     attn_factors = parse_attn_factors(getattr(cfg, "attn_factors", "1,2,4,8"))
-    dropout = getattr(cfg, "dropout", 0.0)
     if num_classes is None and not cond_channels:
         return UNet(channels, channels, base_channels=cfg.base_channels, attn_factors=attn_factors, dropout=dropout)
     if conditioning not in UNet_conditional.CONDITIONINGS:
