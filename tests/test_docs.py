@@ -80,8 +80,13 @@ def check_command_line(monkeypatch, script, args):
     for loaded in list(sys.modules.values()):
         if getattr(loaded, "parse_config", None) is real:
             monkeypatch.setattr(loaded, "parse_config", parse_then_stop)
-    with pytest.raises(Parsed):
-        module.main(list(args))
+    try:
+        with pytest.raises(Parsed):
+            module.main(list(args))
+    finally:  # a module first imported inside main() bound the stub by `from utils import parse_config`
+        for loaded in list(sys.modules.values()):
+            if getattr(loaded, "parse_config", None) is parse_then_stop:
+                loaded.parse_config = real  # not monkeypatch.setattr: its undo would put the stub back
 
 
 def test_the_pages_hold_commands():
@@ -109,6 +114,20 @@ def test_a_wrong_flag_is_caught(monkeypatch):
     for args in (["--no_such_flag", "1"], ["--max_steps", "many"]):
         with pytest.raises(SystemExit):
             check_command_line(monkeypatch, "ddpm_conditional.py", args)
+
+
+def test_the_check_leaves_no_module_with_the_stub(monkeypatch):
+    """Modules that a script imports inside main() get the real parse_config back afterwards (else a later test
+    that trains through them would stop at its parse, whatever order pytest runs the files in)."""
+    monkeypatch.chdir(ROOT)
+    lazy = ("training", "sample", "evaluate")  # ddpm_conditional.main imports these when it runs
+    for name in lazy:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with monkeypatch.context() as patched:  # the stub's patches end with this block
+        check_command_line(patched, "ddpm_conditional.py", ["--config", "configs/quick_cpu.json"])
+    assert utils.parse_config.__name__ == "parse_config"
+    for name in lazy:
+        assert sys.modules[name].parse_config is utils.parse_config, f"{name} kept the stub"
 
 
 def images(markdown):
