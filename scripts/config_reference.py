@@ -25,7 +25,7 @@ class Config:
 
 PATH = Config.out
 TRAINING = ("ddpm_conditional", "ddpm", "ddpm_img2img", "train_sd", "train_vae")  # one table, a column of defaults each
-TOOLS = ("sample", "evaluate", "visualize", "compare", "bench", "gpu_check")  # a table each
+TOOLS = ("sample", "evaluate", "visualize", "compare", "bench", "gpu_check", "condition_svc")  # a table each
 
 HEADER = """# Configuration reference
 
