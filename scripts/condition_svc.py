@@ -58,9 +58,8 @@ def condition_accuracy(settings, masks=None, svc_c=None, seed=0):
                                   settings.get("seed", 0), settings.get("dataset_size"), "resize", channels,
                                   settings["holdout"])
     degradation = Degradation.from_settings(settings, masks)
-    generator = torch.Generator().manual_seed(seed)
-    x_train, y_train = conditions(train, degradation, generator)
-    x_held, y_held = conditions(held, degradation, generator)
+    x_held, y_held = conditions(held, degradation, torch.Generator().manual_seed(seed))  # evaluate.py's holes
+    x_train, y_train = conditions(train, degradation, torch.Generator().manual_seed(seed + 1))
     if svc_c is None:
         search = GridSearchCV(SVC(gamma="scale"), {"C": [1.0, 10.0, 100.0, 1000.0]}, cv=5).fit(x_train, y_train)
         svc, svc_c = search.best_estimator_, search.best_params_["C"]
