@@ -502,6 +502,18 @@ def run_datasets(name, path, image_size, seed=0, size=None, augment=None, channe
     return train, held, list(dataset.classes)
 
 
+def saved_run_split(saved, channels):
+    """(training images, held-out images) of a run, rebuilt by `run_datasets` from its saved config (a dict), as it
+    split them; a UsageError when the run held nothing out."""
+    holdout = saved.get("holdout") or 0
+    if not holdout:
+        raise UsageError("this run held no images out of training (holdout 0), so there is nothing unseen to measure "
+                         "on: train it with --holdout 300 (or another count)")
+    train, held, _ = run_datasets(saved["dataset"], saved.get("dataset_path"), saved["image_size"], saved.get("seed", 0),
+                                  saved.get("dataset_size"), "resize", channels, holdout)
+    return train, held
+
+
 def get_caption_dataset(name, path, image_size, seed=0, size=None, channels=3):
     """Items (image (C, S, S) in [-1, 1], caption). `name`: shapes | cifar10 | imagefolder | captions."""
     if name == "captions":

@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from data import Masks, ShapesDataset, classify_colors, get_dataset, run_datasets
+from data import Masks, ShapesDataset, classify_colors, get_dataset, saved_run_split
 from ddpm import DEFAULT_STEPS, SAMPLERS
 from ddpm_img2img import Degradation, comparison_rows, save_rows
 from latents import run_latents
@@ -455,12 +455,7 @@ def restoration_figures(judge, outputs, targets, labels):
 
 def heldout_images(saved, n, channels):
     """(images (n, C, S, S) in [-1, 1], labels (n,)) of the first n held-out images of a run, as it split them."""
-    holdout = saved.get("holdout") or 0
-    if not holdout:
-        raise UsageError("this run held no images out of training (holdout 0), so there is nothing unseen to measure "
-                         "on: train it with --holdout 300 (or another count)")
-    _, held, _ = run_datasets(saved["dataset"], saved.get("dataset_path"), saved["image_size"], saved.get("seed", 0),
-                              saved.get("dataset_size"), "resize", channels, holdout)
+    _, held = saved_run_split(saved, channels)
     items = [held[i] for i in range(min(n, len(held)))]
     return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
 

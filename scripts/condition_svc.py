@@ -19,7 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import dataset_channels, run_datasets  # noqa: E402  (after the path)
+from data import dataset_channels, saved_run_split  # noqa: E402  (after the path)
 from ddpm_img2img import Degradation  # noqa: E402
 from utils import UsageError, arg, parse_config, read_json_object, run_cli  # noqa: E402
 
@@ -51,12 +51,8 @@ def condition_accuracy(settings, masks=None, svc_c=None, seed=0):
         raise UsageError("this check needs scikit-learn: pip install scikit-learn") from None
     if not settings.get("task"):
         raise UsageError("this config has no task: give the config.json of a ddpm_img2img.py run")
-    if not settings.get("holdout"):
-        raise UsageError("this run held no images out (holdout 0): train it with --holdout 300")
     channels = settings.get("channels") or dataset_channels(settings["dataset"], settings.get("dataset_path"))
-    train, held, _ = run_datasets(settings["dataset"], settings.get("dataset_path"), settings["image_size"],
-                                  settings.get("seed", 0), settings.get("dataset_size"), "resize", channels,
-                                  settings["holdout"])
+    train, held = saved_run_split(settings, channels)
     degradation = Degradation.from_settings(settings, masks)
     x_held, y_held = conditions(held, degradation, torch.Generator().manual_seed(seed))  # evaluate.py's holes
     x_train, y_train = conditions(train, degradation, torch.Generator().manual_seed(seed + 1))
