@@ -35,8 +35,9 @@ class Config:
 
 def conditions(dataset, degradation, generator):
     """(the conditions of every image of `dataset` flattened to (n, features), the labels (n,))."""
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    items = [dataset[i] for i in range(len(dataset))]  # each image read from disk once
+    images = torch.stack([image for image, _ in items])
+    labels = torch.tensor([label for _, label in items])
     holes = degradation.draw_holes(len(images), generator)
     return degradation.condition(images, holes).flatten(1).numpy(), labels.numpy()
 
