@@ -18,7 +18,7 @@ counted. "% of peak" divides the achieved FLOP/s by the best of a few large squa
 precision, measured in the same run. On CUDA both run with TF32 on, as training does (--tf32 false: both in IEEE
 float32; cuDNN's convolutions would otherwise use TF32 against an IEEE matmul peak); the table names the mode.
 
-Grid times (num_classes x grid_per_class images, guided, each sampler at its default steps) are estimated:
+Grid times (num_classes x n_per_row images, guided, each sampler at its default steps) are estimated:
 steps x (rows per step / measured network evaluations per second) + the sampler's own work, timed by a full
 run with a network that costs nothing. --grid_full true times complete runs with the real network as well.
 """
@@ -36,13 +36,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from config import parse_attn_factors
 from data import data_on_device, get_dataset, make_dataloader
-from ddpm import DEFAULT_STEPS, SAMPLERS, Diffusion
-from modules import EMA, UNet_conditional
-from training import parse_attn_factors
-from utils import UsageError, arg, config_to_dict, parse_config, pick_device, run_cli, use_tf32
+from diffusion import DEFAULT_STEPS, SAMPLERS, Diffusion
+from modules import EMA, build_network
+from utils import UsageError, arg, config_to_dict, count_flops, parse_config, pick_device, run_cli, use_tf32
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -65,7 +64,7 @@ class Config:
     steps: int = arg(5, "timed training steps, and timed network evaluations")
     peak_size: int = arg(4096, "n of the n x n matmul that measures the peak (2048 gave unstable peaks here)")
     peak_repeats: int = arg(8, "matmuls timed for the peak; the best counts")
-    grid_per_class: int = arg(10, "grid images per class: 10 gives the 10x10 grid")
+    n_per_row: int = arg(10, "grid images per class: 10 gives the 10x10 grid", old_names=("n_per_row",))
     cfg_scale: float = arg(3.0, "guidance of the grid; > 0 doubles the rows of every network call")
     grid_samplers: str = arg(",".join(SAMPLERS), "comma-separated samplers to time on the grid ('' for none)")
     grid_full: bool = arg(False, "also time complete grid runs with the real network (slow on a CPU)")
@@ -77,36 +76,35 @@ class Config:
     seed: int = arg(0, "seed of the inputs and of the grid noise")
     out: str = arg("bench.json", "JSON file of the results")
 
+    def validate(self):
+        """One readable error for each value the benchmark cannot use."""
+        if self.precision not in ("fp32", "bf16"):
+            raise UsageError(f"precision '{self.precision}' is unknown: use fp32 or bf16")
+        if self.device.split(":")[0] not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"device '{self.device}' is not supported here: use auto, cpu or cuda")
+        if self.image_size % 8:
+            raise UsageError(f"image_size {self.image_size} is not divisible by 8: use 16, 32 or 64")
+        for name in ("base_channels", "num_classes", "batch", "steps", "peak_size", "peak_repeats", "n_per_row"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} {getattr(self, name)} must be positive")
+        if self.warmup < 0 or self.cfg_scale < 0:
+            raise UsageError(f"warmup {self.warmup} and cfg_scale {self.cfg_scale} must not be negative")
+        parse_attn_factors(self.attn_factors)
+        unknown = [s for s in grid_samplers(self) if s not in SAMPLERS]
+        if unknown:
+            raise UsageError(f"grid sampler '{unknown[0]}' is unknown: use some of {', '.join(SAMPLERS)}")
+        try:
+            workers = data_workers(self)
+        except ValueError:
+            raise UsageError(f"data_workers '{self.data_workers}' is not a list of counts: use e.g. 0,2,8") from None
+        if any(w < 0 for w in workers) or self.data_images < 2 * self.batch:
+            raise UsageError(f"data_workers {self.data_workers} / data_images {self.data_images}: use counts >= 0 and at "
+                             f"least 2 batches of images, e.g. --data_images {2 * self.batch}")
+
 
 MEASUREMENTS = ("peak", "train", "train_checkpointed", "forward", "grid", "ema", "data")
 EXTRA_FLAGS = [("--only", {"choices": MEASUREMENTS, "default": None,
                            "help": "run this one measurement in this process and write its JSON to --out"})]
-
-
-def validate(cfg):
-    """One readable error for each value the benchmark cannot use."""
-    if cfg.precision not in ("fp32", "bf16"):
-        raise UsageError(f"precision '{cfg.precision}' is unknown: use fp32 or bf16")
-    if cfg.device.split(":")[0] not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"device '{cfg.device}' is not supported here: use auto, cpu or cuda")
-    if cfg.image_size % 8:
-        raise UsageError(f"image_size {cfg.image_size} is not divisible by 8: use 16, 32 or 64")
-    for name in ("base_channels", "num_classes", "batch", "steps", "peak_size", "peak_repeats", "grid_per_class"):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
-    if cfg.warmup < 0 or cfg.cfg_scale < 0:
-        raise UsageError(f"warmup {cfg.warmup} and cfg_scale {cfg.cfg_scale} must not be negative")
-    parse_attn_factors(cfg.attn_factors)
-    unknown = [s for s in grid_samplers(cfg) if s not in SAMPLERS]
-    if unknown:
-        raise UsageError(f"grid sampler '{unknown[0]}' is unknown: use some of {', '.join(SAMPLERS)}")
-    try:
-        workers = data_workers(cfg)
-    except ValueError:
-        raise UsageError(f"data_workers '{cfg.data_workers}' is not a list of counts: use e.g. 0,2,8") from None
-    if any(w < 0 for w in workers) or cfg.data_images < 2 * cfg.batch:
-        raise UsageError(f"data_workers {cfg.data_workers} / data_images {cfg.data_images}: use counts >= 0 and at "
-                         f"least 2 batches of images, e.g. --data_images {2 * cfg.batch}")
 
 
 def grid_samplers(cfg):
@@ -168,28 +166,6 @@ class ZeroEps(nn.Module):
         return torch.zeros_like(x)
 
 
-def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# FlopCounterMode knows the CUDA attention kernels; these add the CPU one (QK^T and AV are 4 N^2 d per head).
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
-}
-
-
-def count_flops(fn):
-    """FLOPs of everything fn() runs (a multiply-add counts 2)."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -232,11 +208,12 @@ def resolve_device(name):
 def build(cfg, device):
     """(network, its Runner (compiled if asked), Diffusion) for this config."""
     torch.manual_seed(cfg.seed)
-    net = UNet_conditional(num_classes=cfg.num_classes, base_channels=cfg.base_channels,
-                           attn_factors=parse_attn_factors(cfg.attn_factors)).to(device)
+    net = build_network({"backbone": "unet", "c_in": 3, "c_out": 3, "num_classes": cfg.num_classes,
+                         "conditioning": "add", "base_channels": cfg.base_channels,
+                         "attn_factors": parse_attn_factors(cfg.attn_factors)}).to(device)
     model = torch.compile(net) if cfg.compile else net
     runner = Runner(model, autocast_dtype(cfg.precision), device.type)
-    diffusion = Diffusion(img_size=cfg.image_size, device=device)
+    diffusion = Diffusion(image_size=cfg.image_size, device=device)
     return net, runner, diffusion
 
 
@@ -301,7 +278,7 @@ def measure_grid(cfg, device):
     """For each sampler: the seconds of a full grid run with a free network (the sampler's own work), and
     with --grid_full the seconds of a full run with the real network."""
     net, runner, diffusion = build(cfg, device)
-    labels = torch.arange(cfg.num_classes, device=device).repeat_interleave(cfg.grid_per_class)
+    labels = torch.arange(cfg.num_classes, device=device).repeat_interleave(cfg.n_per_row)
     free = ZeroEps(cfg.num_classes)
     results = {}
     for sampler in grid_samplers(cfg):
@@ -484,7 +461,6 @@ def write_json(obj, path):
 
 def main(argv=None):
     cfg, flags = parse_config(Config, argv, __doc__, extra=EXTRA_FLAGS)
-    validate(cfg)
     device = resolve_device(cfg.device)
     mode = numeric_mode(cfg, device)
     if flags.only is not None:

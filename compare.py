@@ -25,14 +25,20 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from checkpoints import REFERENCE_IMAGE_SIZE, class_names, load_model, run_diffusion
 from latents import run_latents
-from utils import (UsageError, _atomic_write, arg, config_to_dict, load_checkpoint, parse_config, pick_device,
-                   read_json_object, run_cli, save_figure, save_images, write_json)
+from utils import (UsageError, _atomic_write, arg, config_to_dict, count_flops, grid_labels, load_checkpoint,
+                   old_names, parse_config, pick_device, read_json_object, run_cli, save_figure, save_images,
+                   write_json)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 # ----------------------------------------------------------------------------- options
@@ -57,7 +63,7 @@ class Config:
     sampler: str = arg("dpm++", "sampler of the evaluation and the grids: ddpm | ddim | dpm++ | dpm++ode | euler_a")
     steps: int | None = arg(None, "network steps of that sampler (None: its default, 20 for dpm++)")
     cfg_scale: float = arg(3.0, "guidance of the evaluation and the grids")
-    n_per_class: int = arg(8, "images in each class row of the grids")
+    n_per_row: int = arg(8, "images in each class row of the grids", old_names=("n_per_class",))
     run_prefix: str = arg("cmp", "runs are models/<run_prefix>_<variant>_s<seed>/")
     out_dir: str | None = arg(None, "folder of the table, the grids and the run records "
                                     "(None: results/compare/<variants file name>)")
@@ -65,11 +71,26 @@ class Config:
     device: str = arg("auto", "device of the evaluation and the grids (training uses the preset's)")
     threads: int | None = arg(None, "CPU threads of torch (None: its default); 1 is faster on a busy shared CPU")
 
+    def validate(self):
+        """One readable error for each option the comparison cannot use, the variants file's included."""
+        read_variants(self.variants, self.only)
+        seeds = parse_ints(self.seeds, "seeds")
+        if len(set(seeds)) < len(seeds):
+            raise UsageError("--seeds must not repeat an entry")
+        if self.preset is not None and not os.path.isfile(self.preset):
+            raise UsageError(f"preset '{self.preset}' not found: pass a ddpm_conditional.py config file, e.g. "
+                             "configs/quick_cpu.json")
+        for name in ("max_steps", "eval_every", "eval_samples", "num_samples", "num_real", "judge_epochs", "steps",
+                     "n_per_row", "threads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} {value} must be positive")
+
 
 # The options a run's record depends on. A record trained with other TRAINED_WITH options is not reused; one
 # that differs only in how it was measured is measured again from its checkpoint, without retraining.
 TRAINED_WITH = ("preset", "max_steps", "train_args", "eval_every", "eval_samples")
-MEASURED_WITH = TRAINED_WITH + ("evaluate", "num_samples", "num_real", "sampler", "steps", "cfg_scale", "n_per_class")
+MEASURED_WITH = TRAINED_WITH + ("evaluate", "num_samples", "num_real", "sampler", "steps", "cfg_scale", "n_per_row")
 
 
 def parse_ints(text, name):
@@ -102,23 +123,6 @@ def read_variants(path, only):
     return variants
 
 
-def validate(cfg):
-    """The variants {name: flags} and the seeds; one readable error for each option the comparison cannot use."""
-    variants = read_variants(cfg.variants, cfg.only)
-    seeds = parse_ints(cfg.seeds, "seeds")
-    if len(set(seeds)) < len(seeds):
-        raise UsageError("--seeds must not repeat an entry")
-    if cfg.preset is not None and not os.path.isfile(cfg.preset):
-        raise UsageError(f"preset '{cfg.preset}' not found: pass a ddpm_conditional.py config file, e.g. "
-                         "configs/quick_cpu.json")
-    for name in ("max_steps", "eval_every", "eval_samples", "num_samples", "num_real", "judge_epochs", "steps",
-                 "n_per_class", "threads"):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"{name} {value} must be positive")
-    return variants, seeds
-
-
 def write_text(path, text):
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -134,15 +138,22 @@ def cpu_name():
 
 
 # ----------------------------------------------------------------------------- one run: train, measure
-def train_run(cfg, flags, seed, run_name):
-    """Train one variant and seed; returns the training seconds, steps, batch size, the resolved config and, with
-    --eval_every, the learning curve [{"step", "seconds", "class_accuracy", ...}]."""
-    import ddpm_conditional
+def run_script(script, argv, threads=None):
+    """Run `python <script> <argv>` in this folder, as a user would (its output goes to the terminal); a failure is a
+    UsageError. With `threads`, torch in it uses that many (OMP_NUM_THREADS)."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads is not None else {}))
+    done = subprocess.run([sys.executable, os.path.join(REPO, script), *argv], env=env)
+    if done.returncode:
+        raise UsageError(f"{script} {' '.join(argv)} failed (exit {done.returncode}): its error is above")
 
+
+def train_run(cfg, flags, seed, run_name):
+    """Train one variant and seed (python ddpm_conditional.py); returns the training seconds, steps, batch size, the
+    resolved config and, with --eval_every, the learning curve [{"step", "seconds", "class_accuracy", ...}]."""
     argv = ["--config", cfg.preset] if cfg.preset is not None else []
     argv += shlex.split(cfg.train_args) + shlex.split(flags)
     argv += ["--seed", str(seed), "--run_name", run_name,
-             "--n_per_class", "1"]  # the run's own grids: one image per class, to keep them out of the timing
+             "--n_per_row", "1"]  # the run's own grids: one image per class, to keep them out of the timing
     if cfg.max_steps is not None:
         argv += ["--max_steps", str(cfg.max_steps)]
     if cfg.eval_every is not None:
@@ -150,22 +161,26 @@ def train_run(cfg, flags, seed, run_name):
                  cfg.sampler, "--cfg_scale", str(cfg.cfg_scale)]
         argv += ["--sample_steps", str(cfg.steps)] if cfg.steps is not None else []
     argv += ["--overwrite"] if cfg.overwrite else []
-    done = ddpm_conditional.main(argv)
+    run_script("ddpm_conditional.py", argv, cfg.threads)
+    results = os.path.join("results", run_name)
+    done = read_json_object(os.path.join(results, "training.json"), "the run's summary")
     if done["stopped"]:  # a signal: the run is not the budget asked for, so it gets no record
         raise UsageError(f"run {run_name} was stopped by {done['stopped']} at step {done['step']}: run compare.py "
                          "again with --overwrite to train it in full")
     seconds = done["train_seconds"]  # without the --eval_every measurements
-    with open(os.path.join(done["models_dir"], "config.json")) as f:
-        config = json.load(f)
+    config = read_json_object(os.path.join("models", run_name, "config.json"), "the run's config")
+    curve = []
+    if cfg.eval_every is not None:
+        with open(os.path.join(results, "quality.json")) as f:
+            curve = json.load(f)
     return {"train_seconds": round(seconds, 2), "steps": done["step"], "batch_size": config["batch_size"],
             "train_img_per_s": round(done["step"] * config["batch_size"] / seconds, 2), "config": config,
-            "curve": done["quality"]}
+            "curve": curve}
 
 
 def evaluate_run(cfg, ckpt, out):
-    """evaluate.py's offline figures of one checkpoint: class accuracy and the judge-space distance."""
-    import evaluate
-
+    """evaluate.py's offline figures of one checkpoint (python evaluate.py): class accuracy and the judge-space
+    distance."""
     argv = ["--ckpt", ckpt, "--num_samples", str(cfg.num_samples), "--num_real", str(cfg.num_real),
             "--sampler", cfg.sampler, "--cfg_scale", str(cfg.cfg_scale), "--seed", "0", "--inception", "false",
             "--device", cfg.device, "--out", out]
@@ -173,7 +188,8 @@ def evaluate_run(cfg, ckpt, out):
         argv += ["--steps", str(cfg.steps)]
     if cfg.judge_epochs is not None:
         argv += ["--judge_epochs", str(cfg.judge_epochs)]
-    metrics = evaluate.main(argv)
+    run_script("evaluate.py", argv, cfg.threads)
+    metrics = read_json_object(out, "evaluate.py's figures")
     row = metrics["rows"][0]
     return {"class_accuracy": row["class_accuracy"], "judge_fd": row["judge_fd"],
             "judge_heldout_accuracy": metrics["judge"]["heldout_accuracy"]}
@@ -182,13 +198,10 @@ def evaluate_run(cfg, ckpt, out):
 def gflops_per_image(ckpt):
     """GFLOPs of one evaluation of the checkpoint's network on one image at its training size (its latents for a run
     with --vae; the VAE not counted), with a label when it is conditional (FlopCounterMode through
-    bench.count_flops; a multiply-add counts 2)."""
-    import sample
-    from bench import count_flops
-
-    model, arch, saved = sample.load_model(ckpt)
+    utils.count_flops; a multiply-add counts 2)."""
+    model, arch, saved = load_model(ckpt)
     latents = run_latents(saved, arch["c_in"], "cpu")
-    size = latents.latent_size(saved.get("image_size", sample.REFERENCE_IMAGE_SIZE))
+    size = latents.latent_size(saved.get("image_size", REFERENCE_IMAGE_SIZE))
     x, t = torch.zeros(1, arch["c_in"], size, size), torch.tensor([500])
     labels = () if arch["num_classes"] is None else (torch.tensor([0]),)
     with torch.no_grad():
@@ -197,19 +210,17 @@ def gflops_per_image(ckpt):
 
 def draw_grid(cfg, ckpt, path):
     """A grid of the run's EMA weights, one row per class, with the comparison's sampler; returns img/s."""
-    import sample
-
     device = pick_device(cfg.device)
-    model, arch, saved = sample.load_model(ckpt)
+    model, arch, saved = load_model(ckpt)
     latents = run_latents(saved, arch["c_in"], device)  # a run with --vae samples latents: decoded here
-    diffusion = sample.make_diffusion(sample.Config(ckpt=ckpt), saved, arch["c_in"], device, latents)
-    labels = torch.arange(arch["num_classes"], device=device).repeat_interleave(cfg.n_per_class)
+    diffusion = run_diffusion(saved, latents, device)
+    labels = grid_labels(arch["num_classes"], cfg.n_per_row, device=device)
     start = time.perf_counter()
     x_0 = diffusion.sample_x0(model.to(device), len(labels), labels, cfg.cfg_scale, sampler=cfg.sampler,
                               steps=cfg.steps, seed=0, progress=False)
     images = latents.decode(x_0)
     seconds = time.perf_counter() - start
-    save_images(images, path, nrow=cfg.n_per_class, captions=sample.class_names(ckpt, arch["num_classes"]))
+    save_images(images, path, nrow=cfg.n_per_row, captions=class_names(ckpt, arch["num_classes"]))
     return round(len(labels) / seconds, 2)
 
 
@@ -224,7 +235,8 @@ def measure(cfg, name, flags, seed, first_seed):
     if os.path.isfile(record_path) and not cfg.overwrite:
         with open(record_path) as f:
             record = json.load(f)
-        saved = record.get("options") or {}
+        renamed = old_names(Config)  # records written before a field was renamed
+        saved = {renamed.get(key, key): value for key, value in (record.get("options") or {}).items()}
         if saved == options:
             print(f"{run_name}: reusing {record_path}")
             if "gflops_per_image" not in record and os.path.isfile(ckpt):  # a record written before the column
@@ -329,7 +341,7 @@ def plot_curves(records, names, path):
 def main(argv=None):
     """Train and measure every (mode, seed), then write table.md, table.json and the grids; returns the rows."""
     cfg = parse_config(Config, argv, description=__doc__)
-    variants, seeds = validate(cfg)
+    variants, seeds = read_variants(cfg.variants, cfg.only), parse_ints(cfg.seeds, "seeds")
     if cfg.out_dir is None:
         cfg.out_dir = os.path.join("results", "compare", os.path.splitext(os.path.basename(cfg.variants))[0])
     if cfg.threads is not None:

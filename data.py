@@ -1,14 +1,13 @@
-"""Every data set, the augmentation, the data loader, the latent cache and the data set held on the device.
+"""Every data set, the augmentation, the data loader, the held-out split, masks and the data set on the device.
 
 Class data sets (shapes, imagefolder, cifar10) yield (image, int label); caption data sets yield (image,
 caption string). Images are float (C, S, S) tensors in [-1, 1], C = 3 (RGB) or 1 (grey: --channels 1, the default
 of a folder of grey image files: `dataset_channels`), and every data set has `caption(i)`, so
-captions can be read without decoding an image. The latent cache stores what a frozen VAE (and train_sd.py's
-text encoder) make of a data set, so training can skip both networks. `DeviceData` holds a data set that fits as
-tensors on the training device (--data_on_device), so batches need no DataLoader workers.
+captions can be read without decoding an image. A run's held-out images (--holdout) are rebuilt from its saved config
+(`saved_run_split`). `DeviceData` holds a data set that fits as tensors on the training device (--data_on_device),
+so batches need no DataLoader workers. (The cache of a data set's latents is latents.py's.)
 """
 import copy
-import hashlib
 import json
 import math
 import os
@@ -21,10 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from PIL import Image
 from torchvision import transforms
 
-from utils import UsageError, atomic_save, is_readable_image, load_checkpoint, load_rgb, short_reason
-
-CACHE_VERSION = 2  # bump when the cache's layout changes, so old files are never read
-
+from utils import UsageError, is_readable_image, load_rgb, short_reason
 
 # ----------------------------------------------------------------------------- shapes data set
 
@@ -514,6 +510,13 @@ def saved_run_split(saved, channels):
     return train, held
 
 
+def heldout_images(saved, n, channels):
+    """(images (n, C, S, S) in [-1, 1], labels (n,)) of the first n held-out images of a run, as it split them."""
+    _, held = saved_run_split(saved, channels)
+    items = [held[i] for i in range(min(n, len(held)))]
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+
+
 def get_caption_dataset(name, path, image_size, seed=0, size=None, channels=3):
     """Items (image (C, S, S) in [-1, 1], caption). `name`: shapes | cifar10 | imagefolder | captions."""
     if name == "captions":
@@ -635,51 +638,6 @@ def read_mask(path, size):
     check_mask(torch.from_numpy(np.asarray(grey).copy()), path)
     grey = grey.resize((size, size), Image.NEAREST)
     return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255)[None]
-
-
-# ----------------------------------------------------------------------------- latent cache
-
-def cache_key(**fields):
-    """A short hash of everything the cached tensors depend on; any change gives another key."""
-    text = json.dumps({"version": CACHE_VERSION, **fields}, sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-@torch.no_grad()
-def build_cache(dataset, encode_images, encode_prompts, batch_size, num_workers=0):
-    """Encode every image once (posterior mean and std) and every distinct caption once.
-
-    Returns {"mean", "std": (N, C, h, w) float32, "caption_index": (N,) long into "captions" (U strings),
-    "contexts": (U, ...) text states}. Captions are stored once each: CIFAR-10 has 10 for 50000 images.
-    With encode_prompts None the data set's items are (image, class label), and the labels are stored as "label".
-    """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    means, stds, captions = [], [], []
-    for images, batch_captions in loader:
-        mean, std = encode_images(images)
-        means.append(mean.cpu())
-        stds.append(std.cpu())
-        captions += list(batch_captions)
-    if encode_prompts is None:
-        return {"mean": torch.cat(means), "std": torch.cat(stds), "label": torch.as_tensor(captions, dtype=torch.long)}
-    distinct = list(dict.fromkeys(captions))
-    position = {caption: i for i, caption in enumerate(distinct)}
-    contexts = torch.cat([encode_prompts(distinct[i:i + batch_size]).cpu()
-                          for i in range(0, len(distinct), batch_size)])
-    return {"mean": torch.cat(means), "std": torch.cat(stds), "captions": distinct, "contexts": contexts,
-            "caption_index": torch.tensor([position[c] for c in captions], dtype=torch.long)}
-
-
-def load_or_build_cache(path, dataset, encode_images, encode_prompts, batch_size, num_workers=0):
-    """Read the cache at `path` (weights_only), or build it and write it atomically. Returns (cache, hit)."""
-    if os.path.isfile(path):
-        try:
-            return load_checkpoint(path), True
-        except UsageError as exc:
-            warnings.warn(f"re-encoding the unreadable latent cache {path}: {exc}", stacklevel=2)
-    cache = build_cache(dataset, encode_images, encode_prompts, batch_size, num_workers)
-    atomic_save(cache, path)
-    return cache, False
 
 
 # ----------------------------------------------------------------------------- the data set on the device

@@ -447,7 +447,7 @@ class UNet_text(TextForward, UNet):
 
     def __init__(
         self, c_in=4, c_out=4, time_dim=256, base_channels=64, context_dim=768, heads=4, conditioning="cross_attention",
-        attn_factors=UNet.ATTN_FACTORS,
+        attn_factors=UNet.ATTN_FACTORS, dropout=0.0,
     ):
         if conditioning not in self.CONDITIONINGS:
             raise ValueError(f"conditioning {conditioning!r} is unknown: use one of {', '.join(self.CONDITIONINGS)}")
@@ -455,7 +455,8 @@ class UNet_text(TextForward, UNet):
             attention = functools.partial(TransformerBlock, context_dim=context_dim, heads=heads)
         else:
             attention = functools.partial(SelfAttention, heads=heads)
-        super().__init__(c_in, c_out, time_dim, base_channels, attention=attention, attn_factors=attn_factors)
+        super().__init__(c_in, c_out, time_dim, base_channels, attention=attention, attn_factors=attn_factors,
+                         dropout=dropout)
         self.conditioning = conditioning
         if conditioning == "add":
             self.text_proj = nn.Linear(context_dim, time_dim)
@@ -649,6 +650,43 @@ class DiT_text(TextForward, DiT):
         self.conditioning = conditioning
         if conditioning == "add":
             self.text_proj = nn.Linear(context_dim, dim)
+
+
+def build_network(arch):
+    """The one network builder: the network that an architecture dict describes, from a Config (config.network_arch)
+    or from a checkpoint's weights (checkpoints.infer_network).
+
+    arch: backbone ("unet" or "dit"), c_in, c_out, num_classes (None: no label), conditioning; with context_dim a
+    text-conditioned network (UNet_text, DiT_text); a DiT's patch_size, depth, dim and heads; a U-Net's
+    base_channels, attn_factors, dropout and cond_channels (an image condition: UNet_conditional), with concat_channels
+    and context_tokens where they are not the defaults; time_dim (default 256). gradient_checkpointing and
+    channels_last, when true, switch those on.
+    """
+    time_dim = arch.get("time_dim", 256)
+    c_in, c_out, conditioning = arch["c_in"], arch["c_out"], arch.get("conditioning") or "add"
+    text = arch.get("context_dim") is not None
+    if arch.get("backbone") == "dit":
+        size = (arch["patch_size"], arch["depth"], arch["dim"], arch["heads"], time_dim)
+        if text:
+            net = DiT_text(c_in, c_out, *size, context_dim=arch["context_dim"], conditioning=conditioning)
+        else:
+            net = DiT(c_in, c_out, arch["num_classes"], *size)
+    else:
+        unet = {"base_channels": arch["base_channels"], "attn_factors": arch["attn_factors"],
+                "dropout": arch.get("dropout", 0.0)}
+        options = {key: arch[key] for key in ("concat_channels", "context_tokens") if key in arch}
+        if text:
+            net = UNet_text(c_in, c_out, time_dim, context_dim=arch["context_dim"], conditioning=conditioning, **unet)
+        elif arch["num_classes"] is None and not arch.get("cond_channels"):
+            net = UNet(c_in, c_out, time_dim, **unet)
+        else:
+            net = UNet_conditional(c_in, c_out, time_dim, arch["num_classes"], conditioning=conditioning,
+                                   cond_channels=arch.get("cond_channels", 0), **options, **unet)
+    if arch.get("gradient_checkpointing"):
+        net.enable_gradient_checkpointing()
+    if arch.get("channels_last"):
+        net = net.to(memory_format=torch.channels_last)
+    return net
 
 
 class JudgeNet(nn.Module):

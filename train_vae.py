@@ -15,31 +15,21 @@ import dataclasses
 import functools
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from checkpoints import load_state_dict_strict, read_checkpoint
+from config import ClassData, Data, Optimisation, Run, positive
 from data import get_dataset, holdout_split
 from modules import Autoencoder, PatchDiscriminator
 from training import RUN_FLAGS, Task, train
-from utils import (UsageError, arg, load_checkpoint, load_state_dict_strict, parse_config, pick_device, run_cli,
-                   save_images, write_json)
+from utils import UsageError, arg, configclass, parse_config, pick_device, run_cli, save_images, write_json
 
 
 # ----------------------------------------------------------------------------- hyperparameters
-@dataclass
+@configclass(Run, Data, ClassData, Optimisation)
 class Config:
-    run_name: str = arg("VAE", "results/<run_name>/ and models/<run_name>/ hold this run's files; the VAE is "
-                               "models/<run_name>/vae")
-    dataset: str = arg("shapes", "cifar10 | imagefolder (one subfolder per class) | shapes (built in)")
-    dataset_path: str = arg("./data", "folder of the dataset (cifar10 downloads here)")
-    dataset_size: int | None = arg(None, "use only this many images, the held-out ones included (None: all; 5000 "
-                                         "shapes)")
-    holdout: int = arg(200, "images held out of training, for the PSNR and SSIM of vae_metrics.json")
-    augment: str | None = arg(None, "resize (+ centre crop) | flip (+ horizontal flips) | reference (its random crop); "
-                                    "None: flip for cifar10, else resize")
-    image_size: int = arg(32, "training resolution in pixels, divisible by the factor f")
     block_out_channels: str = arg("32,64,64", "widths of the encoder's blocks, the decoder's reversed; f = 2^(blocks "
                                               "- 1): 3 blocks give f = 4")
     layers_per_block: int = arg(1, "ResNet layers in each block (the decoder has one more)")
@@ -54,40 +44,41 @@ class Config:
     disc_weight: float = arg(0.5, "the generator's adversarial loss weight, times LDM's adaptive weight")
     disc_channels: int = arg(32, "width of the discriminator's first layer")
     disc_layers: int = arg(2, "stride-2 layers of the discriminator: patches of about 2^(layers + 2) px")
-    scale_images: int = arg(5000, "training images encoded after training to measure the latents' scale")
-    shift: bool = arg(True, "store shift_factor = the mean of the posterior means (false: none, as in SD 1.x)")
-    export: str = arg("ema", "weights saved as models/<run_name>/vae: ema | model")
-    batch_size: int = arg(16, "images per optimizer step")
-    epochs: int = arg(1000, "passes over the data set")
-    max_steps: int | None = arg(3000, "stop after this many optimizer steps, whatever the epochs")
-    lr: float = arg(1e-3, "AdamW learning rate")
-    lr_warmup: int = arg(0, "optimizer steps of linear learning-rate warm-up from 0")
-    lr_decay: str = arg("cosine", "learning rate after the warm-up: none (constant) | cosine (to 0 at max_steps, or "
-                                  "at the last epoch)")
-    ema_beta: float = arg(0.999, "EMA decay per step")
-    ema_start: int = arg(0, "steps during which the EMA model is a plain copy")
-    ema_warmup: bool = arg(True, "EMA decay min(ema_beta, (1 + n) / (10 + n)) at update n")
-    grad_clip: float | None = arg(1.0, "clip the gradient norm to this (None: no clipping)")
-    log_every: int = arg(5, "save the reconstruction picture and checkpoints every this many epochs")
-    gradient_accumulation_steps: int = arg(1, "batches per optimizer step: batch_size x processes x this images")
-    checkpoint_every: int = arg(500, "optimizer steps between checkpoints (training_state.pt for --resume)")
-    keep_checkpoints: int = arg(2, "training states kept in models/<run_name>/checkpoints/, the newest included")
-    max_nonfinite: int = arg(20, "stop after this many non-finite losses in a row (each update is skipped)")
-    print_every: int = arg(10, "optimizer steps between reads of the loss from the device (progress bar, losses)")
-    seed: int = arg(0, "seed of the held-out split, the data order and the posterior samples")
-    device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
-    compile: bool = arg(False, "torch.compile the autoencoder")
-    mixed_precision: str | None = arg(None, "no | fp16 | bf16 (through Accelerate); None: the launcher's "
-                                            "(accelerate launch --mixed_precision, accelerate config), else no")
-    num_workers: int = arg(2, "DataLoader worker processes (with --data_on_device: only to read the data set once)")
-    data_on_device: bool | None = arg(None, "hold the data set on the training device and index batches there, no "
-                                            "DataLoader workers; None: when it takes at most a quarter of the free "
-                                            "memory")
+    scale_images: int = arg(5000, "training images encoded after training to measure the latents' scale",
+                            resumable=True)
+    shift: bool = arg(True, "store shift_factor = the mean of the posterior means (false: none, as in SD 1.x)",
+                      resumable=True)
+    export: str = arg("ema", "weights saved as models/<run_name>/vae: ema | model", resumable=True)
+    run_name = "VAE"
+    image_size = 32
+    holdout = 200
+    epochs = 1000
+    max_steps = 3000
+    lr = 1e-3
+    lr_decay = "cosine"
+    ema_beta = 0.999
+    log_every = 5
+    report_to = "none"
+
+    def validate(self):
+        widths = parse_widths(self.block_out_channels)
+        factor = 2 ** (len(widths) - 1)
+        if self.image_size % factor:
+            raise UsageError(f"image_size {self.image_size} is not divisible by the VAE's factor {factor} "
+                             f"({len(widths)} blocks): use a multiple of {factor}, or fewer blocks")
+        if any(w % self.norm_num_groups for w in widths):
+            raise UsageError(f"norm_num_groups {self.norm_num_groups} does not divide every width of "
+                             f"block_out_channels {self.block_out_channels}: use a common divisor, e.g. 8")
+        if self.loss not in LOSSES:
+            raise UsageError(f"loss '{self.loss}' is unknown: use l1 or mse")
+        if self.export not in ("ema", "model"):
+            raise UsageError(f"export '{self.export}' is unknown: use ema or model")
+        positive(self, "holdout", "scale_images", "latent_channels", "layers_per_block", "disc_channels",
+                 "disc_layers")
+        if self.kl_weight < 0 or self.disc_weight < 0:
+            raise UsageError("kl_weight and disc_weight must be >= 0")
 
 
-VAE_RESUMABLE = ("epochs", "max_steps", "log_every", "num_workers", "device", "compile", "mixed_precision",
-                 "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every", "data_on_device",
-                 "scale_images", "shift", "export")
 SHOWN = 12  # held-out images in each row of the reconstruction pictures
 
 
@@ -100,27 +91,6 @@ def parse_widths(text):
     if not widths or min(widths) <= 0:
         raise UsageError(f"block_out_channels '{text}' is not a list of positive widths: use e.g. 32,64,64")
     return widths
-
-
-def check(cfg):
-    """The settings only this script has; training.validate checks the others."""
-    widths = parse_widths(cfg.block_out_channels)
-    factor = 2 ** (len(widths) - 1)
-    if cfg.image_size % factor:
-        raise UsageError(f"image_size {cfg.image_size} is not divisible by the VAE's factor {factor} "
-                         f"({len(widths)} blocks): use a multiple of {factor}, or fewer blocks")
-    if any(w % cfg.norm_num_groups for w in widths):
-        raise UsageError(f"norm_num_groups {cfg.norm_num_groups} does not divide every width of block_out_channels "
-                         f"{cfg.block_out_channels}: use a common divisor, e.g. 8")
-    if cfg.loss not in LOSSES:
-        raise UsageError(f"loss '{cfg.loss}' is unknown: use l1 or mse")
-    if cfg.export not in ("ema", "model"):
-        raise UsageError(f"export '{cfg.export}' is unknown: use ema or model")
-    for name in ("holdout", "scale_images", "latent_channels", "layers_per_block", "disc_channels", "disc_layers"):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"{name} {getattr(cfg, name)} must be positive")
-    if cfg.kl_weight < 0 or cfg.disc_weight < 0:
-        raise UsageError("kl_weight and disc_weight must be >= 0")
 
 
 # ----------------------------------------------------------------------------- the autoencoder and its loss
@@ -247,7 +217,7 @@ def export(cfg, models_dir, results_dir, train_set, held_out, device):
     """Load the trained weights, store the latent scale in the VAE's config, save it, and measure it."""
     net = build_autoencoder(cfg)
     weights = "ema_ckpt.pt" if cfg.export == "ema" else "ckpt.pt"
-    load_state_dict_strict(net, load_checkpoint(os.path.join(models_dir, weights)))
+    load_state_dict_strict(net, read_checkpoint(os.path.join(models_dir, weights))[0])
     vae = net.vae.to(device).eval().requires_grad_(False)
     means = posterior_means(vae, stack_images(train_set, cfg.scale_images))
     scale, shift = latent_scale(means, cfg.shift)
@@ -294,16 +264,15 @@ def vae_task(cfg, accelerator):
         save_reconstructions(module.vae, shown, path)
 
     loss = functools.partial(vae_loss, cfg=cfg, last_layer=net.vae.decoder.conv_out.weight)
-    return Task(train_set, net, None, make_batch, draw_grid, loss=loss)
+    return Task(cfg, train_set, net, None, make_batch, draw_grid, loss=loss)
 
 
 def main(argv=None):
     from accelerate import PartialState
 
     cfg, flags = parse_config(Config, argv, __doc__, extra=RUN_FLAGS)
-    check(cfg)
     start = time.perf_counter()
-    run = train(cfg, flags, vae_task, resumable=VAE_RESUMABLE)
+    run = train(cfg, flags, vae_task)
     if run["stopped"]:  # not the run asked for: no VAE is exported from it
         print("the VAE is exported when the run ends: continue it with --resume")
         return run

@@ -1,4 +1,4 @@
-"""Shared helpers: errors and CLI, config parsing, seeding and device, image files and grids, checkpoints.
+"""Shared helpers: errors and CLI, config parsing, seeding and device, image files and grids, FLOPs, torch files.
 
 The data sets are in data.py.
 """
@@ -10,7 +10,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import textwrap
 import types
@@ -19,6 +18,7 @@ import typing
 import numpy as np
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -65,11 +65,66 @@ _TRUE = ("true", "1", "yes", "y", "on")
 _FALSE = ("false", "0", "no", "n", "off")
 
 
-def arg(default, help):
-    """A dataclass field with a help text; a list default is copied for every instance."""
+def arg(default, help, *, resumable=False, old_names=(), absent=dataclasses.MISSING):
+    """A config field with its help text; a list default is copied for every instance.
+
+    resumable: the field may change when a run is resumed (how long it runs, how it logs; never what it learns).
+    old_names: names the field had before, which still parse from flags and config files (with a note) and are read
+    from configs saved under them. absent: what a run saved before the field existed used, where it is not the default.
+    """
+    metadata = {"help": help, "resumable": resumable, "old_names": tuple(old_names), "absent": absent}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def configclass(*groups):
+    """Make a script's Config: a dataclass of its own annotated fields, then the fields of each group in `groups`.
+
+    A group is a dataclass of fields declared once (config.py), with an optional `validate(self)`. A plain
+    `name = value` in the class body sets the default of a group's field `name`, its type and help staying the
+    group's. `validate()` of the result runs each group's checks, in order, then the class's own `validate`.
+    """
+    def make(cls):
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        fields = [(name, kind, cls.__dict__.get(name, dataclasses.MISSING)) for name, kind in own.items()]
+        hints = {}
+        for group in groups:
+            hints.update(typing.get_type_hints(group))
+            for field in dataclasses.fields(group):
+                if field.name in own:
+                    raise TypeError(f"{cls.__name__}.{field.name} is a field of {group.__name__}: set its default "
+                                    f"with `{field.name} = value`, or name the new field otherwise")
+                default = vars(cls).get(field.name, _field_default(field))
+                fields.append((field.name, hints[field.name], _copy_field(field, default)))
+        names = [name for name, _, _ in fields]
+        unknown = [name for name, value in vars(cls).items() if name not in names and not name.startswith("_")
+                   and not name.isupper() and not callable(value) and not isinstance(value, (classmethod, property))]
+        if unknown:
+            raise TypeError(f"{cls.__name__} sets {unknown[0]}, which is no field of its groups")
+        checks = [group.validate for group in groups if "validate" in vars(group)]
+        if "validate" in vars(cls):
+            checks.append(vars(cls)["validate"])
+
+        def validate(self):
+            """Check every field: one UsageError line that names the value and the fix."""
+            for check in checks:
+                check(self)
+            return self
+
+        namespace = {key: value for key, value in vars(cls).items() if key not in names and key not in
+                     ("__annotations__", "__dict__", "__weakref__")}
+        namespace["validate"] = validate
+        return dataclasses.make_dataclass(cls.__name__, fields, namespace=namespace)
+
+    return make
+
+
+def _copy_field(field, default):
+    """A new dataclass field with `field`'s metadata and the given default."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=field.metadata)
+    return dataclasses.field(default=default, metadata=field.metadata)
 
 
 def parse_bool(text):
@@ -107,13 +162,22 @@ def _field_default(field):
     return field.default
 
 
-def _add_field(parser, field, tp):
-    """Add the `--<name>` flag for one dataclass field; its value only appears when given."""
+def old_names(cls):
+    """{old name: field name} of a Config's renamed fields; an old name that is a field of its own is not one."""
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    return {old: f.name for f in fields for old in f.metadata.get("old_names", ()) if old not in names}
+
+
+def _add_field(parser, field, tp, flag=None):
+    """Add the `--<name>` flag (or `flag`, an old name) for one dataclass field; its value only appears when given."""
     inner, optional = _unwrap_optional(tp)
     default = _field_default(field)
     shown = "required" if default is dataclasses.MISSING else f"default: {default}"
     help_text = f"{field.metadata.get('help', '')} ({shown})".strip().replace("%", "%%")
-    kwargs = {"default": argparse.SUPPRESS, "help": help_text}
+    kwargs = {"default": argparse.SUPPRESS, "help": help_text if flag is None else argparse.SUPPRESS}
+    if flag is not None:
+        kwargs["dest"] = f"old:{flag}"
     if typing.get_origin(inner) is list and typing.get_args(inner) == (str,):
         kwargs.update(action="append", type=str, metavar="STR")
     elif inner in (int, float, str):
@@ -124,7 +188,11 @@ def _add_field(parser, field, tp):
         kwargs.update(type=parse, nargs="?", const=True, metavar="BOOL")
     else:
         raise TypeError(f"config field {field.name!r} has unsupported type {tp}")
-    parser.add_argument(f"--{field.name}", **kwargs)
+    parser.add_argument(f"--{flag or field.name}", **kwargs)
+
+
+def _renamed_note(old, new, where):
+    print(f"note: {where}{old} is now {new}; the old name still works", file=sys.stderr)
 
 
 def _coerce_json(name, value, tp, path):
@@ -156,17 +224,22 @@ def read_json_object(path, what="file"):
     return data
 
 
-def _read_config_file(path, fields, hints):
-    """Read a JSON object of overrides whose keys must be field names."""
+def _read_config_file(path, fields, hints, renamed):
+    """Read a JSON object of overrides whose keys must be field names (or their old names)."""
     if not os.path.isfile(path):
         raise UsageError(f"config file '{path}' not found: pass --config an existing JSON file")
     data = read_json_object(path, "config file")
     names = [f.name for f in fields]
-    for key in data:
-        if key not in names:
+    overrides = {}
+    for key, value in data.items():
+        if key in renamed:
+            _renamed_note(key, renamed[key], f"config file '{path}': ")
+        elif key not in names:
             raise UsageError(f"config file '{path}' has unknown key '{key}': "
                              f"valid keys are {', '.join(names)}")
-    return {key: _coerce_json(key, value, hints[key], path) for key, value in data.items()}
+        name = renamed.get(key, key)
+        overrides[name] = _coerce_json(name, value, hints[name], path)
+    return overrides
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -174,14 +247,17 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def parse_config(cls, argv=None, description=None, extra=None):
-    """Build a `cls` dataclass instance from defaults, then each `--config FILE` in order, then flags.
+    """Build a `cls` dataclass instance from defaults, then each `--config FILE` in order, then flags; then run its
+    `validate()`, where it has one.
 
     `extra` is a list of `(flag, argparse_kwargs)` for arguments that are not config fields; when
     given, the result is `(config, namespace_of_extras)`, whose `given` is the set of field names that a
-    config file or a flag set (the others hold their defaults).
+    config file or a flag set (the others hold their defaults). A field's old name (see `arg`) still parses, with a
+    note on stderr.
     """
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
+    renamed = old_names(cls)
     parser = argparse.ArgumentParser(
         description=description, allow_abbrev=False,
         formatter_class=_HelpFormatter)
@@ -190,22 +266,32 @@ def parse_config(cls, argv=None, description=None, extra=None):
                              "flags given here win")
     for field in fields:
         _add_field(parser, field, hints[field.name])
+    by_name = {f.name: f for f in fields}
+    for old, name in renamed.items():
+        _add_field(parser, by_name[name], hints[name], flag=old)
     extra_dests = [parser.add_argument(flag, **kwargs).dest for flag, kwargs in (extra or ())]
     namespace = parser.parse_args(argv)
 
     values = {f.name: _field_default(f) for f in fields}
     given = set()
     for path in namespace.config:
-        overrides = _read_config_file(path, fields, hints)
+        overrides = _read_config_file(path, fields, hints, renamed)
         values.update(overrides)
         given.update(overrides)
-    flagged = {f.name: getattr(namespace, f.name) for f in fields if hasattr(namespace, f.name)}
+    flagged = {}
+    for old, name in renamed.items():
+        if hasattr(namespace, f"old:{old}"):
+            _renamed_note(f"--{old}", f"--{name}", "")
+            flagged[name] = getattr(namespace, f"old:{old}")
+    flagged.update({f.name: getattr(namespace, f.name) for f in fields if hasattr(namespace, f.name)})
     values.update(flagged)
     given.update(flagged)
     missing = [name for name, value in values.items() if value is dataclasses.MISSING]
     if missing:
         parser.error("missing " + ", ".join(f"--{name}" for name in missing))
     config = cls(**values)
+    if hasattr(config, "validate"):
+        config.validate()
     if extra is None:
         return config
     return config, argparse.Namespace(given=given, **{dest: getattr(namespace, dest) for dest in extra_dests})
@@ -244,16 +330,25 @@ def write_json(obj, path):
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def with_defaults(saved, cls):
-    """A saved config dict with each field of `cls` it lacks set to the field's default.
-
-    Configs written before a field existed stay loadable (and resumable), as if run with the default.
-    """
-    filled = dict(saved)
+def saved_config(saved, cls):
+    """A config dict saved by an earlier run, in the fields of `cls` today: each field under an old name (see `arg`)
+    takes its new one, and each field the run had no value for takes what runs without it used (its `absent`, else
+    its default). Configs written before a field existed or was renamed stay loadable and resumable."""
+    renamed = old_names(cls)
+    filled = {renamed.get(key, key): value for key, value in saved.items()}
     for field in dataclasses.fields(cls):
-        if field.init and field.name not in filled and _field_default(field) is not dataclasses.MISSING:
-            filled[field.name] = _field_default(field)
+        if not field.init or field.name in filled:
+            continue
+        absent = field.metadata.get("absent", dataclasses.MISSING)
+        value = _field_default(field) if absent is dataclasses.MISSING else absent
+        if value is not dataclasses.MISSING:
+            filled[field.name] = value
     return filled
+
+
+def resumable_fields(cls):
+    """The names of the fields of `cls` that may change when a run is resumed (see `arg`)."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
 
 
 def diff_configs(saved, current, ignore=()):
@@ -386,6 +481,16 @@ def upscale(images, min_size=GRID_MIN_SIZE):
     return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
+def grid_labels(num_classes, n_per_row, labels=None, device=None):
+    """The class ids of a grid, n_per_row of each of `labels` (None: every class), one grid row per class:
+    (len(labels) * n_per_row,). A label outside the model's classes is a UsageError."""
+    labels = list(range(num_classes)) if labels is None else labels
+    for label in labels:
+        if not 0 <= label < num_classes:
+            raise UsageError(f"label {label} is outside the model's {num_classes} classes: use 0..{num_classes - 1}")
+    return torch.tensor(labels, dtype=torch.long, device=device).repeat_interleave(n_per_row)  # (L,) -> (L * n,)
+
+
 def save_images(images, path, nrow=None, captions=None, min_size=GRID_MIN_SIZE):
     """Save (N, C, H, W) images as a grid (padding 2) of `nrow` images per row.
 
@@ -494,33 +599,34 @@ def _plot_quality(ax, quality):
     ax.set_title("sample quality (EMA weights)", fontsize=10)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- FLOPs
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the CUDA attention kernels; these add the CPU one (QK^T and AV are 4 N^2 d per head).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
+}
+
+
+def count_flops(fn):
+    """FLOPs of everything fn() runs (a multiply-add counts 2)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- torch files
 
 def atomic_save(obj, path):
     """`torch.save` to `path + '.tmp'`, fsync, rename: a crash never leaves a half-written `path`."""
     _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def save_kept(obj, path, kept_dir, name, keep):
-    """atomic_save `obj` as kept_dir/name, make `path` the same file, then delete all but the newest `keep` files
-    of kept_dir (names sort by age). Any failure leaves the previous `path` whole."""
-    kept = os.path.join(kept_dir, name)
-    atomic_save(obj, kept)
-    tmp = os.fspath(path) + ".tmp"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        try:
-            os.link(kept, tmp)  # a second name for the same file: no second copy on disk
-        except OSError:  # file systems without hard links
-            shutil.copyfile(kept, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    for old in sorted(f for f in os.listdir(kept_dir) if f.endswith(".pt"))[:-keep]:
-        os.remove(os.path.join(kept_dir, old))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -540,37 +646,3 @@ def load_checkpoint(path, map_location="cpu"):
         reason = message.split("WeightsUnpickler error:")[-1]
         raise UsageError(f"checkpoint '{path}' is not a readable PyTorch checkpoint "
                          f"(truncated or another format): {short_reason(reason)}") from exc
-
-
-def strip_wrapper_prefixes(key):
-    """A state_dict key without torch.compile / DDP prefixes, in either order: 'module._orig_mod.inc.x' -> 'inc.x'."""
-    while key.startswith(("_orig_mod.", "module.")):
-        key = key.split(".", 1)[1]
-    return key
-
-
-def _listed(items, limit=5):
-    """'a, b, c, ... (+n more)' for the first `limit` items."""
-    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-def load_state_dict_strict(model, state_dict, what="checkpoint"):
-    """Load `state_dict` strictly; on any key or shape mismatch raise one readable UsageError line."""
-    target = getattr(model, "_orig_mod", model)
-    if isinstance(target, torch.nn.parallel.DistributedDataParallel):
-        target = target.module
-    state_dict = {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
-    expected = target.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k}: {tuple(state_dict[k].shape)} in {what} vs {tuple(v.shape)} in model"
-              for k, v in expected.items()
-              if k in state_dict and getattr(state_dict[k], "shape", None) != getattr(v, "shape", None)]
-    problems = [f"{len(items)} {name} ({_listed(items)})"
-                for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", shapes)) if items]
-    if problems:
-        raise UsageError(f"{what} does not fit the model: {'; '.join(problems)}; the checkpoint was made by "
-                         "another architecture: check --base_channels / --num_classes / the script you used")
-    return target.load_state_dict(state_dict, strict=True)

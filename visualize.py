@@ -14,7 +14,6 @@ results/<run_name>/<mode>.png (run_name from the checkpoint's config):
   guidance    the same seeds and label under each guidance scale, one column per scale, after an
               unconditional column; --compare_raw adds the raw weights (ckpt.pt) below the EMA.
 """
-import dataclasses
 import math
 import os
 import sys
@@ -24,15 +23,13 @@ from dataclasses import dataclass
 import torch
 from matplotlib.figure import Figure
 
-import sample
-import train_sd
-from data import dataset_channels, get_dataset
-from ddpm import SAMPLERS, Diffusion
-from ddpm_img2img import Degradation
-from latents import run_latents
+from checkpoints import is_text_run, load_model, read_checkpoint, run_diffusion
+from data import dataset_channels, get_dataset, heldout_images
+from degradations import Degradation
+from diffusion import SAMPLERS, Diffusion
+from latents import load_text_encoder, run_latents
 from modules import NULL_LABEL
-from utils import (UsageError, arg, load_state_dict_strict, parse_config, pick_device, run_cli, save_figure, save_gif,
-                   to_uint8)
+from utils import UsageError, arg, parse_config, pick_device, run_cli, save_figure, save_gif, to_uint8
 
 
 # ----------------------------------------------------------------------------- options
@@ -60,6 +57,28 @@ class Config:
     out: str | None = arg(None, "the PNG (None: results/<run_name>/<mode>.png); replaced atomically if it exists")
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
 
+    def validate(self):
+        """One readable error for each option the run cannot use, before any file is read."""
+        if self.mode not in MODES:
+            raise UsageError(f"mode '{self.mode}' is unknown: use one of {', '.join(MODES)}")
+        if self.mode != "noising" and self.ckpt is None:
+            raise UsageError(f"{self.mode} needs a checkpoint: pass --ckpt models/<run>/ema_ckpt.pt")
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"sampler '{self.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
+        if self.cfg_scale < 0:
+            raise UsageError(f"cfg_scale {self.cfg_scale} is negative: use 0 (no guidance) or a value > 0, e.g. 3")
+        for name in ("n", "steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} {value} must be positive")
+        if self.frames < 2:
+            raise UsageError(f"frames {self.frames} is too few: use at least 2 (the first and the last)")
+        if self.image_size is not None and (self.image_size <= 0 or self.image_size % 8):
+            raise UsageError(f"image_size {self.image_size} is not divisible by 8: use e.g. 16, 32 or 64")
+        if self.out is not None and not self.out.lower().endswith(".png"):
+            raise UsageError(f"cannot save the picture as '{self.out}': use a .png file name")
+        parse_scales(self.scales)
+
 
 MODES = ("noising", "trajectory", "guidance")
 CELL_INCHES, HEADER_INCHES, DPI = 1.1, 0.8, 100  # a 1.1 x 1.1 inch cell per image, below a title strip
@@ -77,29 +96,6 @@ def parse_scales(text):
     return scales
 
 
-def validate(cfg):
-    """One readable error for each option the run cannot use, before any file is read."""
-    if cfg.mode not in MODES:
-        raise UsageError(f"mode '{cfg.mode}' is unknown: use one of {', '.join(MODES)}")
-    if cfg.mode != "noising" and cfg.ckpt is None:
-        raise UsageError(f"{cfg.mode} needs a checkpoint: pass --ckpt models/<run>/ema_ckpt.pt")
-    if cfg.sampler not in SAMPLERS:
-        raise UsageError(f"sampler '{cfg.sampler}' is unknown: use one of {', '.join(SAMPLERS)}")
-    if cfg.cfg_scale < 0:
-        raise UsageError(f"cfg_scale {cfg.cfg_scale} is negative: use 0 (no guidance) or a value > 0, e.g. 3")
-    for name in ("n", "steps"):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"{name} {value} must be positive")
-    if cfg.frames < 2:
-        raise UsageError(f"frames {cfg.frames} is too few: use at least 2 (the first and the last)")
-    if cfg.image_size is not None and (cfg.image_size <= 0 or cfg.image_size % 8):
-        raise UsageError(f"image_size {cfg.image_size} is not divisible by 8: use e.g. 16, 32 or 64")
-    if cfg.out is not None and not cfg.out.lower().endswith(".png"):
-        raise UsageError(f"cannot save the picture as '{cfg.out}': use a .png file name")
-    parse_scales(cfg.scales)
-
-
 # ----------------------------------------------------------------------------- checkpoint -> sampler
 @dataclass
 class Loaded:
@@ -115,37 +111,30 @@ class Loaded:
     shown_input: torch.Tensor | None = None  # that input as a picture (C, H, W)
 
 
-def is_text_run(saved):
-    return "text_encoder" in saved and "prompt" in saved
-
-
-def load_text_run(cfg, path, device):
-    """A train_sd.py checkpoint: U-Net on latents, the frozen VAE to decode them, CLIP for the prompt."""
+def load_text_run(cfg, path, net, arch, saved, device):
+    """A train_sd.py checkpoint: its network on latents (or pixels), the frozen VAE to decode them, CLIP for the
+    prompt."""
     if cfg.label is not None:
         raise UsageError("this is a train_sd.py (text) checkpoint: drop --label and pass --prompt \"...\"")
-    weights, run_cfg = train_sd.saved_run(path)
-    run_cfg = dataclasses.replace(run_cfg, mixed_precision="no")
-    latents, text = train_sd.load_frozen(run_cfg, device)
-    net = train_sd.build_network(run_cfg, latents, text)
-    load_state_dict_strict(net, weights, what=f"checkpoint '{path}'")
-    prompt = cfg.prompt or (run_cfg.prompt[0] if run_cfg.prompt else None)
+    latents = run_latents(saved, arch["c_in"], device)
+    text = load_text_encoder(saved["text_encoder"], saved["conditioning"], device)
+    prompt = cfg.prompt or (saved["prompt"][0] if saved["prompt"] else None)
     if prompt is None:
         raise UsageError("this train_sd.py checkpoint needs a prompt: pass --prompt \"a photo of a red circle\"")
     cond = text([prompt])  # (1, L, D) or (1, D)
-    return Loaded(net.to(device).eval(), train_sd.make_diffusion(run_cfg, latents, device), latents.decode, cond,
-                  text([""]), f'"{prompt}"', dataclasses.asdict(run_cfg))
+    return Loaded(net.to(device), run_diffusion(saved, latents, device), latents.decode, cond, text([""]),
+                  f'"{prompt}"', saved)
 
 
 def load(cfg, path, device):
     """Any checkpoint of this repository as a Loaded, with the conditioning that --label / --prompt ask for."""
-    _, saved = sample.read_checkpoint(path)
+    net, arch, saved = load_model(path)
     if is_text_run(saved):
-        return load_text_run(cfg, path, device)
+        return load_text_run(cfg, path, net, arch, saved, device)
     if cfg.prompt is not None:
         raise UsageError("--prompt is for train_sd.py checkpoints: this is a U-Net checkpoint; use --label")
-    net, arch, saved = sample.load_model(path)
     latents = run_latents(saved, arch["c_in"], device)
-    diffusion = sample.make_diffusion(cfg, saved, arch["c_in"], device, latents)
+    diffusion = run_diffusion(saved, latents, device, cfg.image_size)
     num_classes = arch["num_classes"]
     if arch.get("cond_channels"):
         return load_img2img(cfg, Loaded(net.to(device), diffusion, latents.decode, None, None, "", saved), arch)
@@ -164,8 +153,6 @@ def load(cfg, path, device):
 def load_img2img(cfg, loaded, arch):
     """A ddpm_img2img.py checkpoint, conditioned on the degraded held-out image --image (with its true class if the
     run reads classes): the trajectory of its restoration."""
-    from evaluate import heldout_images
-
     saved, device = loaded.saved, loaded.diffusion.device
     if cfg.label is not None:
         raise UsageError("this ddpm_img2img.py checkpoint is conditioned on a held-out image: pass --image N, not "
@@ -333,10 +320,9 @@ def main(argv=None):
     if argv and not argv[0].startswith("-"):
         argv = ["--mode", *argv]
     cfg = parse_config(Config, argv, description=__doc__)
-    validate(cfg)
     device = pick_device(cfg.device)
     if cfg.mode == "noising":
-        loaded, saved = None, sample.read_checkpoint(cfg.ckpt)[1] if cfg.ckpt else {}
+        loaded, saved = None, read_checkpoint(cfg.ckpt)[1] if cfg.ckpt else {}
     else:
         loaded = load(cfg, cfg.ckpt, device)
         saved = loaded.saved

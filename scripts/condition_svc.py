@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import dataset_channels, saved_run_split  # noqa: E402  (after the path)
-from ddpm_img2img import Degradation  # noqa: E402
+from degradations import Degradation  # noqa: E402
 from utils import UsageError, arg, parse_config, read_json_object, run_cli  # noqa: E402
 
 

@@ -39,6 +39,7 @@ import ddpm  # noqa: E402
 import ddpm_conditional  # noqa: E402
 import train_sd  # noqa: E402
 from data import ShapesDataset, classify_colors  # noqa: E402
+from latents import make_tiny_models  # noqa: E402
 from modules import UNet_conditional  # noqa: E402
 from utils import UsageError, arg, atomic_save, load_checkpoint, parse_config, pick_device, run_cli  # noqa: E402
 
@@ -82,11 +83,11 @@ def script_runs(cfg, sd_models, precision, compiled):
     runs = [("ddpm.py", ddpm.main, common + ["--sampler", "ddim", "--n_samples", "4", "--run_name", f"u_{tag}"])]
     modes = ("add",) if compiled or cfg.tiny else CONDITIONINGS  # tests/test_training.py trains every mode on the CPU
     runs += [(f"ddpm_conditional.py {mode}", ddpm_conditional.main,
-              common + ["--conditioning", mode, "--sampler", "ddim", "--n_per_class", "1", "--run_name",
+              common + ["--conditioning", mode, "--sampler", "ddim", "--n_per_row", "1", "--run_name",
                         f"c_{mode}_{tag}"]) for mode in modes]
     vae, text_encoder = (os.path.join(sd_models, name) for name in ("vae", "text_encoder"))
     runs.append(("train_sd.py", train_sd.main, common + ["--vae", vae, "--text_encoder", text_encoder,
-                                                         "--n_per_prompt", "1", "--run_name", f"sd_{tag}"]))
+                                                         "--n_per_row", "1", "--run_name", f"sd_{tag}"]))
     if compiled:
         runs = runs[1:]  # ddpm_conditional.py and train_sd.py: the two networks
     return runs
@@ -205,7 +206,7 @@ def resume_row(cfg, workdir):
     first, total = max(1, steps // 2), steps
     argv = ["--dataset", "shapes", "--dataset_size", str(batch * total), "--image_size", str(image_size),
             "--base_channels", str(width), "--batch_size", str(batch), "--sampler", "ddim", "--sample_steps", "2",
-            "--n_per_class", "1", "--num_workers", "0", "--device", cfg.device, "--run_name", "resume",
+            "--n_per_row", "1", "--num_workers", "0", "--device", cfg.device, "--run_name", "resume",
             "--checkpoint_every", str(first)]
     ddpm_conditional.main(argv + ["--max_steps", str(first), "--overwrite"])
     path = os.path.join(workdir, "models", "resume", "training_state.pt")
@@ -259,7 +260,7 @@ def bench_rows(cfg, workdir):
 # ----------------------------------------------------------------------------- channels_last and the colour judge
 def training_images_per_s(net, device, image_size, batch, steps):
     """Images/s of AdamW steps on the DDPM loss, under bf16 autocast on CUDA."""
-    diffusion = ddpm.Diffusion(img_size=image_size, device=device)
+    diffusion = ddpm.Diffusion(image_size=image_size, device=device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x_0 = torch.randn(batch, 3, image_size, image_size, device=device)  # NCHW batches, as training gives them
     labels = torch.randint(0, 10, (batch,), device=device)
@@ -328,7 +329,7 @@ def main(argv=None):
                 with open(out, "w") as f:
                     json.dump(train_group(cfg, cfg.sd_models, flags.group), f)
                 return None
-            sd_models = cfg.sd_models or os.path.dirname(train_sd.make_tiny_models(os.path.join(workdir, "sd"))[0])
+            sd_models = cfg.sd_models or os.path.dirname(make_tiny_models(os.path.join(workdir, "sd"))[0])
             rows = train_rows(cfg, workdir, sd_models)
             rows += [resume_row(cfg, workdir), *bench_rows(cfg, workdir), layout_row(cfg), colors_row(cfg)]
         finally:
