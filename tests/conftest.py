@@ -18,10 +18,11 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_sd_models(tmp_path_factory):
     """Paths of a tiny random AutoencoderKL (factor 2, 4 latent channels) and CLIP text encoder (D = 32, L = 16),
-    written once per session by train_sd.py (about 10 s: its tokenizer's vocabulary is built merge by merge)."""
-    import train_sd
+    written once per session by latents.make_tiny_models (about 10 s: its tokenizer's vocabulary is built merge by
+    merge)."""
+    from latents import make_tiny_models
 
-    vae_dir, text_dir = train_sd.make_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
+    vae_dir, text_dir = make_tiny_models(str(tmp_path_factory.mktemp("tiny_models")))
     return {"vae": vae_dir, "text_encoder": text_dir}
 
 
@@ -52,7 +53,7 @@ def latent_run(tmp_path_factory):
     try:
         ddpm_conditional.main(["--vae", vae, "--dataset", "shapes", "--dataset_size", "40", "--image_size", "16",
                                "--base_channels", "8", "--noise_steps", "200", "--batch_size", "8", "--max_steps",
-                               "2", "--n_per_class", "1", "--sample_steps", "2", "--num_workers", "0", "--device",
+                               "2", "--n_per_row", "1", "--sample_steps", "2", "--num_workers", "0", "--device",
                                "cpu", "--run_name", "latent"])
     finally:
         os.chdir(here)
@@ -103,8 +104,8 @@ def img2img_runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ddpm_img2img.main([*common, "--task", "superres", "--run_name", "superres", "--n_samples", "3"])
-        ddpm_img2img.main([*common, "--task", "inpaint", "--masks", "strokes", "--run_name", "inpaint", "--n_samples",
+        ddpm_img2img.main([*common, "--task", "superres", "--run_name", "superres", "--n_per_row", "3"])
+        ddpm_img2img.main([*common, "--task", "inpaint", "--masks", "strokes", "--run_name", "inpaint", "--n_per_row",
                            "3"])
         ddpm.main([*common, "--run_name", "uncond", "--n_samples", "2", "--report_to", "none"])
     finally:
