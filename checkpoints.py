@@ -343,6 +343,16 @@ def load_model(path, weights="ema"):
     return model.eval().requires_grad_(False), arch, saved
 
 
+def load_image_model(path, weights="ema"):
+    """load_model for the tools that sample images from classes or images (sample.py, evaluate.py, compare.py): a
+    train_sd.py checkpoint, which reads text, is a UsageError that names its own sampler."""
+    model, arch, saved = load_model(path, weights)
+    if is_text_run(saved):
+        raise UsageError(f"'{path}' is a train_sd.py checkpoint, which reads text: sample it with python train_sd.py "
+                         f"--sample --ckpt {path} --prompt \"...\" (add --judge to measure it on the shapes)")
+    return model, arch, saved
+
+
 # ----------------------------------------------------------------------------- a run's Diffusion
 def run_diffusion(settings, latents, device, image_size=None, clip_x0=None):
     """The Diffusion of a run (a Config, or a saved config dict: the fields it lacks take the reference's values), at

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoints import REFERENCE_IMAGE_SIZE, class_names, load_model, run_diffusion
+from checkpoints import REFERENCE_IMAGE_SIZE, class_names, load_image_model, run_diffusion
 from latents import run_latents
 from utils import (UsageError, _atomic_write, arg, config_to_dict, count_flops, grid_labels, load_checkpoint,
                    old_names, parse_config, pick_device, read_json_object, run_cli, save_figure, save_images,
@@ -199,7 +199,7 @@ def gflops_per_image(ckpt):
     """GFLOPs of one evaluation of the checkpoint's network on one image at its training size (its latents for a run
     with --vae; the VAE not counted), with a label when it is conditional (FlopCounterMode through
     utils.count_flops; a multiply-add counts 2)."""
-    model, arch, saved = load_model(ckpt)
+    model, arch, saved = load_image_model(ckpt)
     latents = run_latents(saved, arch["c_in"], "cpu")
     size = latents.latent_size(saved.get("image_size", REFERENCE_IMAGE_SIZE))
     x, t = torch.zeros(1, arch["c_in"], size, size), torch.tensor([500])
@@ -211,7 +211,7 @@ def gflops_per_image(ckpt):
 def draw_grid(cfg, ckpt, path):
     """A grid of the run's EMA weights, one row per class, with the comparison's sampler; returns img/s."""
     device = pick_device(cfg.device)
-    model, arch, saved = load_model(ckpt)
+    model, arch, saved = load_image_model(ckpt)
     latents = run_latents(saved, arch["c_in"], device)  # a run with --vae samples latents: decoded here
     diffusion = run_diffusion(saved, latents, device)
     labels = grid_labels(arch["num_classes"], cfg.n_per_row, device=device)

@@ -17,7 +17,7 @@ from utils import arg, configclass, run_cli
 # ----------------------------------------------------------------------------- hyperparameters
 @configclass(Run, Data, Channels, ClassData, Latents, Backbone, Network, Schedule, Optimisation, Sampling, Evaluation)
 class Config:
-    n_samples: int = arg(16, "images in each grid (of an unconditional model)", resumable=True, old_names=("n",))
+    n_samples: int = arg(16, "images in each grid (of an unconditional model)", resumable=True)
     run_name = "DDPM_Unconditional"
     dataset = "imagefolder"
     dataset_path = "./data/landscapes"

@@ -31,7 +31,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from checkpoints import describe, is_text_run, load_model, pixel_diffusion, run_diffusion
+from checkpoints import describe, load_image_model, pixel_diffusion, run_diffusion
 from config import Checkpoint, RePaint
 from data import Masks, heldout_images
 from degradations import Degradation, comparison_rows, save_rows
@@ -266,10 +266,7 @@ def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     cfg = dataclasses.replace(cfg, sampler=cfg.sampler or ("ddpm" if cfg.repaint else "dpm++"))
     device = pick_device(cfg.device)
-    model, arch, saved = load_model(cfg.ckpt, cfg.weights)
-    if is_text_run(saved):
-        raise UsageError(f"'{cfg.ckpt}' is a train_sd.py checkpoint: measure it with python train_sd.py --sample "
-                         f"--ckpt {cfg.ckpt} --judge (on the shapes)")
+    model, arch, saved = load_image_model(cfg.ckpt, cfg.weights)
     if cfg.repaint or arch.get("cond_channels"):
         return evaluate_restoration(cfg, model, arch, saved, device)
     if cfg.masks is not None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoints import class_names, describe, is_text_run, load_model, pixel_diffusion, run_diffusion
+from checkpoints import class_names, describe, load_image_model, pixel_diffusion, run_diffusion
 from config import Checkpoint, RePaint
 from data import GREY_MODES, read_mask
 from degradations import Degradation, inpaint_condition, save_rows
@@ -221,10 +221,7 @@ def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__)
     cfg = dataclasses.replace(cfg, sampler=cfg.sampler or ("ddpm" if cfg.inpaint else "dpm++"))
     device = pick_device(cfg.device)
-    model, arch, saved = load_model(cfg.ckpt, cfg.weights)
-    if is_text_run(saved):
-        raise UsageError(f"'{cfg.ckpt}' is a train_sd.py checkpoint: sample it with python train_sd.py --sample --ckpt "
-                         f"{cfg.ckpt} --prompt \"...\"")
+    model, arch, saved = load_image_model(cfg.ckpt, cfg.weights)
     if arch.get("cond_channels") or cfg.condition is not None or cfg.inpaint is not None:
         return sample_from_images(cfg, model, arch, saved, device)
     if arch["num_classes"] is None and cfg.labels is not None:

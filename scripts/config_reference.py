@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from utils import arg, parse_config, run_cli  # noqa: E402  (after the path)
+from utils import arg, old_names, parse_config, run_cli  # noqa: E402  (after the path)
 
 
 @dataclass
@@ -32,13 +32,15 @@ HEADER = """# Configuration reference
 Generated from the `Config` dataclasses by `python scripts/config_reference.py`; `tests/test_docs.py` fails when it
 is out of date, so it says what `--help` says.
 
-Each script starts with a `Config` dataclass: one line per option, with its default and a comment. Every field is
-also a flag (`--lr 1e-4`, `--compile true`); `--help` lists them all with their defaults; an unknown flag is an
-error. `--config FILE` applies a JSON file of overrides first (repeatable: later files win, and flags win over
-all). `None` is given as `--field none`, booleans as `true` or `false` (a bare `--compile` means true). The
-resolved config is printed, written to `results/<run_name>/config.json` and `models/<run_name>/config.json`, and
-stored in every `training_state.pt`; `--resume` refuses a config that differs in anything but the run-length and
-logging fields, and says what differs. The training scripts also take `--resume` (continue from
+Each script starts with a `Config`: the field groups of `config.py` it is made of (every field declared once, with
+one help text and its checks) and its own fields, each with its default and a comment. Every field is also a flag
+(`--lr 1e-4`, `--compile true`); `--help` lists them all with their defaults; an unknown flag is an error.
+`--config FILE` applies a JSON file of overrides first (repeatable: later files win, and flags win over all).
+`None` is given as `--field none`, booleans as `true` or `false` (a bare `--compile` means true). The groups'
+checks run when the flags are parsed, before any file is read. The resolved config is printed, written to
+`results/<run_name>/config.json` and `models/<run_name>/config.json`, and stored in every `training_state.pt`;
+`--resume` refuses a config that differs in anything but the fields marked resumable (the run-length, sampling and
+logging fields), and says what differs. The training scripts also take `--resume` (continue from
 `models/<run_name>/training_state.pt`) and `--overwrite` (start over); a run refuses to start over a folder that
 holds checkpoints unless one of them is given.
 """
@@ -93,12 +95,28 @@ def tool_table(name):
     return "\n".join(lines)
 
 
+def renamed_table():
+    """One row per old name that still parses: the scripts that take it, and the field it now names."""
+    names = {}
+    for name in TRAINING + TOOLS:
+        module = importlib.import_module(name)
+        for old, new in old_names(module.Config).items():
+            names.setdefault((old, new), []).append(f"`{name}.py`")
+    lines = ["| old name | now | in |", "|---|---|---|"]
+    lines += [f"| `{old}` | `{new}` | {', '.join(scripts)} |" for (old, new), scripts in names.items()]
+    return "\n".join(lines)
+
+
 def render():
     """The whole page, as written to PATH."""
     parts = [HEADER, "## The training scripts\n",
              "`ddpm_conditional.py`, `ddpm.py` (unconditional), `train_sd.py` (text-to-image) and `train_vae.py` (the "
              "first stage) share the loop of `training.py`, and most of their fields. A blank cell: the script has "
-             "no such field.\n", training_table() + "\n"]
+             "no such field.\n", training_table() + "\n",
+             "## Renamed fields\n",
+             "A renamed field's old name still parses, as a flag and as a key of a `--config` file, with a one-line "
+             "note; configs saved under it (a run's `config.json`, a `training_state.pt`) read as the new one, so "
+             "`--resume` and `sample.py` keep working on runs saved before the rename.\n", renamed_table() + "\n"]
     for name in TOOLS:
         script = f"scripts/{name}.py" if name == "gpu_check" else f"{name}.py"
         doc = (importlib.import_module(name).__doc__ or "").strip().splitlines()[0]

@@ -1,5 +1,5 @@
-"""Tests for data.py: the shapes data set and its colour judge, held-out captions, image folders, CIFAR-10, caption folders,
-the data loader."""
+"""Tests for data.py: the shapes data set and its colour judge, held-out captions, image folders, CIFAR-10, caption
+folders, the data loader, the data set on the device, grey images, inpainting masks, and a run's held-out split."""
 import json
 import sys
 import types
@@ -508,3 +508,32 @@ def test_run_datasets_hold_out_the_same_images_every_time_and_never_train_on_the
     assert data.run_datasets("shapes", None, 16, size=50)[1] is None
     with pytest.raises(UsageError, match="holdout 50 leaves none of the 50 images to train on"):
         data.run_datasets("shapes", None, 16, size=50, holdout=50)
+
+
+def test_a_runs_held_out_images_are_rebuilt_from_its_saved_config_as_it_split_them():
+    saved = {"dataset": "shapes", "image_size": 16, "seed": 3, "dataset_size": 50, "holdout": 10}
+    train, held, _ = data.run_datasets("shapes", None, 16, seed=3, size=50, holdout=10)
+    rebuilt_train, rebuilt_held = data.saved_run_split(saved, 3)
+    assert rebuilt_held.indices == held.indices and rebuilt_train.indices == train.indices
+    images, labels = data.heldout_images(saved, 4, 3)
+    assert images.shape == (4, 3, 16, 16) and torch.equal(images, torch.stack([held[i][0] for i in range(4)]))
+    assert labels.dtype == torch.long and labels.tolist() == [held[i][1] for i in range(4)]
+    assert len(data.heldout_images(saved, 100, 3)[0]) == 10  # no more than the run held out
+    grey_held = data.run_datasets("shapes", None, 16, seed=3, size=50, channels=1, holdout=10)[1]
+    assert torch.equal(data.heldout_images(saved, 2, 1)[0], torch.stack([grey_held[i][0] for i in range(2)]))
+    for no_holdout in ({**saved, "holdout": 0}, {k: v for k, v in saved.items() if k != "holdout"}):
+        with pytest.raises(UsageError, match=r"this run held no images out of training \(holdout 0\), so there is "
+                                             r"nothing unseen to measure on: train it with --holdout 300"):
+            data.heldout_images(no_holdout, 4, 3)
+
+
+def test_held_out_images_are_read_without_the_runs_random_augmentation(tmp_path):
+    """A run trained with --augment flip is measured on its held-out images as they are, the same every time."""
+    _noise_folder(tmp_path)
+    saved = {"dataset": "imagefolder", "dataset_path": str(tmp_path), "image_size": 16, "seed": 1, "holdout": 6,
+             "augment": "flip"}
+    torch.manual_seed(0)
+    first = data.heldout_images(saved, 6, 3)[0]
+    second = data.heldout_images(saved, 6, 3)[0]
+    plain = data.run_datasets("imagefolder", str(tmp_path), 16, seed=1, augment="resize", holdout=6)[1]
+    assert torch.equal(first, second) and torch.equal(first, torch.stack([plain[i][0] for i in range(6)]))

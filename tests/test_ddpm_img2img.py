@@ -1,7 +1,8 @@
-"""ddpm_img2img.py: the conditions of each task, their dropout, runs through the one loop, bad input, and learning."""
+"""ddpm_img2img.py: the Task of each image-to-image run (its conditions dropped for guidance), runs through the one
+loop, bad input, and learning. The conditions themselves are degradations.py's (tests/test_degradations.py)."""
 import contextlib
+import dataclasses
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -9,19 +10,19 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ddpm_img2img
 import evaluate
-import sample
-from ddpm_img2img import Degradation, blurred_fill, condition_channels, img2img_task
+from checkpoints import load_model
+from ddpm_img2img import img2img_task
+from degradations import Degradation
 from modules import NULL_LABEL
-from utils import UsageError, parse_config, to_uint8
+from utils import UsageError, parse_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "shapes", "--dataset_size", "40", "--holdout", "8", "--image_size", "16", "--base_channels", "8",
         "--batch_size", "8", "--max_steps", "2", "--noise_steps", "50", "--sampler", "ddim", "--sample_steps", "2",
-        "--num_workers", "0", "--device", "cpu", "--n_samples", "3"]
+        "--num_workers", "0", "--device", "cpu", "--n_per_row", "3"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,47 +36,6 @@ def workdir(tmp_path, monkeypatch):
 def cpu_accelerator():
     """What img2img_task reads of an Accelerator: the device, and main_process_first."""
     return types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
-
-
-def test_each_condition_has_the_channels_and_content_of_its_task():
-    images = torch.rand(2, 3, 16, 16) * 2 - 1
-    superres = Degradation("superres", scale=4, downsample="box")
-    cond = superres.condition(images)
-    assert cond.shape == (2, condition_channels("superres", 3), 16, 16)  # SR3: 3 more channels, so 6 in all
-    low = F.avg_pool2d(images, 4)  # (2, 3, 4, 4): each pixel the mean of a 4 x 4 block
-    torch.testing.assert_close(cond, F.interpolate(low, scale_factor=4, mode="bicubic").clamp(-1, 1))
-    assert superres.shown_input(images, cond).unique().numel() <= low.unique().numel()  # nearest: the 16 pixels
-    holes = torch.zeros(2, 1, 16, 16)
-    holes[:, :, 8:] = 1
-    inpaint = Degradation("inpaint").condition(images, holes)
-    assert inpaint.shape == (2, condition_channels("inpaint", 3), 16, 16)  # Palette: 3 + 1 more channels, 7 in all
-    assert (inpaint[:, :3, 8:] == 0).all() and torch.equal(inpaint[:, :3, :8], images[:, :, :8])
-    assert torch.equal(inpaint[:, 3:], holes)
-    grey = Degradation("colorize").condition(images)
-    torch.testing.assert_close(grey[:, 0], 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2])
-
-
-def test_inpainting_keeps_the_known_pixels_and_takes_the_output_only_in_the_hole():
-    images = torch.rand(2, 3, 16, 16) * 2 - 1
-    outputs = torch.rand(2, 3, 16, 16) * 2 - 1
-    holes = torch.zeros(2, 1, 16, 16)
-    holes[:, :, 8:] = 1
-    inpaint = Degradation("inpaint")
-    result = inpaint.keep_known(outputs, inpaint.condition(images, holes))
-    assert torch.equal(result[:, :, :8], images[:, :, :8]) and torch.equal(result[:, :, 8:], outputs[:, :, 8:])
-    superres = Degradation("superres")
-    assert torch.equal(superres.keep_known(outputs, superres.condition(images)), outputs)  # nothing is known there
-
-
-def test_the_blurred_fill_keeps_the_known_pixels_and_fills_the_hole_from_them():
-    images = torch.full((1, 1, 8, 8), -1.0)
-    images[:, :, :, :4] = 1.0  # left white, right black
-    holes = torch.zeros(1, 1, 8, 8)
-    holes[:, :, 2:6, 2:6] = 1
-    filled = blurred_fill(images, holes)
-    assert torch.equal(filled * (1 - holes), images * (1 - holes))
-    row = filled[0, 0, 4, 2:6]  # across the hole: from the white side to the black one
-    assert (row[:-1] > row[1:]).all() and row[0] > 0 > row[-1]
 
 
 @pytest.mark.parametrize("class_conditional", [False, True])
@@ -100,13 +60,24 @@ def test_the_condition_is_dropped_to_zeros_at_rate_p_uncond_with_its_label(class
         assert "labels" not in conditioning
 
 
-def test_a_run_saves_its_task_and_grids_and_sample_rebuilds_the_network(img2img_runs):
+def test_the_task_carries_the_config_it_resolved_for_the_run_to_save():
+    """Task.config: the Config as given, with --channels None resolved to the data set's (3 for the shapes)."""
+    cfg = parse_config(ddpm_img2img.Config, [*TINY, "--holdout", "0"])
+    assert cfg.channels is None
+    task = img2img_task(cfg, cpu_accelerator())
+    assert task.config.channels == 3 and dataclasses.replace(task.config, channels=None) == cfg
+    grey = parse_config(ddpm_img2img.Config, [*TINY, "--holdout", "0", "--channels", "1", "--task", "inpaint"])
+    task = img2img_task(grey, cpu_accelerator())
+    assert task.config == grey and task.net.inc.double_conv[0].weight.shape[1] == 1 + 2  # the image, its condition
+
+
+def test_a_run_saves_its_task_and_grids_and_load_model_rebuilds_the_network(img2img_runs):
     for task in ("superres", "inpaint"):
         run = pathlib.Path(img2img_runs["root"])
         saved = json.loads((run / "models" / task / "config.json").read_text())
         assert (saved["task"], saved["holdout"], saved["channels"]) == (task, 8, 3)
         assert (run / "results" / task / "0_ema.jpg").is_file()
-        model, arch, _ = sample.load_model(img2img_runs[task])
+        model, arch, _ = load_model(img2img_runs[task])
         expected = 3 if task == "superres" else 4
         assert arch["cond_channels"] == expected and arch["c_in"] == 3
         assert model.inc.double_conv[0].weight.shape[1] == 3 + expected
@@ -123,7 +94,7 @@ def test_the_grid_rows_are_input_output_ground_truth_and_bicubic(img2img_runs):
 
 def test_colorize_trains_on_rgb_and_refuses_grey_images(workdir):
     ddpm_img2img.main([*TINY, "--task", "colorize", "--run_name", "colour"])
-    _, arch, saved = sample.load_model(str(workdir / "models" / "colour" / "ema_ckpt.pt"))
+    _, arch, saved = load_model(str(workdir / "models" / "colour" / "ema_ckpt.pt"))
     assert (saved["task"], arch["cond_channels"]) == ("colorize", 1)
     with pytest.raises(UsageError, match="colorize needs RGB images, and these are grey: pass --channels 3"):
         ddpm_img2img.main([*TINY, "--task", "colorize", "--channels", "1", "--run_name", "grey"])
@@ -163,7 +134,7 @@ def test_superres_learns_to_draw_the_shape_that_bicubic_blurs(workdir):
     ddpm_img2img.main(["--dataset", "shapes", "--dataset_size", "3000", "--holdout", "200", "--image_size", "16",
                        "--scale", "2", "--base_channels", "16", "--batch_size", "32", "--max_steps", "400",
                        "--prediction_type", "v_prediction", "--schedule", "cosine", "--run_name", "learn",
-                       "--device", "cpu", "--n_samples", "2", "--sample_steps", "2", "--sampler", "ddim"])
+                       "--device", "cpu", "--n_per_row", "2", "--sample_steps", "2", "--sampler", "ddim"])
     metrics = evaluate.main(["--ckpt", "models/learn/ema_ckpt.pt", "--num_samples", "200", "--steps", "20",
                              "--cfg_scale", "3"])
     rows = {row["method"]: row for row in metrics["rows"]}

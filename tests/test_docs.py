@@ -2,9 +2,9 @@
 shows is in the repository, and the configuration reference is the one the Config dataclasses generate.
 
 A command is checked by running the script's own `main` with its arguments up to the point where the command line
-is parsed (`utils.parse_config`, which every script calls), then stopping: the flags, their values' types, the
-`--config` files and the extra flags (--resume, --sample, ...) are checked as the user's shell would have them,
-and nothing trains.
+is parsed (`utils.parse_config`, which every script calls, and which runs the Config's checks), then stopping: the
+flags, their values' types and ranges, the `--config` files and the extra flags (--resume, --sample, ...) are checked
+as the user's shell would have them, and nothing trains.
 """
 import glob
 import importlib
@@ -69,7 +69,9 @@ class Parsed(Exception):
 
 
 def check_command_line(monkeypatch, script, args):
-    """Run `script`'s main(args) until its command line is parsed; argparse's errors fail the test."""
+    """Run `script`'s main(args) until its command line is parsed; argparse's errors and the Config's checks fail
+    the test. Every module imports parse_config at its top (tests/test_layout.py), so patching the modules loaded
+    once the script is imported reaches every caller."""
     real = utils.parse_config
 
     def parse_then_stop(*a, **kw):
@@ -80,13 +82,8 @@ def check_command_line(monkeypatch, script, args):
     for loaded in list(sys.modules.values()):
         if getattr(loaded, "parse_config", None) is real:
             monkeypatch.setattr(loaded, "parse_config", parse_then_stop)
-    try:
-        with pytest.raises(Parsed):
-            module.main(list(args))
-    finally:  # a module first imported inside main() bound the stub by `from utils import parse_config`
-        for loaded in list(sys.modules.values()):
-            if getattr(loaded, "parse_config", None) is parse_then_stop:
-                loaded.parse_config = real  # not monkeypatch.setattr: its undo would put the stub back
+    with pytest.raises(Parsed):
+        module.main(list(args))
 
 
 def test_the_pages_hold_commands():
@@ -117,17 +114,22 @@ def test_a_wrong_flag_is_caught(monkeypatch):
 
 
 def test_the_check_leaves_no_module_with_the_stub(monkeypatch):
-    """Modules that a script imports inside main() get the real parse_config back afterwards (else a later test
-    that trains through them would stop at its parse, whatever order pytest runs the files in)."""
+    """After a check, every module has the real parse_config back (else a later test that trains would stop at its
+    parse, whatever order pytest runs the files in)."""
     monkeypatch.chdir(ROOT)
-    lazy = ("training", "sample", "evaluate")  # ddpm_conditional.main imports these when it runs
-    for name in lazy:
-        monkeypatch.delitem(sys.modules, name, raising=False)
     with monkeypatch.context() as patched:  # the stub's patches end with this block
         check_command_line(patched, "ddpm_conditional.py", ["--config", "configs/quick_cpu.json"])
     assert utils.parse_config.__name__ == "parse_config"
-    for name in lazy:
-        assert sys.modules[name].parse_config is utils.parse_config, f"{name} kept the stub"
+    stubbed = [name for name, loaded in list(sys.modules.items())
+               if callable(getattr(loaded, "parse_config", None)) and loaded.parse_config.__name__ == "parse_then_stop"]
+    assert stubbed == []
+
+
+def test_a_value_the_script_refuses_is_caught(monkeypatch):
+    """The check runs the Config's checks too: a value of the right type that the script cannot use fails."""
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(utils.UsageError, match="sampler 'nope' is unknown"):
+        check_command_line(monkeypatch, "ddpm_conditional.py", ["--sampler", "nope"])
 
 
 def images(markdown):

@@ -1,5 +1,5 @@
-"""Tests for evaluate.py: the judge, the Frechet distance, class accuracy, and the CLI on a tiny checkpoint."""
-import contextlib
+"""Tests for evaluate.py: its figures, table, plot and errors on tiny checkpoints (the judges and the distances it
+reports are tested in test_judges.py)."""
 import json
 import os
 import socket
@@ -9,104 +9,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms.functional as TF
 
 import data
 import ddpm_conditional
 import evaluate
-from modules import DIT_SIZES, DiT, UNet, UNet_conditional
-from utils import load_checkpoint, run_cli, save_config, to_uint8
+import judges
+import train_sd
+from config import network_arch
+from modules import DIT_SIZES, DiT, UNet, UNet_conditional, build_network
+from utils import run_cli, save_config
 
 FAST = ["--sampler", "ddim", "--steps", "2", "--num_real", "2000", "--judge_epochs", "4", "--device", "cpu"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    """2000 real shapes images at 16 px: uint8 (2000, 3, 16, 16) and shape labels (2000,)."""
-    images, labels, classes = evaluate.real_images("shapes", None, 16, 2000)
-    assert images.dtype == torch.uint8 and images.shape == (2000, 3, 16, 16) and classes == list(data.SHAPE_NAMES)
-    return images, labels
-
-
-@pytest.fixture(scope="module")
-def judge():
-    """The judge evaluate.py trains by default: 5000 real images, 5 epochs (a 2000-image, 4-epoch judge read one
-    colour's shapes at 0.89 on an Intel Xeon, against >= 0.96 for the others)."""
-    defaults = evaluate.Config()
-    images, labels, _ = evaluate.real_images("shapes", None, 16, defaults.num_real)
-    return evaluate.train_judge(images, labels, num_classes=10, epochs=defaults.judge_epochs)
-
-
-@pytest.fixture(scope="module")
-def fresh():
-    """1000 shapes images the judge never saw (another seed): uint8 images, shapes and colours."""
-    dataset = data.ShapesDataset(16, size=1000, seed=7)
-    images = to_uint8(torch.stack([dataset[i][0] for i in range(1000)]))
-    shapes, colors = (torch.tensor(column) for column in zip(*(dataset.attributes(i)[::-1] for i in range(1000))))
-    return images, shapes, colors
-
-
-def test_the_judge_learns_held_out_shapes(judge):
-    assert judge.heldout_accuracy >= 0.97  # 0.99 measured; the cached judge (5000 images, 5 epochs) has 1.000
-
-
-def test_class_accuracy_is_high_for_true_labels_and_near_chance_for_shuffled(judge, fresh):
-    images, labels, _ = fresh
-    predicted = judge.predict(images)
-    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
-    assert evaluate.class_accuracy(predicted, labels) >= 0.95
-    assert evaluate.class_accuracy(predicted, shuffled) <= 0.2  # chance is 0.1
-
-
-def test_the_shape_judge_is_as_accurate_for_every_colour(judge, fresh):
-    """Colour and shape are independent in the data, so the judge reads the shape whatever its colour."""
-    images, shapes, colors = fresh
-    right = judge.predict(images) == shapes
-    per_color = [right[colors == c].float().mean().item() for c in range(10)]  # about 100 images each
-    assert min(per_color) >= 0.9 and max(per_color) - min(per_color) <= 0.1, per_color
-
-
-def test_a_judge_trained_on_shuffled_labels_is_at_chance(shapes):
-    images, labels = shapes
-    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
-    assert evaluate.train_judge(images, shuffled, num_classes=10, epochs=2).heldout_accuracy <= 0.2
-
-
-def test_attribute_figures_count_colour_shape_and_both(judge, fresh):
-    images, shapes, colors = fresh
-    images, shapes, colors = images[:100], shapes[:100], colors[:100]
-    right = evaluate.attribute_figures(judge, evaluate.to_float(images), colors, shapes)
-    assert right["color_acc"] == 1.0 and right["shape_acc"] >= 0.95 and right["prompt_acc"] == right["shape_acc"]
-    wrong_color = evaluate.attribute_figures(judge, evaluate.to_float(images), (colors + 1) % 10, shapes)
-    assert wrong_color["color_acc"] == 0.0 and wrong_color["prompt_acc"] == 0.0
-    assert wrong_color["shape_acc"] == right["shape_acc"] and right["n"] == 100
-    assert evaluate.color_judge_accuracy(16, n=200) >= 0.98
-
-
-def test_frechet_distance_of_gaussians_in_closed_form():
-    mu, sigma = np.zeros(2), np.eye(2)
-    assert evaluate.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
-    # ||(1, 0)||^2 + tr(I + 4I - 2 * 2I) = 1 + 2
-    assert evaluate.frechet_distance(mu, sigma, np.array([1.0, 0.0]), 4 * np.eye(2)) == pytest.approx(3.0)
-
-
-def test_frechet_distance_of_two_real_halves_is_small_and_grows_with_blur_and_noise(judge):
-    images = evaluate.real_images("shapes", None, 16, 800, seed=3)[0]
-    first, second = images[:400], images[400:]
-
-    def distance(other):
-        mu1, sigma1 = evaluate.feature_statistics(judge.features(first))
-        mu2, sigma2 = evaluate.feature_statistics(judge.features(other))
-        return evaluate.frechet_distance(mu1, sigma1, mu2, sigma2)
-
-    blurred = TF.gaussian_blur(second, kernel_size=3, sigma=1.0)
-    noise = torch.randn(second.shape, generator=torch.Generator().manual_seed(0))
-    noised = to_uint8(evaluate.to_float(second) + 0.5 * noise)
-    same, blur, noise = distance(second), distance(blurred), distance(noised)
-    assert same < 0.25 * blur and same < 0.25 * noise, (same, blur, noise)
 
 
 # ----------------------------------------------------------------------------- the CLI on a tiny checkpoint
@@ -164,7 +80,7 @@ def test_metrics_json_holds_every_field_and_the_offline_figures(offline, capsys)
 def test_missing_inception_weights_is_one_line_and_offline_figures_still_run(offline, capsys):
     metrics = evaluate.main(["--ckpt", "models/R/ema_ckpt.pt", "--num_samples", "10"] + FAST)
     lines = [line for line in capsys.readouterr().out.splitlines() if "FID and KID skipped" in line]
-    assert len(lines) == 1 and evaluate.INCEPTION_FILE in lines[0] and "--inception_weights" in lines[0]
+    assert len(lines) == 1 and judges.INCEPTION_FILE in lines[0] and "--inception_weights" in lines[0]
     assert metrics["notes"] == [lines[0]]
     assert metrics["rows"][0]["fid"] is None and metrics["rows"][0]["judge_fd"] is not None
 
@@ -232,34 +148,21 @@ def test_bad_input_is_one_line_naming_the_fix(offline, args, message, capsys):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_judge_is_cached_and_reloaded(offline, monkeypatch):
-    first = evaluate.get_judge("shapes", None, 16, 500, 3)
-
-    def train_again(*args, **kwargs):
-        raise AssertionError("get_judge trained a judge that it had cached")
-
-    monkeypatch.setattr(evaluate, "train_judge", train_again)
-    again = evaluate.get_judge("shapes", None, 16, 500, 3)
-    assert os.path.isfile(first.path) and again.path == first.path
-    assert again.heldout_accuracy == first.heldout_accuracy
-    np.testing.assert_allclose(again.real_mu, first.real_mu)
-
-
-def test_training_eval_every_logs_the_offline_figures_beside_the_loss(tmp_path, monkeypatch):
-    """And measuring leaves training's random stream alone: the losses equal those of a run without it."""
-    monkeypatch.chdir(tmp_path)
-    tiny = ["--dataset", "shapes", "--dataset_size", "200", "--image_size", "16", "--base_channels", "8",
-            "--batch_size", "8", "--max_steps", "2", "--sampler", "ddim", "--sample_steps", "2", "--n_per_class", "1",
-            "--num_workers", "0", "--device", "cpu"]
-    ddpm_conditional.main(tiny + ["--run_name", "Q", "--eval_every", "1", "--eval_samples", "10"])
-    ddpm_conditional.main(tiny + ["--run_name", "plain"])
-    losses = [load_checkpoint(tmp_path / "models" / name / "training_state.pt")["losses"] for name in ("Q", "plain")]
-    assert losses[0] == losses[1]
-    quality = json.loads((tmp_path / "results" / "Q" / "quality.json").read_text())
-    assert [q["step"] for q in quality] == [1, 2]
-    assert all(0 <= q["class_accuracy"] <= 1 and q["judge_fd"] > 0 for q in quality)
-    assert (tmp_path / "results" / "Q" / "loss.png").is_file()
-    assert any((tmp_path / "data" / "judges").iterdir())
+def test_a_train_sd_checkpoint_is_refused_with_one_line_naming_train_sd(offline, capsys):
+    cfg = train_sd.Config(run_name="S", dataset="shapes", image_size=16, base_channels=8, text_encoder="tiny/clip",
+                          prompt=["a red circle"])
+    torch.manual_seed(0)
+    net = build_network(network_arch(cfg, 4, context_dim=32))
+    (offline / "models" / "S").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), offline / "models" / "S" / "ema_ckpt.pt")
+    save_config(cfg, str(offline / "models" / "S" / "config.json"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(evaluate.main, ["--ckpt", "models/S/ema_ckpt.pt", "--num_samples", "10"] + FAST)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert "is a train_sd.py checkpoint" in err and "python train_sd.py --sample --ckpt models/S/ema_ckpt.pt" in err
+    assert not (offline / "results" / "S").exists()
 
 
 @pytest.fixture(scope="module")
@@ -282,14 +185,14 @@ def stand_in_inception(tmp_path_factory):
     for module in net.modules():
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), folder / evaluate.INCEPTION_FILE)
-    return str(folder / evaluate.INCEPTION_FILE)
+    torch.save(net.state_dict(), folder / judges.INCEPTION_FILE)
+    return str(folder / judges.INCEPTION_FILE)
 
 
 def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception, monkeypatch):
     """evaluate.py's FID and KID, with the samples of its two rows (--steps 1,2) replaced: the real images themselves
     are at distance 0, uniform noise far from them."""
-    real = evaluate.real_images("shapes", None, 16, 10)[0]  # the real images evaluate.main compares with
+    real = judges.real_images("shapes", None, 16, 10)[0]  # the real images evaluate.main compares with
     noise = torch.randint(0, 256, real.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     # Noise first: an evaluate.py that compared the samples with themselves would cache the first row's statistics
     # under the real images' name, and a real first row would then hide that mistake from the noise row.
@@ -306,45 +209,6 @@ def test_fid_and_kid_through_the_local_weights_flag(offline, stand_in_inception,
     assert list((offline / "data" / "fidelity_cache").iterdir())  # the real statistics, cached for the next run
 
 
-def test_fid_runs_on_the_gpu_that_device_names(monkeypatch):
-    """torch-fidelity takes cuda=True and uses the current GPU, so --device cuda:1 must make GPU 1 current."""
-    import torch_fidelity
-
-    current, calls = [None], []
-
-    @contextlib.contextmanager
-    def select(device):
-        previous, current[0] = current[0], device.index
-        yield
-        current[0] = previous
-
-    def calculate_metrics(**kwargs):
-        calls.append((kwargs["cuda"], current[0]))
-        return {"frechet_inception_distance": 1.0, "kernel_inception_distance_mean": 0.1,
-                "kernel_inception_distance_std": 0.01}
-
-    monkeypatch.setattr(torch.cuda, "device", select)
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
-    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
-    for device in ("cuda:1", "cpu"):
-        assert evaluate.inception_figures(images, images, "real", None, device)["fid"] == 1.0
-    assert calls == [(True, 1), (False, None)]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--eval_every", "0"], "--eval_every"),
-    (["--eval_every", "1", "--eval_samples", "5"], "--eval_samples 10"),
-])
-def test_training_eval_flags_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(ddpm_conditional.main, ["--dataset", "shapes", "--dataset_size", "32", "--image_size", "16",
-                                        "--device", "cpu", "--num_workers", "0"] + args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-
-
 def test_cli_subprocess_writes_metrics_and_exits_2_on_bad_input(workdir):
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "evaluate.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -356,14 +220,6 @@ def test_cli_subprocess_writes_metrics_and_exits_2_on_bad_input(workdir):
     bad = subprocess.run([sys.executable, script, "--ckpt", "bare/ckpt.pt"], cwd=workdir, capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--dataset" in bad.stderr
-
-
-def test_grey_images_reach_inception_as_three_equal_channels():
-    grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
-    rgb = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    assert torch.equal(evaluate.Uint8Images(grey)[1], grey[1].repeat(3, 1, 1))
-    assert torch.equal(evaluate.Uint8Images(rgb)[1], rgb[1])
-
 
 
 # ----------------------------------------------------------------------------- image-to-image and RePaint figures
@@ -391,7 +247,7 @@ def test_superres_is_measured_on_held_out_images_beside_bicubic_and_the_ground_t
     # the held-out images are the run's: never among those it trained on
     saved = json.loads(open(os.path.join(os.path.dirname(in_runs["superres"]), "config.json")).read())
     train, held, _ = data.run_datasets("shapes", None, 16, saved["seed"], saved["dataset_size"], holdout=8)
-    images, _ = evaluate.heldout_images(saved, 6, 3)
+    images, _ = data.heldout_images(saved, 6, 3)
     assert torch.equal(images[0], held[0][0]) and not set(held.indices) & set(train.indices)
 
 

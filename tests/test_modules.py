@@ -1,4 +1,4 @@
-"""The networks: reference layout and outputs, any image size, per-row null labels, attention, EMA."""
+"""The networks: reference layout and outputs, any image size, per-row null labels, attention, EMA, build_network."""
 import copy
 import math
 import pathlib
@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import count_flops
-from ddpm import Diffusion
+from checkpoints import infer_network
+from diffusion import Diffusion
 from modules import (DIT_SIZES, EMA, NULL_LABEL, PATCH_SIZES, CrossAttention, DiT, DiT_text, DoubleConv, NoAttention,
-                     SelfAttention, UNet, UNet_conditional, UNet_text, patchify, position_embedding_2d,
+                     SelfAttention, UNet, UNet_conditional, UNet_text, build_network, patchify, position_embedding_2d,
                      timestep_encoding, unpatchify)
+from utils import count_flops
 
 REFERENCE_LAYOUT = pathlib.Path(__file__).parent / "data" / "reference_state_dict.txt"
 
@@ -547,7 +548,8 @@ def test_dit_null_class_is_the_unconditional_branch_and_guidance_is_one_batch():
 
     labels = torch.tensor([2, 0, 1, 3])
     with torch.no_grad():
-        guided = Diffusion(img_size=16).predict_eps(Counting(), x, t, labels, torch.full_like(labels, NULL_LABEL), 3.0)
+        guided = Diffusion(image_size=16).predict_eps(Counting(), x, t, labels, torch.full_like(labels, NULL_LABEL),
+                                                      3.0)
     assert calls == [8]  # one forward pass: the conditional and the unconditional half together
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), atol=1e-4, rtol=1e-4)
 
@@ -664,3 +666,127 @@ def test_dit_gradient_checkpointing_recomputes_each_block_and_keeps_loss_and_gra
     with torch.no_grad():  # sampling: nothing to recompute
         model(*inputs)
     assert calls == [4, 4]
+
+
+# ----------------------------------------------------------------------------- build_network
+UNET_ARCH = {"backbone": "unet", "c_in": 3, "c_out": 3, "num_classes": None, "conditioning": "add", "base_channels": 8,
+             "attn_factors": (2, 4, 8), "dropout": 0.0, "cond_channels": 0}
+DIT_ARCH = {"backbone": "dit", "c_in": 3, "c_out": 3, "num_classes": None, "conditioning": "add", "patch_size": 2,
+            "depth": 2, "dim": 32, "heads": 2}
+UNET_SIZE = {"base_channels": 8, "attn_factors": (2, 4, 8)}
+DIT_SIZE = {"patch_size": 2, "depth": 2, "dim": 32, "heads": 2}
+
+# (arch, the network it describes, built directly)
+KINDS = {
+    "unet": (UNET_ARCH, lambda: UNet(3, 3, 256, **UNET_SIZE)),
+    "unet grey, time_dim 128, dropout": ({**UNET_ARCH, "c_in": 1, "c_out": 1, "time_dim": 128, "dropout": 0.1},
+                                         lambda: UNet(1, 1, 128, **UNET_SIZE, dropout=0.1)),
+    **{f"conditional {mode}": ({**UNET_ARCH, "num_classes": 4, "conditioning": mode},
+                               lambda mode=mode: UNet_conditional(3, 3, 256, 4, conditioning=mode, **UNET_SIZE))
+       for mode in MODES},
+    "conditional concat, concat_channels 5": (
+        {**UNET_ARCH, "num_classes": 4, "conditioning": "concat", "concat_channels": 5},
+        lambda: UNet_conditional(3, 3, 256, 4, conditioning="concat", concat_channels=5, **UNET_SIZE)),
+    "conditional xattn, context_tokens 2": (
+        {**UNET_ARCH, "num_classes": 4, "conditioning": "xattn", "context_tokens": 2},
+        lambda: UNet_conditional(3, 3, 256, 4, conditioning="xattn", context_tokens=2, **UNET_SIZE)),
+    "image condition": ({**UNET_ARCH, "cond_channels": 4},
+                        lambda: UNet_conditional(3, 3, 256, None, cond_channels=4, **UNET_SIZE)),
+    "image and class condition": ({**UNET_ARCH, "num_classes": 4, "conditioning": "concat", "cond_channels": 3},
+                                  lambda: UNet_conditional(3, 3, 256, 4, conditioning="concat", cond_channels=3,
+                                                           **UNET_SIZE)),
+    **{f"text {mode}, dropout": ({**UNET_ARCH, "c_in": 4, "c_out": 4, "conditioning": mode, "context_dim": 16,
+                                  "dropout": 0.1},
+                                 lambda mode=mode: UNet_text(4, 4, 256, context_dim=16, conditioning=mode, dropout=0.1,
+                                                             **UNET_SIZE))
+       for mode in UNet_text.CONDITIONINGS},
+    "dit": (DIT_ARCH, lambda: DiT(3, 3, None, **DIT_SIZE)),
+    "dit classes": ({**DIT_ARCH, "num_classes": 4}, lambda: DiT(3, 3, 4, **DIT_SIZE)),
+    **{f"dit text {mode}": ({**DIT_ARCH, "c_in": 4, "c_out": 4, "conditioning": mode, "context_dim": 16},
+                            lambda mode=mode: DiT_text(4, 4, **DIT_SIZE, context_dim=16, conditioning=mode))
+       for mode in DiT_text.CONDITIONINGS},
+}
+
+
+def shapes(net):
+    return {key: tuple(value.shape) for key, value in net.state_dict().items()}
+
+
+def example_inputs(arch):
+    """(args, kwargs) of a forward pass of the network of `arch` on two 16 px images."""
+    x, t = torch.randn(2, arch["c_in"], 16, 16), torch.tensor([3, 700])
+    if arch.get("context_dim") is not None:
+        context = torch.randn(2, 5, 16) if arch["conditioning"] == "cross_attention" else torch.randn(2, 16)
+        return (x, t, context), {}
+    labels = None if arch["num_classes"] is None else torch.tensor([1, NULL_LABEL])
+    kwargs = {"cond": torch.randn(2, arch["cond_channels"], 16, 16)} if arch.get("cond_channels") else {}
+    return ((x, t) if labels is None and not kwargs else (x, t, labels)), kwargs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_build_network_builds_the_network_its_arch_describes(kind):
+    arch, direct = KINDS[kind]
+    net, expected = build_network(arch), direct()
+    assert type(net) is type(expected)
+    assert shapes(net) == shapes(expected)
+    for attribute in ("conditioning", "num_classes", "cond_channels", "time_dim", "patch_size"):
+        assert getattr(net, attribute, None) == getattr(expected, attribute, None), attribute
+    rates = [block.dropout for block in net.modules() if isinstance(block, DoubleConv)]
+    assert rates == [block.dropout for block in expected.modules() if isinstance(block, DoubleConv)]
+    assert set(rates) <= {arch.get("dropout", 0.0)}
+    assert not net.gradient_checkpointing
+
+
+# (kind, the saved config that checkpoints.infer_network reads beside the weights)
+ROUND_TRIPS = [
+    ("unet", {}),
+    ("conditional concat, concat_channels 5", {"conditioning": "concat"}),
+    ("conditional xattn, context_tokens 2", {"conditioning": "xattn"}),
+    ("conditional adanorm", {"conditioning": "adanorm"}),
+    ("image condition", {"task": "inpaint"}),  # RGB inpainting: the masked image and its mask, 4 channels
+    ("text cross_attention, dropout", {"text_encoder": "clip", "prompt": ["a red circle"]}),
+    ("dit classes", {"backbone": "dit", "dit_size": "dit-n", "patch_size": 2}),
+    ("dit text add", {"backbone": "dit", "dit_size": "dit-n", "patch_size": 2, "text_encoder": "clip",
+                      "prompt": ["a red circle"], "vae": "models/vae/vae"}),
+]
+
+
+@pytest.mark.parametrize("kind, saved", ROUND_TRIPS, ids=[kind for kind, _ in ROUND_TRIPS])
+def test_a_network_rebuilt_from_its_weights_loads_them_strictly_and_computes_the_same(kind, saved):
+    arch = KINDS[kind][0]
+    if arch["backbone"] == "dit":  # the size that the saved dit_size names
+        depth, dim, heads = DIT_SIZES[saved["dit_size"]]
+        arch = {**arch, "depth": depth, "dim": dim, "heads": heads}
+    torch.manual_seed(0)
+    net = away_from_zero(build_network(arch))
+    rebuilt = build_network(infer_network(net.state_dict(), saved=saved)).eval()
+    assert type(rebuilt) is type(net)
+    rebuilt.load_state_dict(net.state_dict(), strict=True)
+    args, kwargs = example_inputs(arch)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(*args, **kwargs), net(*args, **kwargs))
+
+
+@pytest.mark.parametrize("kind", ["unet", "conditional adanorm", "text add, dropout", "dit classes", "dit text add"])
+def test_gradient_checkpointing_in_the_arch_switches_it_on(kind):
+    arch = KINDS[kind][0]
+    assert not build_network(arch).gradient_checkpointing
+    assert not build_network({**arch, "gradient_checkpointing": False}).gradient_checkpointing
+    assert build_network({**arch, "gradient_checkpointing": True}).gradient_checkpointing
+
+
+@pytest.mark.parametrize("kind", ["unet", "conditional concat", "text cross_attention, dropout"])
+def test_channels_last_in_the_arch_switches_it_on_and_computes_the_same(kind):
+    arch = KINDS[kind][0]
+    torch.manual_seed(0)
+    plain = build_network(arch).eval()
+    assert not plain.inc.double_conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not build_network({**arch, "channels_last": False}).inc.double_conv[0].weight.is_contiguous(
+        memory_format=torch.channels_last)
+    net = build_network({**arch, "channels_last": True}).eval()
+    convolutions = [p for p in net.parameters() if p.dim() == 4]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    net.load_state_dict(plain.state_dict(), strict=True)
+    args, kwargs = example_inputs(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(net(*args, **kwargs), plain(*args, **kwargs), atol=1e-5, rtol=1e-5)

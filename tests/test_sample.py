@@ -1,4 +1,5 @@
-"""Tests for sample.py: rebuilding the network from any checkpoint, the grid it writes, and its errors."""
+"""Tests for sample.py: the grid it writes from any checkpoint (rebuilt by checkpoints.load_model, tested in
+test_checkpoints.py), its image inputs, its flags, and its errors."""
 
 import json
 import math
@@ -16,8 +17,11 @@ sys.path.insert(0, REPO)
 
 import ddpm_conditional  # noqa: E402
 import sample  # noqa: E402
-from modules import DIT_SIZES, DiT, UNet, UNet_conditional  # noqa: E402
-from utils import UsageError, load_state_dict_strict, parse_config, run_cli, save_config  # noqa: E402
+import train_sd  # noqa: E402
+from config import network_arch  # noqa: E402
+from diffusion import Diffusion  # noqa: E402
+from modules import DIT_SIZES, DiT, UNet, UNet_conditional, build_network  # noqa: E402
+from utils import parse_config, run_cli, save_config  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "2"]
 
@@ -98,115 +102,36 @@ def image_size_of(path):
         return image.size
 
 
-# ----------------------------------------------------------------------------- the network from the weights
-def test_infer_network_conditional():
-    arch = sample.infer_network(tiny_conditional().state_dict())
-    assert arch == {"c_in": 3, "c_out": 3, "base_channels": 8, "time_dim": 256, "num_classes": 3, "conditioning": "add",
-                    "attn_factors": (1, 2, 4, 8)}
-
-
-def test_infer_network_unconditional_and_other_widths():
-    arch = sample.infer_network(UNet(c_in=1, c_out=1, time_dim=64, base_channels=16).state_dict())
-    assert arch == {"c_in": 1, "c_out": 1, "base_channels": 16, "time_dim": 64, "num_classes": None,
-                    "conditioning": None, "attn_factors": (1, 2, 4, 8)}
-    assert type(sample.build_network(arch)) is UNet
-
-
-@pytest.mark.parametrize("factors", [(2, 4, 8), (8,), (1, 4)])
-def test_infer_network_reads_the_attention_blocks_left_out(factors):
-    net = UNet_conditional(num_classes=3, base_channels=8, conditioning="xattn", attn_factors=factors)
-    arch = sample.infer_network(net.state_dict(), saved={"conditioning": "xattn"})
-    assert arch["attn_factors"] == factors
-    rebuilt = sample.build_network(arch)
-    load_state_dict_strict(rebuilt, net.state_dict())  # every weight has its place, and no place lacks one
-    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 500]), torch.tensor([0, 2])
-    assert torch.equal(rebuilt(x, t, y), net(x, t, y))
-
-
-def test_load_model_gives_the_saved_weights(ref_cond):
-    model, _, saved = sample.load_model(ref_cond)
-    assert isinstance(model, UNet_conditional) and not model.training and saved == {}
-    expected = tiny_conditional().state_dict()
-    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
-
-
-@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."])
-def test_load_model_strips_compile_and_ddp_prefixes(prefix, tmp_path):
-    state = {prefix + k: v for k, v in tiny_conditional().state_dict().items()}
-    torch.save(state, tmp_path / "wrapped.pt")
-    model, arch, _ = sample.load_model(str(tmp_path / "wrapped.pt"))
-    assert arch["num_classes"] == 3 and arch["base_channels"] == 8
-    assert torch.equal(model.label_emb.weight, tiny_conditional().label_emb.weight)
-
-
-def test_training_state_uses_ema_by_default(run_dir):
-    path = str(run_dir / "training_state.pt")
-    ema, _, saved = sample.load_model(path)
-    model, _, _ = sample.load_model(path, weights="model")
-    assert torch.equal(ema.inc.double_conv[0].weight, tiny_conditional(seed=2).inc.double_conv[0].weight)
-    assert torch.equal(model.inc.double_conv[0].weight, tiny_conditional(seed=1).inc.double_conv[0].weight)
-    assert saved["image_size"] == 24  # the config inside the file wins over config.json beside it
-    with pytest.raises(UsageError, match="holds the EMA weights only: for the model's, pass ckpt.pt"):
-        sample.load_model(str(run_dir / "ema_ckpt.pt"), weights="model")  # not silently the EMA's
-
-
-def test_schedule_comes_from_saved_config_or_reference_defaults(run_dir):
-    _, _, saved = sample.load_model(str(run_dir / "ema_ckpt.pt"))
-    diffusion = sample.make_diffusion(sample.Config(ckpt="x"), saved, 3, "cpu")
-    assert (diffusion.noise_steps, diffusion.img_size) == (200, 16)
-    reference = sample.make_diffusion(sample.Config(ckpt="x"), {}, 3, "cpu")
-    assert (reference.noise_steps, reference.img_size) == (1000, 64)
-    assert reference.beta[0].item() == pytest.approx(1e-4) and reference.beta[-1].item() == pytest.approx(0.02)
-    override = sample.make_diffusion(sample.Config(ckpt="x", image_size=32), saved, 3, "cpu")
-    assert override.img_size == 32
-
-
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
-def test_prediction_type_comes_from_the_saved_config_and_old_configs_predict_eps(run_dir, prediction_type):
-    config = json.loads((run_dir / "config.json").read_text())
-    old = {key: value for key, value in config.items() if key != "prediction_type"}  # written before the field
-    assert sample.make_diffusion(sample.Config(ckpt="x"), old, 3, "cpu").prediction_type == "epsilon"
-    saved = {**config, "prediction_type": prediction_type}
-    assert sample.make_diffusion(sample.Config(ckpt="x"), saved, 3, "cpu").prediction_type == prediction_type
-
-
+# ----------------------------------------------------------------------------- the sampler and each kind of network
 def test_defaults_passed_to_the_sampler(ref_cond, ref_uncond, tmp_path, monkeypatch):
     calls = []
 
     def fake_sample_x0(self, model, n, labels, cfg_scale, **kwargs):
         calls.append((n, labels, cfg_scale, kwargs))
-        return torch.zeros(n, self.c_in, self.img_size, self.img_size)
+        return torch.zeros(n, self.c_in, self.image_size, self.image_size)
 
-    monkeypatch.setattr(sample.Diffusion, "sample_x0", fake_sample_x0)  # what sample.main calls, then decodes
+    monkeypatch.setattr(Diffusion, "sample_x0", fake_sample_x0)  # what sample.main calls, then decodes
     sample.main(["--ckpt", ref_cond, "--out", str(tmp_path / "c.png")])
     n, labels, cfg_scale, kwargs = calls[-1]
     assert n == 30 and labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10 and cfg_scale == 3.0
     assert kwargs == {"sampler": "dpm++", "steps": None, "seed": 0}
     assert image_size_of(tmp_path / "c.png") == grid_size(3, 10, 64)
-    sample.main(["--ckpt", ref_uncond, "--n", "5", "--out", str(tmp_path / "u.png"), "--sampler", "ddpm"])
+    sample.main(["--ckpt", ref_uncond, "--n_samples", "5", "--out", str(tmp_path / "u.png"), "--sampler", "ddpm"])
     n, labels, cfg_scale, kwargs = calls[-1]
     assert (n, labels, cfg_scale, kwargs["sampler"]) == (5, None, 0.0, "ddpm")
 
 
 @pytest.mark.parametrize("conditioning", UNet_conditional.CONDITIONINGS)
-def test_each_conditioning_mode_loads_with_and_without_its_config(conditioning, tmp_path):
+def test_each_conditioning_mode_samples_its_grid(conditioning, tmp_path):
     torch.manual_seed(0)
     net = UNet_conditional(num_classes=3, base_channels=8, conditioning=conditioning, concat_channels=5,
                            context_tokens=2)
-    (tmp_path / "bare").mkdir()
-    torch.save(net.state_dict(), tmp_path / "bare" / "ema_ckpt.pt")  # no config beside it: read from the weights
     run = tmp_path / "models" / "R"
     run.mkdir(parents=True)
     torch.save(net.state_dict(), run / "ema_ckpt.pt")
     save_config(ddpm_conditional.Config(run_name="R", image_size=16, base_channels=8, conditioning=conditioning),
                 str(run / "config.json"))
-    for path in (tmp_path / "bare" / "ema_ckpt.pt", run / "ema_ckpt.pt"):
-        model, arch, _ = sample.load_model(str(path))
-        assert type(model) is UNet_conditional and model.conditioning == conditioning
-        assert (arch["c_in"], arch["num_classes"], arch["conditioning"]) == (3, 3, conditioning)
-        x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([2, -1])
-        torch.testing.assert_close(model(x, t, y), net.eval()(x, t, y))
-    images = sample.main(["--ckpt", str(run / "ema_ckpt.pt"), "--n_per_label", "1", "--cfg_scale", "3",
+    images = sample.main(["--ckpt", str(run / "ema_ckpt.pt"), "--n_per_row", "1", "--cfg_scale", "3",
                           "--out", str(tmp_path / "grid.png"), *FAST])
     assert images.shape == (3, 3, 16, 16)
 
@@ -236,45 +161,40 @@ def write_dit_run(root, num_classes=3, **config):
     return net.eval(), str(run / "ema_ckpt.pt")
 
 
-def test_a_dit_checkpoint_is_rebuilt_from_its_weights_and_saved_config(tmp_path):
-    net, ckpt = write_dit_run(tmp_path)
-    model, arch, saved = sample.load_model(ckpt)
-    assert type(model) is DiT and saved["backbone"] == "dit"
-    assert {k: arch[k] for k in ("c_in", "c_out", "num_classes", "patch_size", "depth", "dim", "heads")} == \
-        {"c_in": 3, "c_out": 3, "num_classes": 3, "patch_size": 4, "depth": 4, "dim": 64, "heads": 2}
-    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.tensor([2, -1])
-    torch.testing.assert_close(model(x, t, y), net(x, t, y))
-    images = sample.main(["--ckpt", ckpt, "--n_per_label", "2", "--out", str(tmp_path / "grid.png"), *FAST])
+def test_a_dit_checkpoint_samples_a_grid_at_its_saved_size(tmp_path):
+    _, ckpt = write_dit_run(tmp_path)
+    images = sample.main(["--ckpt", ckpt, "--n_per_row", "2", "--out", str(tmp_path / "grid.png"), *FAST])
     assert images.shape == (6, 3, 16, 16) and image_size_of(tmp_path / "grid.png") == grid_size(3, 2, 16)
 
 
-@pytest.mark.parametrize("config, message", [
-    (None, "holds a DiT, but no saved config names its dit_size and patch_size: keep the run's config.json"),
-    ({"backbone": "unet"}, "holds a dit, but its saved config says backbone 'unet'"),
-    ({"dit_size": "dit-t"}, "holds a DiT of depth 4, width 64 and 48 numbers per patch, but its saved config says "
-                            "dit-t (8 blocks of width 128) with patch_size 4"),
-    ({"patch_size": 2}, "but its saved config says dit-n (4 blocks of width 64) with patch_size 2"),
-])
-def test_a_dit_checkpoint_whose_config_does_not_fit_is_one_line(config, message, tmp_path, capsys):
-    _, ckpt = write_dit_run(tmp_path, **(config or {}))
-    if config is None:
-        os.remove(os.path.join(os.path.dirname(ckpt), "config.json"))
+def test_a_dit_checkpoint_without_its_config_exits_2_with_one_line(tmp_path, capsys):
+    _, ckpt = write_dit_run(tmp_path)
+    os.remove(os.path.join(os.path.dirname(ckpt), "config.json"))
     assert run_main(["--ckpt", ckpt, "--out", str(tmp_path / "grid.png"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and "\n" not in err
+    assert "holds a DiT, but no saved config names its dit_size and patch_size" in err and "\n" not in err
 
 
-def test_a_unet_checkpoint_whose_config_says_dit_is_one_line(ref_cond, tmp_path, capsys):
-    save_config(ddpm_conditional.Config(run_name="ref", backbone="dit"), os.path.join(os.path.dirname(ref_cond),
-                                                                                      "config.json"))
-    assert run_main(["--ckpt", ref_cond, "--out", str(tmp_path / "grid.png"), *FAST]) == 2
-    assert "holds a unet, but its saved config says backbone 'dit'" in capsys.readouterr().err
+def test_a_train_sd_checkpoint_is_refused_with_one_line_naming_train_sd(tmp_path, capsys):
+    cfg = train_sd.Config(run_name="S", image_size=16, base_channels=8, text_encoder="tiny/clip",
+                          prompt=["a red circle"])
+    torch.manual_seed(0)
+    net = build_network(network_arch(cfg, 4, context_dim=32))
+    run = tmp_path / "models" / "S"
+    run.mkdir(parents=True)
+    torch.save(net.state_dict(), run / "ema_ckpt.pt")
+    save_config(cfg, str(run / "config.json"))
+    out = tmp_path / "grid.png"
+    assert run_main(["--ckpt", str(run / "ema_ckpt.pt"), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and not out.exists()
+    assert "is a train_sd.py checkpoint" in err and f"python train_sd.py --sample --ckpt {run / 'ema_ckpt.pt'}" in err
 
 
 # ----------------------------------------------------------------------------- grids and files
 def test_grid_has_one_row_per_label(ref_cond, tmp_path):
     out = tmp_path / "grid.png"
-    images = sample.main(["--ckpt", ref_cond, "--labels", "0,1,2", "--n_per_label", "2", "--image_size", "16",
+    images = sample.main(["--ckpt", ref_cond, "--labels", "0,1,2", "--n_per_row", "2", "--image_size", "16",
                           "--out", str(out), *FAST])
     assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
     assert image_size_of(out) == grid_size(3, 2, 16)  # width 2*64+3*2, height 3*(14+64)+4*2
@@ -282,32 +202,23 @@ def test_grid_has_one_row_per_label(ref_cond, tmp_path):
 
 def test_repo_layout_uses_saved_image_size(run_dir, tmp_path):
     out = tmp_path / "grid.jpg"
-    sample.main(["--ckpt", str(run_dir / "ema_ckpt.pt"), "--n_per_label", "1", "--out", str(out), *FAST])
+    sample.main(["--ckpt", str(run_dir / "ema_ckpt.pt"), "--n_per_row", "1", "--out", str(out), *FAST])
     assert image_size_of(out) == grid_size(3, 1, 16)  # all 3 classes, at the saved 16 px
-    sample.main(["--ckpt", str(run_dir / "training_state.pt"), "--labels", "2", "--n_per_label", "1",
+    sample.main(["--ckpt", str(run_dir / "training_state.pt"), "--labels", "2", "--n_per_row", "1",
                  "--out", str(out), *FAST])
     assert image_size_of(out) == grid_size(1, 1, 24)
 
 
-def test_grid_rows_are_captioned_with_the_runs_class_names(run_dir, ref_cond):
-    """classes.json beside a training run's checkpoints (or one folder up); "class k" for the reference's."""
-    assert sample.class_names(str(run_dir / "ema_ckpt.pt"), 3) == ["red circle", "green square", "blue triangle"]
-    step_ckpt = run_dir / "checkpoints" / "step.pt"
-    assert sample.class_names(str(step_ckpt), 3)[2] == "blue triangle"
-    assert sample.class_names(str(run_dir / "ema_ckpt.pt"), 4) == [f"class {k}" for k in range(4)]  # no match
-    assert sample.class_names(ref_cond, 3) == ["class 0", "class 1", "class 2"]
-
-
 def test_unconditional_grid(ref_uncond, tmp_path):
     out = tmp_path / "grid.png"
-    images = sample.main(["--ckpt", ref_uncond, "--n", "4", "--image_size", "16", "--out", str(out), *FAST])
+    images = sample.main(["--ckpt", ref_uncond, "--n_samples", "4", "--image_size", "16", "--out", str(out), *FAST])
     assert images.shape == (4, 3, 16, 16)
     assert image_size_of(out) == grid_size(2, 2, 16, captioned=False)
 
 
 def test_save_individual_names_label_and_index(ref_cond, tmp_path):
     folder = tmp_path / "single"
-    sample.main(["--ckpt", ref_cond, "--labels", "2,0", "--n_per_label", "2", "--image_size", "16",
+    sample.main(["--ckpt", ref_cond, "--labels", "2,0", "--n_per_row", "2", "--image_size", "16",
                  "--out", str(tmp_path / "grid.png"), "--save_individual", str(folder), *FAST])
     assert sorted(os.listdir(folder)) == ["0_0.png", "0_1.png", "2_0.png", "2_1.png"]
     assert image_size_of(folder / "2_1.png") == (16, 16)
@@ -316,7 +227,7 @@ def test_save_individual_names_label_and_index(ref_cond, tmp_path):
 def test_same_seed_same_grid(ref_cond, tmp_path):
     def grid(seed, name):
         out = tmp_path / name
-        sample.main(["--ckpt", ref_cond, "--labels", "1", "--n_per_label", "2", "--image_size", "16",
+        sample.main(["--ckpt", ref_cond, "--labels", "1", "--n_per_row", "2", "--image_size", "16",
                      "--seed", str(seed), "--out", str(out), *FAST])
         return out.read_bytes()
 
@@ -328,7 +239,7 @@ def test_same_seed_same_grid(ref_cond, tmp_path):
 def test_existing_out_is_replaced(ref_cond, tmp_path):
     out = tmp_path / "grid.png"
     out.write_bytes(b"old")
-    sample.main(["--ckpt", ref_cond, "--labels", "0", "--n_per_label", "1", "--image_size", "16",
+    sample.main(["--ckpt", ref_cond, "--labels", "0", "--n_per_row", "1", "--image_size", "16",
                  "--out", str(out), *FAST])
     assert image_size_of(out) == grid_size(1, 1, 16)
     assert not (tmp_path / "grid.png.tmp").exists()
@@ -340,11 +251,9 @@ def test_reference_full_size_conditional_checkpoint(tmp_path):
     torch.save(UNet_conditional(num_classes=10).state_dict(), path)  # the reference's widths: 23M parameters
     out = tmp_path / "grid.png"
     images = sample.main(["--ckpt", str(path), "--image_size", "16", "--sampler", "ddim", "--steps", "1",
-                          "--n_per_label", "1", "--labels", "0", "--out", str(out)])
+                          "--n_per_row", "1", "--labels", "0", "--out", str(out)])
     assert images.shape == (1, 3, 16, 16)
     assert image_size_of(out) == grid_size(1, 1, 16)
-    arch = sample.infer_network(torch.load(path, weights_only=True))
-    assert (arch["num_classes"], arch["base_channels"], arch["time_dim"]) == (10, 64, 256)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -431,10 +340,24 @@ def test_help_lists_defaults(capsys):
     assert "None: dpm++, or ddpm for --inpaint" in " ".join(text.split())  # the sampler's default, which RePaint needs
 
 
+@pytest.mark.parametrize("ckpt, old, new, value", [("ref_cond", "--n_per_label", "--n_per_row", "2"),
+                                                   ("ref_uncond", "--n", "--n_samples", "3")])
+def test_the_old_flag_names_still_parse_to_the_same_images_with_a_one_line_note(ckpt, old, new, value, tmp_path,
+                                                                                 capsys, request):
+    argv = ["--ckpt", request.getfixturevalue(ckpt), "--image_size", "16", *FAST]
+    renamed = sample.main([*argv, new, value, "--out", str(tmp_path / "new.png")])
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    kept = sample.main([*argv, old, value, "--out", str(tmp_path / "old.png")])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {old} is now {new}; the old name still works"]
+    assert len(kept) == len(renamed) and torch.equal(kept, renamed)
+    assert (tmp_path / "old.png").read_bytes() == (tmp_path / "new.png").read_bytes()
+
+
 # ----------------------------------------------------------------------------- the command line
 def test_a_latent_run_samples_latents_and_decodes_them_through_its_vae(latent_run, tmp_path, decoded):
     out = tmp_path / "grid.png"
-    images = sample.main(["--ckpt", latent_run["ckpt"], "--labels", "0,1", "--n_per_label", "2", "--out", str(out),
+    images = sample.main(["--ckpt", latent_run["ckpt"], "--labels", "0,1", "--n_per_row", "2", "--out", str(out),
                           "--device", "cpu", *FAST])
     assert decoded == [(4, 4, 8, 8)]  # the U-Net sampled 8 px latents of 4 channels; the VAE made them pixels
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
@@ -449,7 +372,7 @@ def run_script(*args):
 
 def test_cli_writes_grid_and_single_images(run_dir, tmp_path):
     out, folder = tmp_path / "out" / "grid.png", tmp_path / "single"
-    result = run_script("--ckpt", str(run_dir / "ema_ckpt.pt"), "--labels", "0,1", "--n_per_label", "2",
+    result = run_script("--ckpt", str(run_dir / "ema_ckpt.pt"), "--labels", "0,1", "--n_per_row", "2",
                         "--cfg_scale", "3", "--seed", "0", "--device", "cpu", "--out", str(out),
                         "--save_individual", str(folder), *FAST)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -16,8 +15,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import train_sd  # noqa: E402
-from modules import UNet  # noqa: E402
+from checkpoints import load_model, read_checkpoint, run_diffusion  # noqa: E402
+from config import network_arch  # noqa: E402
 from data import classify_colors  # noqa: E402
+from diffusion import dropped_rows  # noqa: E402
+from latents import load_latents, load_text_encoder  # noqa: E402
+from modules import DoubleConv, UNet, build_network  # noqa: E402
 from utils import UsageError, parse_config, run_cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +39,7 @@ def tiny(tiny_sd_models):
 def tiny_argv(tiny, run_name="run", **overrides):
     """Flags of a seconds-long run on shapes at 16 px (8 px latents) with the tiny models."""
     values = {"dataset": "shapes", "dataset_size": 32, "image_size": 16, "base_channels": 8, "batch_size": 8,
-              "max_steps": 2, "n_per_prompt": 1, "sample_steps": 2, "num_workers": 0, "device": "cpu",
+              "max_steps": 2, "n_per_row": 1, "sample_steps": 2, "num_workers": 0, "device": "cpu",
               "run_name": run_name, "cache_dir": "cache", **tiny, **overrides}
     return [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
@@ -45,70 +48,65 @@ def tiny_cfg(tiny, **overrides):
     return parse_config(train_sd.Config, tiny_argv(tiny, **overrides))
 
 
+def frozen(cfg, device="cpu"):
+    """(Latents, TextEncoder) of a Config, loaded as text_task loads them."""
+    return (load_latents(cfg.vae, device, cfg.mixed_precision, cfg.channels or 3),
+            load_text_encoder(cfg.text_encoder, cfg.conditioning, device, cfg.mixed_precision))
+
+
+def text_network(cfg, latents, text):
+    """The network text_task builds for a Config: its arch on the latent channels, reading the text's states."""
+    return build_network(network_arch(cfg, latents.channels, context_dim=text.dim))
+
+
 # ----------------------------------------------------------------------------- stages and shapes
 
 @pytest.mark.parametrize("conditioning, context_shape", [("cross_attention", (2, 16, 32)), ("add", (2, 32))])
 def test_shapes_through_every_stage(tiny, conditioning, context_shape):
+    """The tiny VAE's latents, the text's states (tests/test_latents.py tests both), the network and the diffusion
+    of a Config."""
     cfg = tiny_cfg(tiny, conditioning=conditioning)
-    latents, text = train_sd.load_frozen(cfg, "cpu")
-    assert not any(p.requires_grad for p in latents.vae.parameters())
-    assert not text.model.training and not latents.vae.training
-    ids = text.tokenize(["a red circle", ""])
-    assert ids.shape == (2, 16) and ids[1, 1] == text.tokenizer.eos_token_id
+    latents, text = frozen(cfg)
     context = text(["a red circle", "a blue triangle"])
     assert context.shape == context_shape and not torch.allclose(context[0], context[1])
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, std = latents.encode(images)
     assert mean.shape == std.shape == (2, 4, 8, 8) and latents.factor == 2
-    net = train_sd.build_network(cfg, latents, text)
+    net = text_network(cfg, latents, text)
+    assert type(net).__name__ == "UNet_text" and net.conditioning == conditioning
     eps = net(mean, torch.tensor([1, 500]), context)
     assert eps.shape == (2, 4, 8, 8)
     assert latents.decode(mean).shape == (2, 3, 16, 16)
-    assert train_sd.make_diffusion(cfg, latents, "cpu").img_size == 8
-
-
-def test_grey_images_through_an_rgb_vae_and_in_pixel_space(tiny):
-    """Grey images are repeated to the VAE's 3 input channels and its decodings averaged back to grey."""
-    latents, _ = train_sd.load_frozen(tiny_cfg(tiny, channels=1), "cpu")
-    grey = torch.rand(2, 1, 16, 16) * 2 - 1
-    mean, _ = latents.encode(grey)
-    torch.testing.assert_close(mean, latents.encode(grey.repeat(1, 3, 1, 1))[0])
-    decoded = latents.decode(mean)
-    assert decoded.shape == (2, 1, 16, 16)
-    with torch.no_grad():
-        rgb = latents.vae.decode(mean / latents.scale + latents.shift).sample  # (2, 3, 16, 16)
-    torch.testing.assert_close(decoded, rgb.mean(dim=1, keepdim=True).clamp(-1, 1))
-    pixels, _ = train_sd.load_frozen(tiny_cfg(tiny, channels=1, vae="none"), "cpu")
-    assert pixels.channels == 1 and pixels.decode(grey).shape == (2, 1, 16, 16)
+    diffusion = run_diffusion(cfg, latents, "cpu")
+    assert (diffusion.image_size, diffusion.c_in) == (8, 4)
 
 
 def test_pixel_space_and_image_size_check(tiny):
     cfg = tiny_cfg(tiny, vae="none")
-    latents, _ = train_sd.load_frozen(cfg, "cpu")
+    latents, _ = frozen(cfg)
     assert (latents.channels, latents.factor) == (3, 1)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, std = latents.encode(images)
     assert torch.equal(mean, images) and not std.any() and torch.equal(latents.decode(mean), images)
-    vae_latents, _ = train_sd.load_frozen(tiny_cfg(tiny), "cpu")
+    assert run_diffusion(cfg, latents, "cpu").image_size == 16  # pixel space: the images' own size
+    vae_latents, _ = frozen(tiny_cfg(tiny))
     with pytest.raises(UsageError, match="not divisible by 16"):
-        train_sd.make_diffusion(tiny_cfg(tiny, image_size=24), vae_latents, "cpu")
+        run_diffusion(tiny_cfg(tiny, image_size=24), vae_latents, "cpu")
     # clip_x0 None clips the predicted x_0 in pixel space only; a VAE's latents have no [-1, 1] range
-    assert train_sd.make_diffusion(cfg, latents, "cpu").clip_x0 is True
-    assert train_sd.make_diffusion(tiny_cfg(tiny), vae_latents, "cpu").clip_x0 is False
-    assert train_sd.make_diffusion(tiny_cfg(tiny, vae="none", clip_x0=False), latents, "cpu").clip_x0 is False
+    assert run_diffusion(cfg, latents, "cpu").clip_x0 is True
+    assert run_diffusion(tiny_cfg(tiny), vae_latents, "cpu").clip_x0 is False
+    assert run_diffusion(tiny_cfg(tiny, vae="none", clip_x0=False), latents, "cpu").clip_x0 is False
 
 
 def test_prompt_figures_judge_colour_and_shape_for_seen_and_held_out_prompts(tiny, monkeypatch, capsys):
-    import evaluate
-
     class Judge:  # says "ring" (5) for the samples with a faint marker pixel in the corner, else "circle" (0)
         heldout_accuracy, path = 1.0, "judge.pt"
 
         def predict(self, images):
             return torch.where(images[:, 0, 0, 0] > 5, 5, 0)
 
-    monkeypatch.setattr(evaluate, "get_judge", lambda *args, **kwargs: Judge())
-    cfg = dataclasses.replace(tiny_cfg(tiny), prompt=["a red circle", "A cyan ring"], n_per_prompt=2,
+    monkeypatch.setattr(train_sd, "get_judge", lambda *args, **kwargs: Judge())
+    cfg = dataclasses.replace(tiny_cfg(tiny), prompt=["a red circle", "A cyan ring"], n_per_row=2,
                               holdout_prompts=["a cyan ring"])
     red, cyan = (torch.tensor(data.SHAPE_COLORS[c], dtype=torch.float32)[:, None, None] / 127.5 - 1 for c in (0, 5))
     images = -torch.ones(4, 3, 16, 16)
@@ -165,20 +163,52 @@ def test_models_and_data_set_are_loaded_by_the_main_process_first(tiny, monkeypa
     from test_training import RecordingAccelerator
 
     accelerator, opened = RecordingAccelerator(), []
-    for name in ("load_frozen", "get_caption_dataset"):
+    for name in ("load_latents", "load_text_encoder", "get_caption_dataset"):
         def recording(*args, original=getattr(train_sd, name), **kwargs):
             opened.append(accelerator.inside)
             return original(*args, **kwargs)
         monkeypatch.setattr(train_sd, name, recording)
     train_sd.text_task(tiny_cfg(tiny), accelerator)
-    assert opened == [True, True]
+    assert opened == [True, True, True]
+
+
+def test_dropout_reaches_every_block_of_the_text_unet(tiny):
+    """--dropout (the Network group's) is the rate of every DoubleConv of the U-Net that text_task trains."""
+    from test_training import RecordingAccelerator
+
+    for rate in (0.0, 0.3):
+        net = train_sd.text_task(tiny_cfg(tiny, dropout=rate), RecordingAccelerator()).net
+        blocks = [block for block in net.modules() if isinstance(block, DoubleConv)]
+        assert type(net).__name__ == "UNet_text" and len(blocks) > 10
+        assert all(block.dropout == rate for block in blocks)
+
+
+def test_a_dit_with_dropout_is_refused_with_one_line(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_sd.main, tiny_argv(tiny, "dit", backbone="dit", dit_size="dit-n", dropout=0.1))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()  # after the progress bars of loading the text encoder
+    assert lines[-1] == "error: dropout is a U-Net option: drop --dropout, or use --backbone unet"
+    assert sum("error" in line for line in lines) == 1
+    assert not (tmp_path / "models").exists()  # refused before anything is written
+
+
+def test_make_tiny_models_writes_to_the_folder_given_and_trains_nothing(monkeypatch, capsys):
+    """`train_sd.py --make_tiny_models DIR` runs latents.make_tiny_models(DIR) (tests/test_latents.py tests what it
+    writes) and returns."""
+    calls = []
+    monkeypatch.setattr(train_sd, "make_tiny_models", lambda folder: calls.append(folder) or ("V", "T"))
+    monkeypatch.setattr(train_sd, "train", lambda *args: pytest.fail("--make_tiny_models trained"))
+    assert train_sd.main(["--make_tiny_models", "some/dir"]) is None
+    assert calls == ["some/dir"] and capsys.readouterr().out == "wrote V T\n"
 
 
 # ----------------------------------------------------------------------------- caption dropout and guidance
 
 def test_caption_dropout_rate_on_both_paths():
     torch.manual_seed(0)
-    assert abs(train_sd.drop_mask(20000, 0.1).float().mean().item() - 0.1) < 0.01
+    assert abs(dropped_rows(20000, 0.1).float().mean().item() - 0.1) < 0.01
 
     class FakeText:
         def __call__(self, captions):
@@ -200,26 +230,6 @@ def test_caption_dropout_rate_on_both_paths():
     assert abs(dropped.float().mean().item() - 0.1) < 0.02 and torch.equal(x_0, images)
 
 
-def test_each_distinct_caption_is_encoded_once():
-    class CountingText:
-        def __init__(self):
-            self.encoded = []
-
-        def __call__(self, captions):
-            self.encoded += captions
-            return torch.tensor([[float(len(c)), float(c.count("a"))] for c in captions])
-
-    text = CountingText()
-    states = train_sd.CaptionStates(text, limit=3)
-    first = states(["a red circle", "", "a red circle", "a blue bar"])
-    assert text.encoded == ["a red circle", "", "a blue bar"]
-    assert torch.equal(first, CountingText()(["a red circle", "", "a red circle", "a blue bar"]))
-    again = states(["a blue bar", "", "a gray plus", "a gray plus"])  # beyond the limit of 3: encoded, not kept
-    assert text.encoded[3:] == ["a gray plus"] and again.shape == (4, 2)
-    states(["a gray plus"])
-    assert text.encoded[4:] == ["a gray plus"]
-
-
 class Counting(torch.nn.Module):
     """Wraps a network and records the batch size of each forward call."""
 
@@ -233,11 +243,11 @@ class Counting(torch.nn.Module):
 
 
 def test_guidance_is_one_batched_pass_with_the_empty_prompt(tiny, tmp_path):
-    cfg = tiny_cfg(tiny, n_per_prompt=3, sample_steps=4, cfg_scale=7.5)
-    latents, text = train_sd.load_frozen(cfg, "cpu")
+    cfg = tiny_cfg(tiny, n_per_row=3, sample_steps=4, cfg_scale=7.5)
+    latents, text = frozen(cfg)
     torch.manual_seed(0)
-    net = Counting(train_sd.build_network(cfg, latents, text)).eval()
-    diffusion = train_sd.make_diffusion(cfg, latents, "cpu")
+    net = Counting(text_network(cfg, latents, text)).eval()
+    diffusion = run_diffusion(cfg, latents, "cpu")
     prompts = ["a red circle", "a blue triangle"]
     images = train_sd.sample_grid(cfg, diffusion, net, latents, text, prompts, str(tmp_path / "grid.png"))
     assert images.shape == (6, 3, 16, 16) and os.path.isfile(tmp_path / "grid.png")
@@ -284,8 +294,8 @@ def test_data_on_the_device_trains_exactly_as_the_dataloader(tiny, tmp_path, mon
     """The latent cache (the preset sd_quick_cpu) or the captioned images, held on the device: the same losses.
     (Each run builds its own cache: building draws from the global RNG before the U-Net is initialised.)"""
     monkeypatch.chdir(tmp_path)
-    losses = [train_sd.main(tiny_argv(tiny, f"on_{on}", cache_latents=cache_latents, max_steps=3,
-                                      data_on_device=on, cache_dir=f"cache_{on}"))["losses"] for on in ("false", "true")]
+    losses = [train_sd.main(tiny_argv(tiny, f"on_{on}", cache_latents=cache_latents, max_steps=3, data_on_device=on,
+                                      cache_dir=f"cache_{on}"))["losses"] for on in ("false", "true")]
     assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
@@ -321,7 +331,7 @@ def test_cli_trains_then_samples_a_captioned_grid(tiny, tmp_path):
     for name in ("0.jpg", "0_ema.jpg", "loss.png", "config.json"):
         assert (tmp_path / "results" / "cli" / name).is_file()
     args = ["--sample", "--ckpt", "models/cli/ema_ckpt.pt", "--prompt", "a red circle", "--prompt",
-            "a blue triangle", "--cfg_scale", "7.5", "--n_per_prompt", "2", "--sample_steps", "2", "--out", "grid.png"]
+            "a blue triangle", "--cfg_scale", "7.5", "--n_per_row", "2", "--sample_steps", "2", "--out", "grid.png"]
     done = run_script(args, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     with Image.open(tmp_path / "grid.png") as grid:
@@ -342,13 +352,15 @@ def test_backbone_dit_trains_on_latents_and_samples_from_its_checkpoint(tiny, tm
     monkeypatch.chdir(tmp_path)
     train_sd.main(tiny_argv(tiny, "dit", backbone="dit", dit_size="dit-n", patch_size=2, conditioning=conditioning,
                             max_steps=2))
-    weights, cfg = train_sd.saved_run("models/dit/ema_ckpt.pt")
+    loaded, arch, saved = load_model("models/dit/ema_ckpt.pt")
+    cfg = train_sd.run_config("models/dit/ema_ckpt.pt", saved)
     assert (cfg.backbone, cfg.dit_size, cfg.patch_size) == ("dit", "dit-n", 2)
-    latents, text = train_sd.load_frozen(cfg, "cpu")
-    net = train_sd.build_network(cfg, latents, text)
+    assert type(loaded) is DiT_text and arch["context_dim"] == 32 and arch["conditioning"] == conditioning
+    latents, text = frozen(cfg)
+    net = text_network(cfg, latents, text)
     assert type(net) is DiT_text and net.conditioning == conditioning
     assert (net.patch_embed.in_features, net.out.out_features) == (2 * 2 * 4, 2 * 2 * 4)  # 4 latent channels
-    net.load_state_dict(weights)
+    net.load_state_dict(loaded.state_dict())  # strict: the network the saved Config builds holds the weights
     with torch.no_grad():
         for p in net.parameters():  # move the zero-initialised weights, as a longer run would
             if not p.any():
@@ -358,7 +370,7 @@ def test_backbone_dit_trains_on_latents_and_samples_from_its_checkpoint(tiny, tm
     with torch.no_grad():
         assert not torch.allclose(net(x, t, context), net(x, t, text(["a blue square", "a blue square"])))
     images = train_sd.main(["--sample", "--ckpt", "models/dit/ema_ckpt.pt", "--prompt", "a red circle",
-                            "--n_per_prompt", "2", "--sample_steps", "2", "--out", "grid.png"])
+                            "--n_per_row", "2", "--sample_steps", "2", "--out", "grid.png"])
     assert images == "grid.png" and (tmp_path / "grid.png").is_file()
 
 
@@ -387,80 +399,45 @@ def test_sample_errors(tiny, tmp_path, monkeypatch, capsys):
     with pytest.raises(UsageError, match="checkpoint 'models/none.pt' not found"):
         train_sd.main(["--sample", "--ckpt", "models/none.pt", "--prompt", "a red circle"])
     out = train_sd.main(["--sample", "--ckpt", "models/arch/training_state.pt", "--prompt", "a red circle",
-                         "--n_per_prompt", "1", "--sample_steps", "1"])
+                         "--n_per_row", "1", "--sample_steps", "1"])
     assert out == os.path.join("results", "arch", "samples.png") and os.path.isfile(out)
     torch.save(UNet(base_channels=8).state_dict(), "models/arch/ema_ckpt.pt")
     with pytest.raises(UsageError, match="does not fit the model"):
         train_sd.main(["--sample", "--ckpt", "models/arch/ema_ckpt.pt", "--prompt", "a red circle"])
 
 
-def test_a_config_saved_before_the_new_fields_still_loads(tmp_path):
-    """config.json of a run saved before a Config field existed reads as if the run used its default."""
-    import dataclasses
+def test_a_config_saved_before_the_new_fields_still_loads(tmp_path, capsys):
+    """config.json of a run saved before a Config field existed reads as if the run used its default; one saved (or
+    a --config file) under the old name n_per_prompt reads as n_per_row; another script's config is refused."""
     import json
 
+    ckpt = str(tmp_path / "ema_ckpt.pt")
+
+    def run_config_of(saved):
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        return train_sd.run_config(ckpt, read_checkpoint(ckpt)[1])  # the config beside the checkpoint
+
     saved = dataclasses.asdict(train_sd.Config(run_name="old"))
-    for name in ("gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every"):
+    for name in ("gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every",
+                 "dropout", "channels_last"):
         del saved[name]
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    torch.save({"w": torch.zeros(1)}, tmp_path / "ema_ckpt.pt")
-    weights, cfg = train_sd.saved_run(str(tmp_path / "ema_ckpt.pt"))
+    torch.save({"w": torch.zeros(1)}, ckpt)
+    cfg = run_config_of(saved)
     assert cfg.run_name == "old" and cfg.checkpoint_every == train_sd.Config().checkpoint_every
-    (tmp_path / "config.json").write_text(json.dumps({**saved, "n_per_class": 8}))
-    with pytest.raises(UsageError, match=r"keys differ: \['n_per_class'\]"):
-        train_sd.saved_run(str(tmp_path / "ema_ckpt.pt"))
-
-
-def test_too_long_prompt_is_truncated_with_a_warning(tiny):
-    _, text = train_sd.load_frozen(tiny_cfg(tiny), "cpu")
-    with pytest.warns(UserWarning, match="truncated"):
-        ids = text.tokenize(["a red circle and a blue triangle " * 5])
-    assert ids.shape == (1, 16) and ids[0, -1] == text.tokenizer.eos_token_id
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        text.tokenize(["a red circle"])
-
-
-def test_unloadable_models_are_one_line_errors(tiny, monkeypatch):
-    """Offline, a missing model fails at once: no connection is tried, and no loader is retried (a missing local
-    folder is refused before any loader runs)."""
-    import socket
-
-    import huggingface_hub.constants
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    connections, loads = [], []
-
-    def no_network(*args, **kwargs):
-        connections.append(args)
-        raise OSError("no network in this test")
-
-    def counted(cls):
-        load = cls.from_pretrained
-
-        def from_pretrained(name, *args, **kwargs):
-            loads.append((cls.__name__, name))
-            return load(name, *args, **kwargs)
-        return from_pretrained
-
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    for cls in (AutoencoderKL, CLIPTokenizer, CLIPTextModel):
-        monkeypatch.setattr(cls, "from_pretrained", counted(cls))
-
-    def load_fails(**overrides):
-        loads.clear()
-        with pytest.raises(UsageError, match="could not load .*downloaded once with internet access") as info:
-            train_sd.load_frozen(tiny_cfg(tiny, **overrides), "cpu")
-        assert "\n" not in str(info.value) and connections == []
-        return loads
-
-    assert load_fails(vae="./no/such/vae") == []
-    tried = load_fails(text_encoder="nobody-xyz/no-such-clip")
-    assert ("CLIPTextModel", "nobody-xyz/no-such-clip") in tried and len(set(tried)) == len(tried), tried
+    assert (cfg.dropout, cfg.channels_last) == (train_sd.Config().dropout, train_sd.Config().channels_last)
+    renamed = {**{key: value for key, value in saved.items() if key != "n_per_row"}, "n_per_prompt": 5}
+    cfg = run_config_of(renamed)  # saved before n_per_prompt became n_per_row
+    assert cfg.n_per_row == 5 and cfg.run_name == "old"
+    (tmp_path / "preset.json").write_text(json.dumps({"n_per_prompt": 3, "cfg_scale": 2.0}))
+    capsys.readouterr()
+    cfg = parse_config(train_sd.Config, ["--config", str(tmp_path / "preset.json")])
+    assert (cfg.n_per_row, cfg.cfg_scale) == (3, 2.0)
+    assert "n_per_prompt is now n_per_row; the old name still works" in capsys.readouterr().err
+    with pytest.raises(UsageError, match=r"was not written by train_sd.py \(keys differ: \['task'\]\)"):
+        run_config_of({**saved, "task": "superres"})  # ddpm_img2img.py's field
+    without_text = {key: value for key, value in saved.items() if key != "text_encoder"}
+    with pytest.raises(UsageError, match=r"was not written by train_sd.py \(it names no text_encoder and prompt\)"):
+        run_config_of(without_text)
 
 
 # ----------------------------------------------------------------------------- learning
@@ -479,12 +456,12 @@ def test_learns_the_prompted_colour(tiny, tmp_path, monkeypatch):
     start = time.time()
     train_sd.main(tiny_argv(tiny, "learn", **overrides))
     seconds = time.time() - start
-    cfg = tiny_cfg(tiny, **{**overrides, "n_per_prompt": 10, "sample_steps": 20})
-    latents, text = train_sd.load_frozen(cfg, "cpu")
-    net = train_sd.build_network(cfg, latents, text)
+    cfg = tiny_cfg(tiny, **{**overrides, "n_per_row": 10, "sample_steps": 20})
+    latents, text = frozen(cfg)
+    net = text_network(cfg, latents, text)
     net.load_state_dict(torch.load("models/learn/ema_ckpt.pt", weights_only=True))
     prompts = [data.shape_caption(c, (3 * c) % 10) for c in range(10)]  # every colour once
-    diffusion = train_sd.make_diffusion(cfg, latents, "cpu")
+    diffusion = run_diffusion(cfg, latents, "cpu")
     images = train_sd.sample_grid(cfg, diffusion, net, latents, text, prompts, "learned.png")
     expected = torch.arange(10).repeat_interleave(10)
     accuracy = (classify_colors(images) == expected).float().mean().item()

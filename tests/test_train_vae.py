@@ -99,6 +99,29 @@ def test_the_export_holds_the_measured_scale_and_loads_as_stabilitys_vae_does(ex
     assert load_checkpoint(str(root / "models" / "vae" / "training_state.pt"))["step"] == 3
 
 
+def test_a_run_reports_to_no_tracker_by_default_and_saves_report_to_in_its_config(exported):
+    """--report_to (every training script's): none by default for train_vae.py, so the run writes no logs/ folder."""
+    root, metrics = exported
+    assert train_vae.Config().report_to == "none"
+    assert not (root / "results" / "vae" / "logs").exists()
+    for folder in ("results", "models"):
+        with open(root / folder / "vae" / "config.json") as f:
+            assert json.load(f)["report_to"] == "none"
+    assert metrics["config"]["report_to"] == "none"  # vae_metrics.json's copy of the config
+    assert parse_config(train_vae.Config, vae_argv(report_to="tensorboard")).report_to == "tensorboard"
+    with pytest.raises(UsageError, match="report_to 'csv' is unknown: use one of none, tensorboard, wandb, all"):
+        parse_config(train_vae.Config, vae_argv(report_to="csv"))
+
+
+def test_report_to_tensorboard_logs_the_loss_under_the_runs_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_vae.main(vae_argv("logged", report_to="tensorboard", max_steps=2))
+    logs = tmp_path / "results" / "logged" / "logs"
+    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(logs) for name in files)
+    with open(tmp_path / "models" / "logged" / "config.json") as f:
+        assert json.load(f)["report_to"] == "tensorboard"
+
+
 def test_train_sd_and_ddpm_conditional_train_in_the_exported_latents(exported, tiny_sd_models, monkeypatch):
     root, _ = exported
     monkeypatch.chdir(root)
@@ -106,9 +129,9 @@ def test_train_sd_and_ddpm_conditional_train_in_the_exported_latents(exported, t
     common = ["--dataset", "shapes", "--dataset_size", "32", "--image_size", "16", "--base_channels", "8",
               "--batch_size", "8", "--max_steps", "2", "--sample_steps", "2", "--num_workers", "0", "--device", "cpu",
               "--vae", folder, "--cache_latents", "true"]
-    text = train_sd.main(common + ["--text_encoder", tiny_sd_models["text_encoder"], "--n_per_prompt", "1",
+    text = train_sd.main(common + ["--text_encoder", tiny_sd_models["text_encoder"], "--n_per_row", "1",
                                    "--run_name", "text"])
-    classes = ddpm_conditional.main(common + ["--n_per_class", "1", "--run_name", "classes"])
+    classes = ddpm_conditional.main(common + ["--n_per_row", "1", "--run_name", "classes"])
     for done in (text, classes):
         assert done["step"] == 2 and not done["skipped"]
         state = load_checkpoint(os.path.join(done["models_dir"], "training_state.pt"))

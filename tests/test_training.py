@@ -15,11 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import ddpm
 import ddpm_conditional
 import training
-from ddpm import Diffusion
-from evaluate import get_judge
+import utils
+from diffusion import Diffusion
+from judges import get_judge
+from modules import NULL_LABEL
 from utils import UsageError, load_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -77,7 +80,7 @@ def test_help_lists_every_field_with_its_default(capsys, script):
 
 
 def test_conditional_run_writes_grids_plots_checkpoints_and_config(workdir):
-    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_class", "2"])
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_row", "2"])
     results, models = workdir / "results" / "R", workdir / "models" / "R"
     for name in ["0.jpg", "0_ema.jpg", "loss.png", "config.json"]:
         assert (results / name).is_file(), name
@@ -109,7 +112,7 @@ def test_gradients_are_clipped_to_grad_clip_before_each_step(workdir, monkeypatc
         return norm_before
 
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", spy)
-    ddpm_conditional.main(TINY + ["--run_name", "C", "--n_per_class", "1", "--grad_clip", str(grad_clip)])
+    ddpm_conditional.main(TINY + ["--run_name", "C", "--n_per_row", "1", "--grad_clip", str(grad_clip)])
     if grad_clip is None:
         assert calls == []  # the reference: no clipping
         return
@@ -128,7 +131,7 @@ def test_the_gradient_norm_is_computed_once_per_step(workdir, monkeypatch, grad_
         return total_norm(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted)
-    ddpm_conditional.main(TINY + ["--run_name", "N", "--n_per_class", "1", "--grad_clip", grad_clip])
+    ddpm_conditional.main(TINY + ["--run_name", "N", "--n_per_row", "1", "--grad_clip", grad_clip])
     assert len(calls) == 2  # max_steps 2
 
 
@@ -153,7 +156,7 @@ def test_skipped_steps_are_counted_and_worded_as_fp16_overflow_under_fp16(fp16, 
     assert (log.skipped, log.reason) == (2, reason)
     log.add(torch.tensor(float("inf")))
     log.end_step(torch.tensor(1.0))
-    with pytest.raises(training.TrainingError, match=message):
+    with pytest.raises(checkpoints.TrainingError, match=message):
         log.read()
 
 
@@ -176,10 +179,10 @@ def test_lr_warmup_sets_the_learning_rate_of_each_optimizer_step(workdir, monkey
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
-    ddpm_conditional.main(TINY + ["--run_name", "W", "--n_per_class", "1", "--lr", "0.004", "--lr_warmup", "4"])
+    ddpm_conditional.main(TINY + ["--run_name", "W", "--n_per_row", "1", "--lr", "0.004", "--lr_warmup", "4"])
     assert seen == pytest.approx([0.001, 0.002])
     seen.clear()  # cosine to 0 at max_steps 4: steps 0..3 at lr (1 + cos(pi k / 4)) / 2
-    ddpm_conditional.main(TINY + ["--run_name", "C", "--n_per_class", "1", "--lr", "0.004", "--lr_decay", "cosine",
+    ddpm_conditional.main(TINY + ["--run_name", "C", "--n_per_row", "1", "--lr", "0.004", "--lr_decay", "cosine",
                                   "--max_steps", "4"])
     assert seen == pytest.approx([0.004, 0.002 * (1 + 2 ** -0.5), 0.002, 0.002 * (1 - 2 ** -0.5)])
 
@@ -202,7 +205,7 @@ def test_reference_recipe_file_restores_the_references_training_and_sampling(wor
     """configs/reference_recipe.json after another config file: the later --config wins, flags win over both."""
     (workdir / "mine.json").write_text(json.dumps({"ema_start": 5, "lr": 0.005}))
     ddpm_conditional.main(TINY + ["--config", "mine.json", "--config", str(REPO / "configs" / "reference_recipe.json"),
-                                  "--run_name", "Ref", "--n_per_class", "1", "--lr_warmup", "1"])
+                                  "--run_name", "Ref", "--n_per_row", "1", "--lr_warmup", "1"])
     config = json.loads((workdir / "results" / "Ref" / "config.json").read_text())
     assert (config["ema_start"], config["ema_warmup"], config["grad_clip"], config["clip_x0"]) == (2000, False, None,
                                                                                                    False)
@@ -241,7 +244,7 @@ def test_data_on_the_device_trains_exactly_as_the_dataloader(workdir, dataset, c
     data_args = [] if dataset == "shapes" else noise_folder(workdir / "pets")
     runs = {}
     for on_device in ("false", "true"):
-        ddpm_conditional.main(TINY + data_args + ["--run_name", on_device, "--n_per_class", "1", "--max_steps", "5",
+        ddpm_conditional.main(TINY + data_args + ["--run_name", on_device, "--n_per_row", "1", "--max_steps", "5",
                                                   "--data_on_device", on_device])
         runs[on_device] = load_checkpoint(workdir / "models" / on_device / "training_state.pt")
     assert runs["true"]["losses"] == runs["false"]["losses"] and len(runs["true"]["losses"]) == 5
@@ -250,7 +253,7 @@ def test_data_on_the_device_trains_exactly_as_the_dataloader(workdir, dataset, c
     assert "(--data_on_device false)" in printed and "items held on cpu" in printed
 
 
-FLIPS_ON_DEVICE = ["--augment", "flip", "--n_per_class", "1", "--data_on_device", "true"]
+FLIPS_ON_DEVICE = ["--augment", "flip", "--n_per_row", "1", "--data_on_device", "true"]
 
 
 def test_data_on_the_device_resumes_exactly_with_its_random_flips(workdir):
@@ -263,36 +266,6 @@ def test_data_on_the_device_resumes_exactly_with_its_random_flips(workdir):
                          for name in ("straight", "resumed"))
     assert resumed["losses"] == straight["losses"] and resumed["step"] == 4
     assert all(torch.equal(v, straight["model"][k]) for k, v in resumed["model"].items())
-
-
-def test_max_steps_stops_mid_epoch_and_resume_continues_step_and_optimizer(workdir):
-    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_class", "1"])
-    first = load_checkpoint(workdir / "models" / "R" / "training_state.pt")
-    assert (first["step"], first["epoch"], first["batches_done"]) == (2, 0, 2)
-    adam_step = first["optimizer"]["state"][0]["step"].item()
-    assert adam_step == 2
-    ddpm_conditional.main(TINY[:-10] + ["--max_steps", "5"] + TINY[-8:] + ["--run_name", "R", "--n_per_class", "1",
-                                                                            "--resume"])
-    second = load_checkpoint(workdir / "models" / "R" / "training_state.pt")
-    assert second["step"] == 5 and len(second["losses"]) == 5
-    assert second["losses"][:2] == first["losses"]
-    assert second["optimizer"]["state"][0]["step"].item() == 5
-    assert (second["epoch"], second["batches_done"]) == (1, 1)  # 4 batches per epoch: 5 = 4 + 1
-
-
-def test_resume_refuses_a_changed_config_and_says_what_differs(workdir):
-    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_class", "1"])
-    with pytest.raises(UsageError, match=r"lr: 0\.0003 \(saved\) != 0\.001 \(now\)"):
-        ddpm_conditional.main(TINY + ["--run_name", "R", "--resume", "--lr", "0.001"])
-
-
-def test_a_run_never_overwrites_another_runs_checkpoints(workdir):
-    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_class", "1"])
-    ckpt = workdir / "models" / "R" / "ckpt.pt"
-    before = ckpt.read_bytes()
-    with pytest.raises(UsageError, match=r"already holds a run: pass --resume .* --overwrite"):
-        ddpm_conditional.main(TINY + ["--run_name", "R", "--seed", "3"])
-    assert ckpt.read_bytes() == before
 
 
 @pytest.mark.parametrize("args, message", [
@@ -333,7 +306,7 @@ def run_script(args, cwd):
 
 
 def test_cli_subprocess_run_and_errors_exit_non_zero_with_one_line(tmp_path):
-    done = run_script(TINY + ["--run_name", "S", "--n_per_class", "1"], tmp_path)
+    done = run_script(TINY + ["--run_name", "S", "--n_per_row", "1"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "results" / "S" / "0_ema.jpg").is_file()
     for args, code, needle in [(["--image_size", "12"], 2, "image_size 12 is not divisible by 8"),
@@ -352,7 +325,7 @@ def test_the_launchers_mixed_precision_stands_unless_the_flag_is_given(tmp_path)
     for args, expected in [([], "bf16 (the launcher)"), (["--mixed_precision", "no"], "no (--mixed_precision)")]:
         run_name = expected.split()[0]
         done = subprocess.run([sys.executable, str(REPO / "ddpm_conditional.py"), *TINY, "--run_name", run_name,
-                               "--n_per_class", "1", "--max_steps", "1", *args], cwd=tmp_path, env=env,
+                               "--n_per_row", "1", "--max_steps", "1", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"mixed precision {expected}" in done.stdout
@@ -390,6 +363,41 @@ def test_the_data_set_is_built_by_the_main_process_first(monkeypatch):
     cfg = training.parse_config(ddpm_conditional.Config, TINY)
     training.image_task(cfg, accelerator, conditional=True)
     assert opened == [True]
+
+
+def test_drop_labels_sets_the_null_label_at_the_rate_p_uncond_and_keeps_the_other_labels():
+    """Over 20000 rows the fraction set to NULL_LABEL is p_uncond (within 4 standard deviations of the binomial), the
+    other rows keep their label, the input is left as it was; p 0 keeps every label, p 1 drops every one."""
+    labels = torch.arange(20000) % 10
+    before = labels.clone()
+    torch.manual_seed(0)
+    for p in (0.1, 0.5, 0.9):
+        dropped = training.drop_labels(labels, p)
+        null = dropped == NULL_LABEL
+        assert dropped.shape == labels.shape and dropped.dtype == labels.dtype
+        assert abs(null.float().mean().item() - p) < 4 * (p * (1 - p) / len(labels)) ** 0.5, p
+        assert torch.equal(dropped[~null], labels[~null])
+    assert torch.equal(labels, before)
+    assert torch.equal(training.drop_labels(labels, 0.0), labels)
+    assert (training.drop_labels(labels, 1.0) == NULL_LABEL).all()
+
+
+def test_the_class_conditional_task_drops_labels_at_p_uncond_and_the_unconditional_task_has_none():
+    """image_task's make_batch: the images pass as they are; the class-conditional task's labels come back with the
+    --p_uncond fraction set to NULL_LABEL, the unconditional task's conditioning is None."""
+    images, labels = torch.randn(4000, 3, 16, 16), torch.arange(4000) % 10
+    p = 0.3
+    cfg = training.parse_config(ddpm_conditional.Config, TINY + ["--p_uncond", str(p)])
+    task = training.image_task(cfg, RecordingAccelerator(), conditional=True)
+    torch.manual_seed(0)
+    x_0, dropped = task.make_batch((images, labels))
+    null = dropped == NULL_LABEL
+    assert torch.equal(x_0, images)
+    assert abs(null.float().mean().item() - p) < 4 * (p * (1 - p) / len(labels)) ** 0.5
+    assert torch.equal(dropped[~null], labels[~null])
+    cfg = training.parse_config(ddpm.Config, TINY)
+    x_0, conditioning = training.image_task(cfg, RecordingAccelerator(), conditional=False).make_batch((images, labels))
+    assert torch.equal(x_0, images) and conditioning is None
 
 
 def test_on_a_gpu_batches_copy_without_waiting_and_collectives_wait_for_the_main_process(monkeypatch):
@@ -436,11 +444,9 @@ def test_the_conditional_model_learns_the_shapes_classes(workdir):
     one thread. The other conditioning modes are measured by `configs/compare_conditioning.json`, not here:
     cross-attention learns in train_sd.py's test of the colour.
     """
-    import sample
-
     ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "1300",
-                           "--run_name", "learn", "--n_per_class", "1", "--report_to", "none"])
-    model, _, saved = sample.load_model(str(workdir / "models" / "learn" / "ema_ckpt.pt"))
+                           "--run_name", "learn", "--n_per_row", "1", "--report_to", "none"])
+    model, _, saved = checkpoints.load_model(str(workdir / "models" / "learn" / "ema_ckpt.pt"))
     assert (saved["prediction_type"], saved["schedule"]) == ("v_prediction", "cosine")  # the preset's recipe
     labels = torch.arange(10).repeat_interleave(10)
     diffusion = Diffusion.from_settings(saved, 16, clip_x0=True)  # the scripts' sampler, with the run's schedule
@@ -454,7 +460,7 @@ def test_the_conditional_model_learns_the_shapes_classes(workdir):
 def test_each_conditioning_mode_trains_resumes_and_samples_with_and_without_guidance(workdir, conditioning):
     import sample
 
-    args = TINY[:-10] + TINY[-8:] + ["--n_per_class", "1", "--conditioning", conditioning]
+    args = TINY[:-10] + TINY[-8:] + ["--n_per_row", "1", "--conditioning", conditioning]
     ddpm_conditional.main(args + ["--run_name", "M", "--max_steps", "2"])
     ddpm_conditional.main(args + ["--run_name", "M", "--max_steps", "3", "--resume"])
     ddpm_conditional.main(args + ["--run_name", "whole", "--max_steps", "3"])  # the same run, uninterrupted
@@ -468,7 +474,7 @@ def test_each_conditioning_mode_trains_resumes_and_samples_with_and_without_guid
     for cfg_scale in ("3", "0"):
         out = workdir / f"grid_{cfg_scale}.png"
         samples[cfg_scale] = sample.main(["--ckpt", str(workdir / "models" / "M" / "ema_ckpt.pt"), "--labels", "0,9",
-                                          "--n_per_label", "2", "--cfg_scale", cfg_scale, "--sampler", "ddim",
+                                          "--n_per_row", "2", "--cfg_scale", cfg_scale, "--sampler", "ddim",
                                           "--steps", "2", "--out", str(out)])
         assert samples[cfg_scale].shape == (4, 3, 16, 16) and out.is_file()
     assert not torch.equal(samples["3"], samples["0"])  # the label reaches the network, and guidance uses it
@@ -480,7 +486,7 @@ def test_dit_trains_resumes_and_samples_through_the_one_loop(workdir, script):
     run ends with the weights of an uninterrupted one, and sample.py rebuilds the DiT from the weights and config."""
     import sample
 
-    grid = ["--n_per_class", "1"] if script is ddpm_conditional else ["--n_samples", "2"]
+    grid = ["--n_per_row", "1"] if script is ddpm_conditional else ["--n_samples", "2"]
     args = TINY + grid + ["--backbone", "dit", "--dit_size", "dit-n", "--patch_size", "4"]
     script.main(args + ["--run_name", "D", "--max_steps", "2"])
     script.main(args + ["--run_name", "D", "--max_steps", "3", "--resume"])
@@ -495,10 +501,10 @@ def test_dit_trains_resumes_and_samples_through_the_one_loop(workdir, script):
         for key, tensor in resumed.items():
             assert torch.equal(tensor, whole[key]), f"{name} {key}: the resumed run's weights differ"
     ckpt = str(workdir / "models" / "D" / "ema_ckpt.pt")
-    model, arch, _ = sample.load_model(ckpt)
+    model, arch, _ = checkpoints.load_model(ckpt)
     assert type(model).__name__ == "DiT" and (arch["patch_size"], arch["depth"], arch["dim"]) == (4, 4, 64)
     assert arch["num_classes"] == (10 if script is ddpm_conditional else None)
-    flags = ["--labels", "0,9", "--n_per_label", "2"] if script is ddpm_conditional else ["--n", "4"]
+    flags = ["--labels", "0,9", "--n_per_row", "2"] if script is ddpm_conditional else ["--n_samples", "4"]
     images = sample.main(["--ckpt", ckpt, *flags, "--sampler", "ddim", "--steps", "2", "--out",
                           str(workdir / "grid.png")])
     assert images.shape == (4, 3, 16, 16) and (workdir / "grid.png").is_file()
@@ -532,19 +538,18 @@ def test_dit_learns_the_shapes_classes_within_a_few_hundred_steps(workdir):
     samples were still at chance (0.09 by the shape judge) after 300 steps, and reached 0.36 only with patch size 2
     after 400 steps (about 4x the compute): the judge of samples is the backbone comparison of docs/dit.md.
     """
-    import sample
     from data import ShapesDataset
 
     ddpm_conditional.main(["--config", str(REPO / "configs" / "quick_cpu.json"), "--max_steps", "300",
                            "--backbone", "dit", "--dit_size", "dit-t", "--patch_size", "4", "--run_name", "learn",
                            "--prediction_type", "epsilon", "--schedule", "linear",  # the eps error is the judge
-                           "--n_per_class", "1", "--sampler", "ddim", "--sample_steps", "2", "--report_to", "none"])
-    model, arch, _ = sample.load_model(str(workdir / "models" / "learn" / "ema_ckpt.pt"))
+                           "--n_per_row", "1", "--sampler", "ddim", "--sample_steps", "2", "--report_to", "none"])
+    model, arch, _ = checkpoints.load_model(str(workdir / "models" / "learn" / "ema_ckpt.pt"))
     assert arch["backbone"] == "dit"
     fresh = ShapesDataset(16, size=100, seed=7)  # images the run never saw
     images = torch.stack([fresh[i][0] for i in range(100)])
     labels = torch.tensor([fresh[i][1] for i in range(100)])
-    accuracy = denoising_class_accuracy(model, Diffusion(img_size=16), images, labels, 10)
+    accuracy = denoising_class_accuracy(model, Diffusion(image_size=16), images, labels, 10)
     print(f"denoising class accuracy of the DiT after 300 steps: {accuracy:.2f} (chance 0.10)")
     assert accuracy >= 0.2
 
@@ -573,13 +578,13 @@ def test_a_grey_folder_trains_a_grey_network_and_sample_and_evaluate_follow(work
 
     grey_folder(workdir / "digits")
     folder = ["--dataset", "imagefolder", "--dataset_path", "digits"]
-    ddpm_conditional.main(TINY + folder + ["--run_name", "G", "--n_per_class", "2"])
+    ddpm_conditional.main(TINY + folder + ["--run_name", "G", "--n_per_row", "2"])
     config = json.loads((workdir / "models" / "G" / "config.json").read_text())
     assert config["channels"] == 1
     weights = load_checkpoint(workdir / "models" / "G" / "ema_ckpt.pt")
     assert weights["inc.double_conv.0.weight"].shape[1] == 1 and weights["outc.weight"].shape[0] == 1
     assert (workdir / "results" / "G" / "0_ema.jpg").is_file()
-    images = sample.main(["--ckpt", "models/G/ema_ckpt.pt", "--n_per_label", "2", "--sampler", "ddim", "--steps", "2",
+    images = sample.main(["--ckpt", "models/G/ema_ckpt.pt", "--n_per_row", "2", "--sampler", "ddim", "--steps", "2",
                           "--out", "grid.png", "--save_individual", "single", "--device", "cpu"])
     assert images.shape == (4, 1, 16, 16)
     with Image.open(workdir / "single" / "0_0.png") as single:
@@ -601,25 +606,15 @@ def test_a_grey_dit_trains_with_checkpointing_and_another_target_and_sample_rebu
 
     grey_folder(workdir / "digits")
     ddpm_conditional.main(TINY + ["--dataset", "imagefolder", "--dataset_path", "digits", "--run_name", "GD",
-                                  "--n_per_class", "1", "--backbone", "dit", "--dit_size", "dit-n", "--patch_size",
+                                  "--n_per_row", "1", "--backbone", "dit", "--dit_size", "dit-n", "--patch_size",
                                   "4", "--gradient_checkpointing", "true", "--prediction_type", "v_prediction"])
     config = json.loads((workdir / "models" / "GD" / "config.json").read_text())
     assert (config["channels"], config["backbone"], config["prediction_type"]) == (1, "dit", "v_prediction")
     weights = load_checkpoint(workdir / "models" / "GD" / "ema_ckpt.pt")
     assert weights["patch_embed.weight"].shape[1] == 4 * 4 * 1 and weights["out.weight"].shape[0] == 4 * 4 * 1
-    images = sample.main(["--ckpt", "models/GD/ema_ckpt.pt", "--labels", "0,1", "--n_per_label", "1", "--sampler",
+    images = sample.main(["--ckpt", "models/GD/ema_ckpt.pt", "--labels", "0,1", "--n_per_row", "1", "--sampler",
                           "ddim", "--steps", "2", "--out", "grid.png", "--device", "cpu"])
     assert images.shape == (2, 1, 16, 16)
-
-
-def test_a_run_saved_before_channels_existed_resumes_as_rgb(workdir):
-    ddpm_conditional.main(TINY + ["--run_name", "old", "--max_steps", "1"])
-    path = workdir / "models" / "old" / "training_state.pt"
-    state = load_checkpoint(path)
-    assert state["config"].pop("channels") == 3
-    torch.save(state, path)
-    done = ddpm_conditional.main(TINY + ["--run_name", "old", "--resume"])
-    assert done["step"] == 2
 
 
 # ----------------------------------------------------------------------------- experiment tracking (--report_to)
@@ -695,3 +690,177 @@ def test_wandb_is_offline_unless_logged_in(workdir, monkeypatch, login, mode):
     assert (wandb.name, wandb.run_name) == ("wandb", training.WANDB_PROJECT)
     assert wandb.init_kwargs == {"name": "W", "dir": "results/W", "mode": mode}
 
+
+# ----------------------------------------------------------------------------- checkpoints: the run's files
+# checkpoints.run_dirs, save_run, save_kept and restore_run, through the scripts
+def test_a_run_writes_its_summary_to_training_json(workdir):
+    """results/<run>/training.json (what compare.py reads of a run): its steps, epoch, skipped steps, seconds, and
+    stopped null for a run that reached its end."""
+    done = ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_row", "1"])
+    summary = json.loads((workdir / "results" / "R" / "training.json").read_text())
+    assert set(summary) == {"step", "epoch", "skipped", "stopped", "train_seconds", "train_cpu_seconds"}
+    assert (summary["step"], summary["epoch"], summary["skipped"], summary["stopped"]) == (2, 0, 0, None)
+    assert summary["train_seconds"] > 0 and summary["train_cpu_seconds"] > 0
+    assert summary == {key: done[key] for key in summary}
+
+
+def test_max_steps_stops_mid_epoch_and_resume_continues_step_and_optimizer(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_row", "1"])
+    first = load_checkpoint(workdir / "models" / "R" / "training_state.pt")
+    assert (first["step"], first["epoch"], first["batches_done"]) == (2, 0, 2)
+    adam_step = first["optimizer"]["state"][0]["step"].item()
+    assert adam_step == 2
+    ddpm_conditional.main(TINY[:-10] + ["--max_steps", "5"] + TINY[-8:] + ["--run_name", "R", "--n_per_row", "1",
+                                                                            "--resume"])
+    second = load_checkpoint(workdir / "models" / "R" / "training_state.pt")
+    assert second["step"] == 5 and len(second["losses"]) == 5
+    assert second["losses"][:2] == first["losses"]
+    assert second["optimizer"]["state"][0]["step"].item() == 5
+    assert (second["epoch"], second["batches_done"]) == (1, 1)  # 4 batches per epoch: 5 = 4 + 1
+
+
+def test_resume_restores_the_ema_as_an_uninterrupted_run_has_it(workdir):
+    """A run stopped at step 2 and resumed to step 4 writes the ema_ckpt.pt of a run trained to step 4 at once: the
+    EMA weights and the EMA's count of updates (which sets its warm-up decay) are restored, not only the model's."""
+    args = TINY + ["--n_per_row", "1", "--max_steps"]
+    ddpm_conditional.main(args + ["2", "--run_name", "resumed"])
+    ddpm_conditional.main(args + ["4", "--run_name", "resumed", "--resume"])
+    ddpm_conditional.main(args + ["4", "--run_name", "whole"])
+    resumed, whole = ({name: load_checkpoint(workdir / "models" / run / name) for name in
+                       ("ema_ckpt.pt", "ckpt.pt", "training_state.pt")} for run in ("resumed", "whole"))
+    assert resumed["training_state.pt"]["ema_state"] == whole["training_state.pt"]["ema_state"]
+    ema, model = whole["ema_ckpt.pt"], whole["ckpt.pt"]
+    assert not all(torch.equal(tensor, model[key]) for key, tensor in ema.items())  # the EMA is not the model
+    assert resumed["ema_ckpt.pt"].keys() == ema.keys()
+    for key, tensor in resumed["ema_ckpt.pt"].items():
+        assert torch.equal(tensor, ema[key]), f"ema_ckpt.pt {key}: the resumed run's EMA differs"
+
+
+def test_resume_refuses_a_changed_config_and_says_what_differs(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_row", "1"])
+    with pytest.raises(UsageError, match=r"lr: 0\.0003 \(saved\) != 0\.001 \(now\)"):
+        ddpm_conditional.main(TINY + ["--run_name", "R", "--resume", "--lr", "0.001"])
+
+
+def test_resume_accepts_a_change_of_the_resumable_fields(workdir):
+    """The fields declared resumable (utils.arg) may change on --resume: how long the run goes and how it draws its
+    grids (cfg_scale: in every script now)."""
+    assert {"max_steps", "cfg_scale", "n_per_row"} <= utils.resumable_fields(ddpm_conditional.Config)
+    assert "lr" not in utils.resumable_fields(ddpm_conditional.Config)
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_row", "1"])
+    done = ddpm_conditional.main(TINY + ["--run_name", "R", "--resume", "--max_steps", "3", "--cfg_scale", "5",
+                                         "--n_per_row", "2"])
+    assert done["step"] == 3
+    assert load_checkpoint(workdir / "models" / "R" / "training_state.pt")["config"]["cfg_scale"] == 5.0
+
+
+def test_a_run_never_overwrites_another_runs_checkpoints(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_row", "1"])
+    ckpt = workdir / "models" / "R" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(UsageError, match=r"already holds a run: pass --resume .* --overwrite"):
+        ddpm_conditional.main(TINY + ["--run_name", "R", "--seed", "3"])
+    assert ckpt.read_bytes() == before
+
+
+def test_save_kept_makes_path_the_newest_kept_file_and_keeps_the_last_k(tmp_path):
+    kept_dir, path = tmp_path / "checkpoints", tmp_path / "training_state.pt"
+    for step in range(1, 5):
+        checkpoints.save_kept({"step": step}, path, kept_dir, f"step_{step:09d}.pt", keep=2)
+        assert load_checkpoint(path)["step"] == step
+    assert sorted(os.listdir(kept_dir)) == ["step_000000003.pt", "step_000000004.pt"]
+    assert os.path.samefile(path, kept_dir / "step_000000004.pt")
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_step_checkpoints_keep_the_last_k(workdir):
+    """8 steps with --checkpoint_every 3 save at steps 3, 6 and 8 (the end); keep_checkpoints 2 keeps 6 and 8."""
+    ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_row", "1", "--max_steps", "8", "--checkpoint_every",
+                                  "3"])
+    models = workdir / "models" / "R"
+    kept = sorted(os.listdir(models / "checkpoints"))
+    assert kept == ["step_000000006.pt", "step_000000008.pt"]  # keep_checkpoints 2
+    assert os.path.samefile(models / "training_state.pt", models / "checkpoints" / kept[-1])
+    assert load_checkpoint(models / "checkpoints" / kept[0])["step"] == 6
+
+
+def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_previous_one(workdir, monkeypatch):
+    save, count = torch.save, [0]
+
+    def disk_full_after_the_first_checkpoint(obj, f, *args, **kwargs):
+        count[0] += 1
+        if count[0] > 3:  # the first checkpoint: training state, ckpt.pt and ema_ckpt.pt
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_after_the_first_checkpoint)
+    with pytest.raises(checkpoints.TrainingError) as error:
+        ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_row", "1", "--max_steps", "4", "--checkpoint_every",
+                                      "2"])
+    message = str(error.value)
+    assert "\n" not in message and "could not write a checkpoint in models/R/ at step 4" in message
+    assert "No space left on device" in message and "intact" in message
+    models = workdir / "models" / "R"
+    assert load_checkpoint(models / "training_state.pt")["step"] == 2
+    assert sorted(os.listdir(models / "checkpoints")) == ["step_000000002.pt"]
+    assert not list(models.rglob("*.tmp"))
+
+
+def test_a_run_saved_before_channels_existed_resumes_as_rgb(workdir):
+    ddpm_conditional.main(TINY + ["--run_name", "old", "--max_steps", "1"])
+    path = workdir / "models" / "old" / "training_state.pt"
+    state = load_checkpoint(path)
+    assert state["config"].pop("channels") == 3
+    torch.save(state, path)
+    done = ddpm_conditional.main(TINY + ["--run_name", "old", "--resume"])
+    assert done["step"] == 2
+
+
+def test_a_run_saved_before_the_new_fields_resumes(workdir):
+    """A training state (and config.json) of a config without the fields added since is resumed with defaults."""
+    run = TINY + ["--run_name", "R", "--n_per_row", "1"]
+    ddpm_conditional.main(run)
+    path = workdir / "models" / "R" / "training_state.pt"
+    state = load_checkpoint(path)
+    new_fields = ("gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "print_every")
+    for name in new_fields + ("num_processes", "skipped"):
+        state["config"].pop(name, None)
+        state.pop(name, None)
+    utils.atomic_save(state, path)
+    ddpm_conditional.main(run + ["--max_steps", "3", "--resume"])
+    assert load_checkpoint(path)["step"] == 3
+    with pytest.raises(UsageError, match=r"gradient_accumulation_steps: 1 \(saved\) != 2 \(now\)"):
+        ddpm_conditional.main(run + ["--max_steps", "4", "--gradient_accumulation_steps", "2", "--resume"])
+
+
+def test_a_run_saved_under_the_old_field_names_resumes_and_samples(workdir):
+    """A run saved before the refactor: its training_state.pt and config.json name the grid field n_per_class and lack
+    channels (as runs before --channels, which were RGB), the keys of the pre-refactor ddpm_conditional.py config
+    recorded in tests/data/fixed_seed.json but for channels. sample.py loads its ema_ckpt.pt, and --resume with more
+    --max_steps continues it."""
+    import sample
+
+    recorded = json.loads((REPO / "tests" / "data" / "fixed_seed.json").read_text())
+    old_keys = set(recorded["runs"]["conditional_add"]["config"]) - {"channels"}
+    run = TINY + ["--run_name", "old", "--n_per_row", "1"]
+    ddpm_conditional.main(run)
+    models = workdir / "models" / "old"
+    state = load_checkpoint(models / "training_state.pt")
+    saved = json.loads((models / "config.json").read_text())
+    for config in (state["config"], saved):
+        config["n_per_class"] = config.pop("n_per_row")
+        del config["channels"]
+        assert set(config) == old_keys
+    utils.atomic_save(state, models / "training_state.pt")
+    utils.write_json(saved, models / "config.json")
+
+    images = sample.main(["--ckpt", str(models / "ema_ckpt.pt"), "--labels", "0,9", "--n_per_row", "2", "--sampler",
+                          "ddim", "--steps", "2", "--out", "old.png", "--device", "cpu"])
+    assert images.shape == (4, 3, 16, 16) and (workdir / "old.png").is_file()
+
+    done = ddpm_conditional.main(run + ["--max_steps", "4", "--resume"])
+    resumed = load_checkpoint(models / "training_state.pt")
+    assert done["step"] == resumed["step"] == 4
+    assert len(resumed["losses"]) == 4 and resumed["losses"][:2] == state["losses"]
+    assert (resumed["config"]["n_per_row"], resumed["config"]["channels"]) == (1, 3)

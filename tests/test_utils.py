@@ -1,9 +1,10 @@
-"""Tests for utils.py: config parsing, seeding, image files and grids, checkpoints."""
+"""Tests for utils.py: config parsing and composed configs, seeding, image files and grids, grid labels, torch files."""
 
 import dataclasses
 import json
 import os
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -126,6 +127,194 @@ def test_save_config_round_trip_and_diff(tmp_path):
     assert "lr: 0.001 (saved) != 0.0003 (now)" in lines
     assert not any(line.startswith("epochs") for line in lines)
     assert utils.diff_configs(saved, saved) == []
+
+
+# ----------------------------------------------------------------------------- field metadata and composed configs
+
+CHECKED = []  # the checks that validate() ran, in order
+
+
+@dataclasses.dataclass
+class Optim:
+    """A group with a check."""
+
+    lr: float = utils.arg(3e-4, "learning rate")
+    epochs: int = utils.arg(5, "passes over the data", resumable=True)
+
+    def validate(self):
+        CHECKED.append("Optim")
+        if self.lr <= 0:
+            raise UsageError(f"lr {self.lr} must be positive")
+
+
+@dataclasses.dataclass
+class Colour:
+    """A group without checks, with a field that runs saved before it existed did not have at its default."""
+
+    channels: int | None = utils.arg(None, "image channels (None: the data set's)", absent=3)
+
+
+@dataclasses.dataclass
+class Grid:
+    """A group with a renamed field."""
+
+    n_per_row: int = utils.arg(8, "images in each grid row", resumable=True, old_names=("n_per_class", "n_samples"))
+    prompt: list[str] = utils.arg(["a red circle"], "prompts of the grid")
+
+    def validate(self):
+        CHECKED.append("Grid")
+
+
+@utils.configclass(Optim, Colour, Grid)
+class Script:
+    loss: str = utils.arg("l1", "l1 | mse")
+    n_samples: int = utils.arg(16, "images of an unconditional grid")  # its own field, though an old name of n_per_row
+    epochs = 50
+    SCALE = 2  # a constant, no field
+
+    def validate(self):
+        CHECKED.append("Script")
+        if self.loss not in ("l1", "mse"):
+            raise UsageError(f"loss '{self.loss}' is unknown: use l1 or mse")
+
+    def double_lr(self):
+        return 2 * self.lr
+
+
+def test_arg_keeps_the_help_and_the_field_options_in_its_metadata():
+    assert dict(dataclasses.fields(DemoConfig)[0].metadata) == {
+        "help": "learning rate", "resumable": False, "old_names": (), "absent": dataclasses.MISSING}
+    field = utils.arg(8, "images per row", resumable=True, old_names=["n_per_class"], absent=3)
+    assert field.default == 8
+    assert dict(field.metadata) == {"help": "images per row", "resumable": True, "old_names": ("n_per_class",),
+                                    "absent": 3}
+
+
+def test_configclass_has_its_own_fields_then_each_groups_in_order():
+    fields = dataclasses.fields(Script)
+    assert [f.name for f in fields] == ["loss", "n_samples", "lr", "epochs", "channels", "n_per_row", "prompt"]
+    cfg = Script()
+    assert (cfg.loss, cfg.n_samples, cfg.lr, cfg.epochs, cfg.channels, cfg.n_per_row, cfg.prompt) == \
+        ("l1", 16, 3e-4, 50, None, 8, ["a red circle"])
+    assert Optim().epochs == 5  # `epochs = 50` set the Script's default, not the group's
+    epochs = fields[3]
+    assert epochs.metadata["help"] == "passes over the data" and epochs.metadata["resumable"]  # the group's field
+    hints = typing.get_type_hints(Script)
+    assert (hints["loss"], hints["lr"], hints["channels"], hints["prompt"]) == (str, float, int | None, list[str])
+    cfg.prompt.append("x")
+    assert Script().prompt == ["a red circle"]  # a list default is copied for every instance
+    assert Script.SCALE == 2 and Script(lr=0.25).double_lr() == 0.5  # constants and methods stay
+
+
+def test_configclass_refuses_a_name_that_is_no_field_and_a_group_field_declared_again():
+    with pytest.raises(TypeError, match="Bad sets lr_decay, which is no field of its groups"):
+        @utils.configclass(Optim, Grid)
+        class Bad:
+            lr_decay = "cosine"
+    with pytest.raises(TypeError, match=r"Bad.lr is a field of Optim: set its default with `lr = value`"):
+        @utils.configclass(Optim, Grid)
+        class Bad:
+            lr: float = utils.arg(1e-3, "another learning rate")
+
+
+def test_validate_runs_the_groups_checks_in_order_then_the_classs_own():
+    CHECKED.clear()
+    cfg = Script()
+    assert cfg.validate() is cfg
+    assert CHECKED == ["Optim", "Grid", "Script"]  # Colour has no checks
+    CHECKED.clear()
+    with pytest.raises(UsageError, match="lr -1 must be positive"):
+        Script(lr=-1).validate()
+    assert CHECKED == ["Optim"]  # the first failing check ends it
+    CHECKED.clear()
+    with pytest.raises(UsageError, match="loss 'l2' is unknown"):
+        Script(loss="l2").validate()
+    assert CHECKED == ["Optim", "Grid", "Script"]
+
+    @utils.configclass(Grid, Optim)
+    class GroupsOnly:
+        pass
+
+    CHECKED.clear()
+    GroupsOnly().validate()
+    assert CHECKED == ["Grid", "Optim"]
+
+
+def test_parse_config_runs_validate_on_the_parsed_values(tmp_path):
+    CHECKED.clear()
+    assert utils.parse_config(Script, ["--loss", "mse"]).loss == "mse"
+    assert CHECKED == ["Optim", "Grid", "Script"]
+    with pytest.raises(UsageError, match=r"lr -1.0 must be positive"):
+        utils.parse_config(Script, ["--lr", "-1"])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"loss": "l2"}))
+    with pytest.raises(UsageError, match="loss 'l2' is unknown"):
+        utils.parse_config(Script, ["--config", str(path)])
+
+
+def test_an_old_name_parses_as_a_flag_with_a_note(capsys):
+    assert utils.old_names(Script) == {"n_per_class": "n_per_row"}  # n_samples is a field of Script's own
+    cfg, flags = utils.parse_config(Script, ["--n_per_class", "3"], extra=[])
+    assert cfg.n_per_row == 3 and cfg.n_samples == 16 and flags.given == {"n_per_row"}
+    assert capsys.readouterr().err == "note: --n_per_class is now --n_per_row; the old name still works\n"
+    cfg = utils.parse_config(Script, ["--n_samples", "4"])
+    assert (cfg.n_samples, cfg.n_per_row) == (4, 8)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as info:
+        utils.parse_config(Script, ["--n_per_class", "many"])
+    assert info.value.code == 2 and "'many'" in capsys.readouterr().err
+
+
+def test_an_old_name_parses_as_a_config_file_key_with_a_note(tmp_path, capsys):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"n_per_class": 5}))
+    assert utils.parse_config(Script, ["--config", str(path)]).n_per_row == 5
+    assert capsys.readouterr().err == \
+        f"note: config file '{path}': n_per_class is now n_per_row; the old name still works\n"
+    path.write_text(json.dumps({"n_per_class": "many"}))
+    with pytest.raises(UsageError, match="n_per_row should be int, got 'many'"):
+        utils.parse_config(Script, ["--config", str(path)])
+
+
+def test_help_lists_the_new_names_and_not_the_old_ones(capsys):
+    with pytest.raises(SystemExit) as info:
+        utils.parse_config(Script, ["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(Script):
+        assert f"--{field.name}" in out
+    assert "images in each grid row (default: 8)" in out
+    assert "--n_per_class" not in out
+
+
+def test_saved_config_reads_old_names_and_fills_the_fields_a_run_did_not_have():
+    saved = {"n_per_class": 4, "lr": 0.1, "loss": "mse"}  # a run saved before the rename and before `channels`
+    assert utils.saved_config(saved, Script) == {"n_per_row": 4, "lr": 0.1, "loss": "mse", "n_samples": 16,
+                                                 "epochs": 50, "channels": 3, "prompt": ["a red circle"]}
+    assert saved == {"n_per_class": 4, "lr": 0.1, "loss": "mse"}  # the saved dict is left as it was
+    with_channels = utils.saved_config({"channels": None, "n_per_row": 2}, Script)
+    assert (with_channels["channels"], with_channels["n_per_row"]) == (None, 2)  # a value the run had is kept
+    assert Script(**utils.saved_config({}, Script)) == Script(channels=3)
+
+
+def test_resumable_fields_are_those_marked_resumable():
+    assert utils.resumable_fields(Script) == {"epochs", "n_per_row"}
+    assert utils.resumable_fields(DemoConfig) == set()
+
+
+# ----------------------------------------------------------------------------- grid labels
+
+def test_grid_labels_are_each_label_n_per_row_times_one_row_each():
+    labels = utils.grid_labels(3, 2)
+    assert labels.dtype == torch.long and labels.tolist() == [0, 0, 1, 1, 2, 2]  # every class by default
+    assert utils.grid_labels(5, 3, labels=[4, 1]).tolist() == [4, 4, 4, 1, 1, 1]  # the given labels, in their order
+    assert utils.grid_labels(2, 1, device="meta").device.type == "meta"
+
+
+@pytest.mark.parametrize("label", [5, -1])
+def test_a_grid_label_outside_the_classes_is_a_usage_error(label):
+    with pytest.raises(UsageError, match=rf"label {label} is outside the model's 5 classes: use 0\.\.4"):
+        utils.grid_labels(5, 2, labels=[0, label])
 
 
 # ----------------------------------------------------------------------------- seeding, device, CLI
@@ -297,7 +486,7 @@ def test_plot_loss_writes_png(tmp_path):
     assert os.path.getsize(tmp_path / "empty.png") > 0
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- torch files
 
 def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
@@ -343,25 +532,3 @@ def test_load_checkpoint_names_a_refused_object(tmp_path):
     torch.save({"config": _Pickled()}, path)
     with pytest.raises(UsageError, match="_Pickled object, which weights_only loading refuses"):
         utils.load_checkpoint(path)
-
-
-def test_load_state_dict_strict_mismatch_and_prefix():
-    small = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    wide = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2), torch.nn.ReLU())
-    with pytest.raises(UsageError) as info:
-        utils.load_state_dict_strict(small, wide.state_dict(), what="ema checkpoint")
-    message = str(info.value)
-    assert "0.weight: (16, 4) in ema checkpoint vs (8, 4) in model" in message
-    assert "--base_channels" in message and "\n" not in message
-
-    extra = dict(small.state_dict(), **{"2.weight": torch.zeros(1)})
-    with pytest.raises(UsageError, match="1 unexpected keys"):
-        utils.load_state_dict_strict(small, extra)
-
-    source = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    compiled = {"_orig_mod." + k: v for k, v in source.state_dict().items()}
-    utils.load_state_dict_strict(small, compiled)
-    assert torch.equal(small[0].weight, source[0].weight)
-    ddp = {"module." + k: v * 2 for k, v in source.state_dict().items()}
-    utils.load_state_dict_strict(small, ddp)
-    assert torch.equal(small[1].bias, source[1].bias * 2)

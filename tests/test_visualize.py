@@ -15,8 +15,10 @@ sys.path.insert(0, REPO)
 import ddpm_conditional  # noqa: E402
 import train_sd  # noqa: E402
 import visualize  # noqa: E402
-from ddpm import SAMPLERS  # noqa: E402
-from modules import DIT_SIZES, DiT, UNet, UNet_conditional  # noqa: E402
+from config import network_arch  # noqa: E402
+from diffusion import SAMPLERS  # noqa: E402
+from latents import load_latents, load_text_encoder  # noqa: E402
+from modules import DIT_SIZES, DiT, UNet, UNet_conditional, build_network  # noqa: E402
 from utils import UsageError, parse_config, run_cli, save_config, to_uint8  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "3"]
@@ -67,16 +69,17 @@ def uncond_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text_ckpt(tmp_path_factory):
+def text_ckpt(tmp_path_factory, tiny_sd_models):
     """A train_sd.py run on the tiny random VAE (factor 2, 4 latent channels) and CLIP: 16 px images, 8 px latents."""
     root = tmp_path_factory.mktemp("text")
-    vae, text_encoder = train_sd.make_tiny_models(str(root / "tiny"))
-    cfg = parse_config(train_sd.Config, ["--vae", vae, "--text_encoder", text_encoder, "--dataset", "shapes",
-                                         "--image_size", "16", "--base_channels", "8", "--noise_steps", "200",
-                                         "--prompt", "a photo of a red circle", "--run_name", "S"])
-    latents, text = train_sd.load_frozen(cfg, "cpu")
+    cfg = parse_config(train_sd.Config, ["--vae", tiny_sd_models["vae"], "--text_encoder",
+                                         tiny_sd_models["text_encoder"], "--dataset", "shapes", "--image_size", "16",
+                                         "--base_channels", "8", "--noise_steps", "200", "--prompt",
+                                         "a photo of a red circle", "--run_name", "S"])
+    latents = load_latents(cfg.vae, "cpu", cfg.mixed_precision, cfg.channels or 3)
+    text = load_text_encoder(cfg.text_encoder, cfg.conditioning, "cpu", cfg.mixed_precision)
     torch.manual_seed(0)
-    net = train_sd.build_network(cfg, latents, text)
+    net = build_network(network_arch(cfg, latents.channels, context_dim=text.dim))
     run_dir = root / "models" / "S"
     run_dir.mkdir(parents=True)
     torch.save(net.state_dict(), run_dir / "ema_ckpt.pt")
@@ -154,8 +157,9 @@ def test_default_path_is_results_run_name_mode_and_noising_needs_no_checkpoint(t
 
 # ----------------------------------------------------------------------------- what the cells show
 def test_noising_rows_lose_the_image_as_t_grows_with_one_eps_per_row():
-    cells, titles, names, title = visualize.noising(options(["--n", "3", "--frames", "6"]), {"noise_steps": 200,
-                                                    "image_size": 16, "dataset": "shapes"}, "cpu")
+    cfg = options(["--mode", "noising", "--n", "3", "--frames", "6"])  # parse_config validates: noising needs no --ckpt
+    cells, titles, names, title = visualize.noising(cfg, {"noise_steps": 200, "image_size": 16, "dataset": "shapes"},
+                                                    "cpu")
     assert titles[0] == "x_0" and titles[1].startswith("t=40\n") and titles[-1].startswith("t=199\n")
     assert len(cells) == 3 and "T=200" in title
     for row in cells:
@@ -205,7 +209,7 @@ def test_a_dit_checkpoint_is_rebuilt_and_guided_like_a_unet(dit_ckpt, tmp_path):
 def test_text_checkpoint_trajectory_and_guidance_decode_latents_through_the_vae(text_ckpt, tmp_path):
     cfg = options(["--ckpt", text_ckpt, "--frames", "2", *FAST])
     loaded = visualize.load(cfg, cfg.ckpt, "cpu")
-    assert loaded.diffusion.c_in == 4 and loaded.diffusion.img_size == 8  # the U-Net runs on latents
+    assert loaded.diffusion.c_in == 4 and loaded.diffusion.image_size == 8  # the U-Net runs on latents
     cells, titles, _, title = visualize.trajectory(cfg, loaded)
     assert '"a photo of a red circle"' in title
     assert all(cell.shape == (3, 16, 16) for cell in cells[0] + cells[1][:-1])  # decoded pixels, not latents
@@ -218,7 +222,7 @@ def test_text_checkpoint_trajectory_and_guidance_decode_latents_through_the_vae(
 def test_a_latent_class_run_is_decoded_through_its_vae(latent_run, tmp_path):
     cfg = options(["--ckpt", latent_run["ckpt"], "--label", "1", "--frames", "2", *FAST])
     loaded = visualize.load(cfg, cfg.ckpt, "cpu")
-    assert loaded.diffusion.c_in == 4 and loaded.diffusion.img_size == 8  # the U-Net runs on latents
+    assert loaded.diffusion.c_in == 4 and loaded.diffusion.image_size == 8  # the U-Net runs on latents
     cells, _, _, title = visualize.trajectory(cfg, loaded)
     assert "class 1" in title
     assert all(cell.shape == (3, 16, 16) for cell in cells[0] + cells[1][:-1])  # decoded pixels, not latents
@@ -260,6 +264,14 @@ def test_bad_input_is_one_line_and_exit_2(cond_ckpt, uncond_ckpt, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_a_text_checkpoint_takes_a_prompt_not_a_label(text_ckpt, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert run_main(["trajectory", "--ckpt", text_ckpt, "--label", "1", "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "this is a train_sd.py (text) checkpoint: drop --label and pass --prompt" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
 
 
 def test_compare_raw_needs_ckpt_pt_beside(cond_ckpt, tmp_path, capsys):

@@ -1,11 +1,11 @@
-"""Tests for the samplers of ddpm.Diffusion: the DDPM step against diffusers, timesteps, guidance, seeds, errors,
+"""Tests for the samplers of diffusion.Diffusion: the DDPM step against diffusers, timesteps, guidance, seeds, errors,
 and an analytic oracle (data that is one point) that every sampler must reproduce."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from ddpm import DEFAULT_STEPS, PREDICTION_TYPES, SAMPLERS, Diffusion
+from diffusion import DEFAULT_STEPS, PREDICTION_TYPES, SAMPLERS, Diffusion
 from modules import NULL_LABEL, UNet_conditional
 
 NUM_CLASSES = 3
@@ -66,7 +66,7 @@ class SeparateGuidance(nn.Module):
 
 @pytest.fixture(scope="module")
 def diffusion():
-    return Diffusion(img_size=8)
+    return Diffusion(image_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_p_sample_step_equals_diffusers_ddpm_step(diffusion, t):
 # ----------------------------------------------------------------------------- output, timesteps, calls
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_sample_returns_uint8_images(sampler, tiny_unet):
-    diffusion = Diffusion(img_size=16)
+    diffusion = Diffusion(image_size=16)
     images = diffusion.sample(tiny_unet, 3, labels_for(3), 3, sampler=sampler, steps=2, seed=0, progress=False)
     assert images.dtype == torch.uint8
     assert images.shape == (3, 3, 16, 16)
@@ -156,7 +156,7 @@ def test_predict_eps_guidance_identity(diffusion):
 # ----------------------------------------------------------------------------- seeds and errors
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_same_seed_same_images_other_seed_other_images(sampler, tiny_unet):
-    diffusion = Diffusion(img_size=16)
+    diffusion = Diffusion(image_size=16)
 
     def run(seed):
         return diffusion.sample_x0(tiny_unet, 2, labels_for(2), 3, sampler=sampler, steps=3, seed=seed,
@@ -331,10 +331,10 @@ def test_clipped_ddim_step_uses_the_eps_of_the_clipped_x0(diffusion):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_clip_x0_defaults_to_the_diffusion_setting(sampler):
-    model = FarOutEps(Diffusion(img_size=8))
+    model = FarOutEps(Diffusion(image_size=8))
     steps = 10 if sampler == "ddpm" else None
     kwargs = dict(sampler=sampler, steps=steps, seed=0, progress=False)
-    on, off = Diffusion(img_size=8, clip_x0=True), Diffusion(img_size=8)
+    on, off = Diffusion(image_size=8, clip_x0=True), Diffusion(image_size=8)
     assert not off.clip_x0  # the reference's unclipped sampler
     torch.testing.assert_close(on.sample_x0(model, 2, **kwargs), off.sample_x0(model, 2, clip_x0=True, **kwargs))
     assert on.sample_x0(model, 2, **kwargs).abs().max() <= 1.0 + 1e-5
@@ -356,7 +356,7 @@ def test_make_scheduler_sets_each_schedulers_own_clipping(diffusion, sampler):
 def test_point_mass_oracle_on_the_cosine_schedule(sampler, clip_x0):
     """The samplers build their schedulers from the model's betas, so any schedule works: here the cosine one,
     whose alpha_hat at T-1 is nearly 0 (beta clipped at 0.999)."""
-    diffusion = Diffusion(img_size=8, schedule="cosine", clip_x0=clip_x0)
+    diffusion = Diffusion(image_size=8, schedule="cosine", clip_x0=clip_x0)
     x_0 = diffusion.sample_x0(PointMassEps(diffusion.alpha_hat, label_offset=LABEL_OFFSET), 4, labels_for(4), 3.0,
                               sampler=sampler, seed=3, progress=False)
     error = (x_0 - guided_point(labels_for(4), 3.0)).abs().max().item()
@@ -384,7 +384,7 @@ class PointMassOutput(PointMassEps):
 @pytest.mark.parametrize("schedule, clip_x0", [("linear", False), ("cosine", True)])
 def test_point_mass_oracle_for_v_and_x0_prediction(sampler, prediction_type, schedule, clip_x0):
     """Every sampler, given the exact v or x_0 of data that is one point per class, returns that point (guided)."""
-    diffusion = Diffusion(img_size=8, schedule=schedule, clip_x0=clip_x0, prediction_type=prediction_type)
+    diffusion = Diffusion(image_size=8, schedule=schedule, clip_x0=clip_x0, prediction_type=prediction_type)
     model = PointMassOutput(diffusion.alpha_hat, prediction_type, label_offset=LABEL_OFFSET)
     x_0 = diffusion.sample_x0(model, 4, labels_for(4), 3.0, sampler=sampler, seed=3, progress=False)
     error = (x_0 - guided_point(labels_for(4), 3.0)).abs().max().item()
@@ -395,7 +395,7 @@ def test_point_mass_oracle_for_v_and_x0_prediction(sampler, prediction_type, sch
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_the_callback_sees_the_x0_of_every_prediction_type(sampler, prediction_type):
     """The predicted x_0 handed to the callback is the point from the first step on, whatever the network predicts."""
-    diffusion = Diffusion(img_size=8, prediction_type=prediction_type)
+    diffusion = Diffusion(image_size=8, prediction_type=prediction_type)
     model = PointMassOutput(diffusion.alpha_hat, prediction_type) if prediction_type != "epsilon" else \
         PointMassEps(diffusion.alpha_hat)
     seen = []
@@ -406,7 +406,7 @@ def test_the_callback_sees_the_x0_of_every_prediction_type(sampler, prediction_t
 
 def test_schedulers_are_told_the_prediction_type_but_euler_a_gets_eps_for_x0():
     for prediction_type in PREDICTION_TYPES:
-        diffusion = Diffusion(img_size=8, prediction_type=prediction_type)
+        diffusion = Diffusion(image_size=8, prediction_type=prediction_type)
         for sampler in ("ddpm", "ddim", "dpm++", "dpm++ode", "euler_a"):
             expected = "epsilon" if (sampler, prediction_type) == ("euler_a", "sample") else prediction_type
             assert diffusion.make_scheduler(sampler, 10).config.prediction_type == expected
