@@ -210,13 +210,18 @@ def infer_conditioning(state_dict):
     return "add"
 
 
-def infer_text(state_dict):
+def infer_text(state_dict, path):
     """(conditioning, context_dim) of a text-conditioned network: a pooled embedding through text_proj (add), else
-    token states through the cross-attentions, whose keys have the text encoder's width."""
+    token states through the cross-attentions, whose key projections take the text encoder's width (packed into
+    in_proj_weight by nn.MultiheadAttention where that width is the attention's own)."""
     if "text_proj.weight" in state_dict:
         return "add", state_dict["text_proj.weight"].shape[1]
-    keys = [k for k in state_dict if k.endswith("cross_attn.mha.k_proj_weight")]
-    return "cross_attention", state_dict[keys[0]].shape[1]
+    for suffix in ("cross_attn.mha.k_proj_weight", "cross_attn.mha.in_proj_weight"):
+        keys = [k for k in state_dict if k.endswith(suffix)]
+        if keys:
+            return "cross_attention", state_dict[keys[0]].shape[1]
+    raise UsageError(f"'{path}' does not fit a train_sd.py network: it has no text_proj or cross-attention weights, "
+                     "but its saved config is a train_sd.py run's: pass the checkpoint saved with that config")
 
 
 def infer_dit(state_dict, path, saved):
@@ -243,7 +248,7 @@ def infer_dit(state_dict, path, saved):
             "conditioning": None, "dit_size": size, "patch_size": patch, "depth": depth, "dim": dim, "heads": heads,
             "time_dim": state_dict["time_mlp.0.weight"].shape[1]}
     if is_text_run(saved):
-        arch["conditioning"], arch["context_dim"] = infer_text(state_dict)
+        arch["conditioning"], arch["context_dim"] = infer_text(state_dict, path)
     elif "class_emb.weight" in state_dict:  # (num_classes + 1, dim): the last row is the null class
         arch["num_classes"], arch["conditioning"] = state_dict["class_emb.weight"].shape[0] - 1, "add"
     return arch
@@ -254,7 +259,7 @@ def infer_unet_conditioning(state_dict, arch, path, saved):
     time_dim = arch["time_dim"]
     conditioning = infer_conditioning(state_dict)
     if is_text_run(saved):
-        conditioning, arch["context_dim"] = infer_text(state_dict)
+        conditioning, arch["context_dim"] = infer_text(state_dict, path)
     wanted = saved.get("conditioning", conditioning)
     if wanted != conditioning:
         raise UsageError(f"'{path}' holds a U-Net conditioned by '{conditioning}', but its saved config says "

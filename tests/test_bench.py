@@ -15,9 +15,10 @@ sys.path.insert(0, ROOT)
 
 import bench  # noqa: E402
 from modules import NoAttention  # noqa: E402
+from utils import UsageError, count_flops  # noqa: E402
 
 TINY = ["--base_channels", "8", "--image_size", "16", "--batch", "2", "--steps", "2", "--warmup", "1",
-        "--num_classes", "2", "--grid_per_class", "2", "--peak_size", "256", "--peak_repeats", "2"]
+        "--num_classes", "2", "--n_per_row", "2", "--peak_size", "256", "--peak_repeats", "2"]
 
 
 def positive_finite(value):
@@ -78,14 +79,14 @@ def test_grid_full_times_complete_runs(monkeypatch):
 
 def test_count_flops_linear_conv_and_attention_match_hand_counts():
     x = torch.randn(4, 16)
-    assert bench.count_flops(lambda: nn.Linear(16, 32)(x)) == 2 * 4 * 16 * 32
+    assert count_flops(lambda: nn.Linear(16, 32)(x)) == 2 * 4 * 16 * 32
     image = torch.randn(2, 3, 8, 8)
-    assert bench.count_flops(lambda: nn.Conv2d(3, 5, 3, padding=1)(image)) == 2 * 2 * 5 * 8 * 8 * 3 * 9
+    assert count_flops(lambda: nn.Conv2d(3, 5, 3, padding=1)(image)) == 2 * 2 * 5 * 8 * 8 * 3 * 9
     batch, tokens, dim = 2, 10, 8
     mha, h = nn.MultiheadAttention(dim, 2, batch_first=True), torch.randn(batch, tokens, dim)
     projections = 2 * batch * tokens * dim * (3 * dim + dim)  # q, k, v in; out
     attention = 4 * batch * tokens * tokens * dim  # QK^T and AV over all heads
-    assert bench.count_flops(lambda: mha(h, h, h, need_weights=False)) == projections + attention
+    assert count_flops(lambda: mha(h, h, h, need_weights=False)) == projections + attention
 
 
 def test_measure_peak_positive():
@@ -100,12 +101,20 @@ def test_cli_rejects_a_bad_value_with_one_line():
     assert proc.stderr.startswith("error:") and "fp16" in proc.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--grid_samplers", "plms"), ("--batch", "0"), ("--device", "mps"),
-                                         ("--attn_factors", "3")])
-def test_validate_names_the_bad_value(flag, value):
-    cfg = bench.parse_config(bench.Config, [flag, value])
-    with pytest.raises(bench.UsageError, match=value):
-        bench.validate(cfg)
+@pytest.mark.parametrize("name, value", [("grid_samplers", "plms"), ("batch", 0), ("device", "mps"),
+                                         ("attn_factors", "3")])
+def test_validate_names_the_bad_value(name, value):
+    """Config.validate refuses the value with a line that names it, and parse_config runs it on the flags."""
+    with pytest.raises(UsageError, match=str(value)):
+        bench.Config(**{name: value}).validate()
+    with pytest.raises(UsageError, match=str(value)):
+        bench.parse_config(bench.Config, [f"--{name}", str(value)])
+
+
+def test_the_grid_width_is_n_per_row_and_its_old_name_still_parses(capsys):
+    assert bench.parse_config(bench.Config, ["--n_per_row", "3"]).n_per_row == 3
+    assert bench.parse_config(bench.Config, ["--grid_per_class", "4"]).n_per_row == 4
+    assert "note: --grid_per_class is now --n_per_row; the old name still works" in capsys.readouterr().err
 
 
 def test_the_benchmarked_network_has_the_attention_it_is_asked_for():
@@ -150,8 +159,9 @@ def test_data_measures_each_pipeline_beside_training(tmp_path, capsys):
     assert "DataLoader, 1 workers" in table and "held on the device" in table and "x training" in table
 
 
-@pytest.mark.parametrize("flag, value", [("--data_workers", "two"), ("--data_workers", "-1"), ("--data_images", "3")])
-def test_data_flags_bad_values_are_named(flag, value):
-    cfg = bench.parse_config(bench.Config, [flag, value])
-    with pytest.raises(bench.UsageError, match="data_workers"):
-        bench.validate(cfg)
+@pytest.mark.parametrize("name, value", [("data_workers", "two"), ("data_workers", "-1"), ("data_images", 3)])
+def test_data_flags_bad_values_are_named(name, value):
+    with pytest.raises(UsageError, match="data_workers"):
+        bench.Config(**{name: value}).validate()
+    with pytest.raises(UsageError, match="data_workers"):
+        bench.parse_config(bench.Config, [f"--{name}", str(value)])
