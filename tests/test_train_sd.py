@@ -401,8 +401,9 @@ def test_sample_errors(tiny, tmp_path, monkeypatch, capsys):
     out = train_sd.main(["--sample", "--ckpt", "models/arch/training_state.pt", "--prompt", "a red circle",
                          "--n_per_row", "1", "--sample_steps", "1"])
     assert out == os.path.join("results", "arch", "samples.png") and os.path.isfile(out)
-    torch.save(UNet(base_channels=8).state_dict(), "models/arch/ema_ckpt.pt")
-    with pytest.raises(UsageError, match="does not fit the model"):
+    torch.save(UNet(base_channels=8).state_dict(), "models/arch/ema_ckpt.pt")  # no text weights
+    with pytest.raises(UsageError, match=r"'models/arch/ema_ckpt\.pt' does not fit a train_sd\.py network: it has no "
+                                         r"text_proj or cross-attention weights"):
         train_sd.main(["--sample", "--ckpt", "models/arch/ema_ckpt.pt", "--prompt", "a red circle"])
 
 
