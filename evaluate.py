@@ -171,8 +171,8 @@ def print_restoration_table(rows, judge, what):
           "each image's true class")
 
 
-def evaluate_restoration(cfg, model, arch, saved, device):
-    """A ddpm_img2img.py run, or --repaint: degrade the run's held-out images, restore them, measure each method."""
+def restoration_task(cfg, arch, saved):
+    """The task of an image-to-image checkpoint (its saved `task`), or None for --repaint; wrong flags are refused."""
     task = saved.get("task") if arch.get("cond_channels") else None
     if task is not None and cfg.repaint:
         raise UsageError(f"this checkpoint is trained for {task}: drop --repaint (RePaint is for ddpm.py and "
@@ -181,6 +181,31 @@ def evaluate_restoration(cfg, model, arch, saved, device):
         raise UsageError("pass --repaint true to measure inpainting with this checkpoint")
     if (task or "inpaint") != "inpaint" and cfg.masks is not None:
         raise UsageError(f"--masks is for inpainting, and this checkpoint does {task}: drop --masks")
+    return task
+
+
+def restore(cfg, model, diffusion, task, degradation, images, holes, cond, given, cfg_scale, steps):
+    """The restorations (N, C, S, S) on the CPU of the degraded images: the conditioned network's outputs with the
+    known pixels kept (task), or RePaint's fill of the holes (task None), in batches from one seeded generator."""
+    device = diffusion.device
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    outputs = []
+    for first in tqdm(range(0, len(images), cfg.batch_size), desc=f"{cfg.sampler} cfg {cfg_scale}"):
+        rows = slice(first, first + cfg.batch_size)
+        extra = ({"cond": cond[rows].to(device)} if task is not None else
+                 {"known_image": images[rows].to(device), "known_mask": (1 - holes[rows]).to(device),
+                  "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample,
+                  "reconstruction_guidance": cfg.reconstruction_guidance})
+        y = None if given is None else given[rows].to(device)
+        x_0 = diffusion.sample_x0(model, len(images[rows]), y, cfg_scale, sampler=cfg.sampler, steps=steps,
+                                  generator=generator, progress=False, **extra)
+        outputs.append((x_0 if task is None else degradation.keep_known(x_0, extra["cond"])).cpu())
+    return torch.cat(outputs)
+
+
+def evaluate_restoration(cfg, model, arch, saved, device):
+    """A ddpm_img2img.py run, or --repaint: degrade the run's held-out images, restore them, measure each method."""
+    task = restoration_task(cfg, arch, saved)
     diffusion = pixel_diffusion(saved, arch, device, "image-to-image figures and RePaint", cfg.image_size, cfg.clip_x0)
     size, channels = diffusion.image_size, arch["c_out"]
     if size != saved.get("image_size"):
@@ -207,68 +232,52 @@ def evaluate_restoration(cfg, model, arch, saved, device):
     # a class-conditional run is given each image's true class (training drew the condition with the label)
     given = labels if num_classes is not None and task is not None else None
     cfg_scales = parse_list(cfg.cfg_scale, float, "cfg_scale") if task is not None or given is not None else [0.0]
-    steps_list = parse_list(cfg.steps, int, "steps")
+    repaint = {"jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample,
+               "reconstruction_guidance": cfg.reconstruction_guidance} if task is None else {}
     model.to(device)
     shown = None
     for cfg_scale in cfg_scales:
-        for steps in steps_list:
+        for steps in parse_list(cfg.steps, int, "steps"):
             start = time.perf_counter()
-            generator = torch.Generator(device).manual_seed(cfg.seed)
-            outputs = []
-            for first in tqdm(range(0, len(images), cfg.batch_size), desc=f"{cfg.sampler} cfg {cfg_scale}"):
-                rows_b = slice(first, first + cfg.batch_size)
-                b = len(images[rows_b])
-                extra = ({"cond": cond[rows_b].to(device)} if task is not None else
-                         {"known_image": images[rows_b].to(device), "known_mask": (1 - holes[rows_b]).to(device),
-                          "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample,
-                          "reconstruction_guidance": cfg.reconstruction_guidance})
-                y = None if given is None else given[rows_b].to(device)
-                x_0 = diffusion.sample_x0(model, b, y, cfg_scale, sampler=cfg.sampler, steps=steps,
-                                          generator=generator, progress=False, **extra)
-                outputs.append((x_0 if task is None else degradation.keep_known(x_0, extra["cond"])).cpu())
-            outputs = torch.cat(outputs)
+            outputs = restore(cfg, model, diffusion, task, degradation, images, holes, cond, given, cfg_scale, steps)
             shown = outputs if shown is None else shown
             steps_run = steps or DEFAULT_STEPS.get(cfg.sampler, diffusion.noise_steps - 1)
             rows.append({"method": "repaint" if task is None else "diffusion", "sampler": cfg.sampler, "steps": steps,
                          "steps_run": steps_run, "cfg_scale": cfg_scale, "num_samples": len(images), "seed": cfg.seed,
-                         **({"jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample,
-                             "reconstruction_guidance": cfg.reconstruction_guidance} if task is None
-                            else {}),
-                         **restoration_figures(judge, to_uint8(outputs), truth, labels),
+                         **repaint, **restoration_figures(judge, to_uint8(outputs), truth, labels),
                          "seconds": round(time.perf_counter() - start, 2)})
+    grid_rows = comparison_rows(degradation, images[:8], cond[:8], holes[:8] if holes is not None else None,
+                                shown[:8], size)
+    if degradation.task != "superres":
+        grid_rows.append((degradation.baseline_name(), baseline[:8]))
+    notes = ["held-out images of the run, never trained on; the judge trained on 80% of num_real real images, which "
+             "may include some of them", *(["the network is given each image's true class"] if given is not None
+                                           else [])]
+    return write_restoration(cfg, arch, saved, task, degradation, judge, rows, grid_rows, notes, len(images), size)
+
+
+def write_restoration(cfg, arch, saved, task, degradation, judge, rows, grid_rows, notes, count, size):
+    """Print the table of a restoration run, save the grid of its first images and write its figures as JSON."""
     run_name = saved.get("run_name") or os.path.basename(os.path.dirname(os.path.abspath(cfg.ckpt)))
     out = cfg.out or os.path.join("results", run_name, "repaint.json" if task is None else "metrics.json")
-    what = (f"{task or 'RePaint inpainting'} of {len(images)} held-out {saved['dataset']} images at {size} px"
-            f"{'' if degradation.masks is None else ', masks ' + degradation.masks.spec} with {describe(arch)} "
-            f"from {cfg.ckpt}")
+    masks = None if degradation.masks is None else degradation.masks.spec
+    what = (f"{task or 'RePaint inpainting'} of {count} held-out {saved['dataset']} images at {size} px"
+            f"{'' if masks is None else ', masks ' + masks} with {describe(arch)} from {cfg.ckpt}")
     print_restoration_table(rows, judge, what)
-    first = slice(0, 8)
-    grid_rows = comparison_rows(degradation, images[first], cond[first], holes[first] if holes is not None else None,
-                                shown[first], size)
-    if degradation.task != "superres":
-        grid_rows.append((degradation.baseline_name(), baseline[first]))
     picture = os.path.splitext(out)[0] + "_grid.png"  # not metrics.png: that name is the sweep plot of class runs
     save_rows(grid_rows, picture)
     metrics = {"checkpoint": cfg.ckpt, "run_name": run_name, "task": task or "repaint", "dataset": saved["dataset"],
-               "image_size": size, "masks": None if degradation.masks is None else degradation.masks.spec,
+               "image_size": size, "masks": masks,
                "judge": {"path": judge.path, "heldout_accuracy": judge.heldout_accuracy, "num_real": cfg.num_real},
-               "notes": ["held-out images of the run, never trained on; the judge trained on 80% of num_real real "
-                         "images, which may include some of them",
-                         *(["the network is given each image's true class"] if given is not None else [])],
-               "config": dataclasses.asdict(cfg), "rows": rows}
+               "notes": notes, "config": dataclasses.asdict(cfg), "rows": rows}
     write_json(metrics, out)
     print(f"saved {out} and {picture} (input, output at the first cfg_scale and steps, ground truth, baseline)")
     return metrics
 
 
-def main(argv=None):
-    """Sample every (cfg_scale, steps) combination, measure it, print the table, write metrics.json and .png."""
-    cfg = parse_config(Config, argv, description=__doc__)
-    cfg = dataclasses.replace(cfg, sampler=cfg.sampler or ("ddpm" if cfg.repaint else "dpm++"))
-    device = pick_device(cfg.device)
-    model, arch, saved = load_image_model(cfg.ckpt, cfg.weights)
-    if cfg.repaint or arch.get("cond_channels"):
-        return evaluate_restoration(cfg, model, arch, saved, device)
+def measure_samples(cfg, model, arch, saved, device):
+    """A class or unconditional checkpoint: sample every (cfg_scale, steps) combination, measure it, print the
+    table, write metrics.json and its plot."""
     if cfg.masks is not None:
         raise UsageError("--masks is for inpainting: pass --repaint true, or an inpaint checkpoint of ddpm_img2img.py")
     dataset, dataset_path = resolve_data(cfg, saved)
@@ -279,11 +288,6 @@ def main(argv=None):
     if num_classes is not None and cfg.num_samples < num_classes:
         raise UsageError(f"num_samples {cfg.num_samples} is smaller than the model's {num_classes} classes: pass "
                          f"--num_samples {num_classes} or more, so every class is sampled")
-    run_name = saved.get("run_name") or os.path.basename(os.path.dirname(os.path.abspath(cfg.ckpt)))
-    out = cfg.out or os.path.join("results", run_name, "metrics.json")
-    cfg_scales = parse_list(cfg.cfg_scale, float, "cfg_scale") if num_classes is not None else [None]
-    steps_list = parse_list(cfg.steps, int, "steps")
-
     judge = get_judge(dataset, dataset_path, image_size, cfg.num_real, cfg.judge_epochs, device=device,
                       channels=latents.image_channels)
     if num_classes is not None and judge.net.head.out_features != num_classes:
@@ -300,11 +304,10 @@ def main(argv=None):
     space = "" if latents.vae is None else f", decoded from the latents of --vae {saved['vae']}"
     print(f"{kind} {describe(arch)} from {cfg.ckpt}; {dataset} at {image_size} px{space}; N = {cfg.num_samples} "
           f"per row on {device}")
-
     model.to(device)
     rows = []
-    for cfg_scale in cfg_scales:
-        for steps in steps_list:
+    for cfg_scale in parse_list(cfg.cfg_scale, float, "cfg_scale") if num_classes is not None else [None]:
+        for steps in parse_list(cfg.steps, int, "steps"):
             start = time.perf_counter()
             samples, labels = generate(model, diffusion, num_classes, cfg.num_samples, cfg_scale or 0.0, cfg.sampler,
                                        steps, cfg.seed, cfg.batch_size, decode=latents.decode)
@@ -314,8 +317,7 @@ def main(argv=None):
                    **sample_figures(judge, samples, labels), "fid": None, "kid": None, "kid_std": None}
             if skip is None:
                 try:
-                    row.update(inception_figures(samples, real, real_name,
-                                                 cfg.inception_weights, device))
+                    row.update(inception_figures(samples, real, real_name, cfg.inception_weights, device))
                 except OSError as exc:  # a download that fails after all
                     skip = (f"FID and KID skipped: torch-fidelity could not get {INCEPTION_FILE} ({exc}); pass "
                             "--inception_weights PATH")
@@ -324,8 +326,14 @@ def main(argv=None):
     if skip is not None:
         notes.append(skip)
         print(skip)
+    return write_metrics(cfg, saved, dataset, image_size, judge, rows, notes)
 
+
+def write_metrics(cfg, saved, dataset, image_size, judge, rows, notes):
+    """Print the table of a class or unconditional checkpoint, and write metrics.json and the sweep's plot."""
     print_table(rows, judge)
+    run_name = saved.get("run_name") or os.path.basename(os.path.dirname(os.path.abspath(cfg.ckpt)))
+    out = cfg.out or os.path.join("results", run_name, "metrics.json")
     metrics = {"checkpoint": cfg.ckpt, "run_name": run_name, "dataset": dataset, "image_size": image_size,
                "judge": {"path": judge.path, "heldout_accuracy": judge.heldout_accuracy, "num_real": cfg.num_real},
                "judge_fd_note": "Frechet distance in the judge's feature space; not comparable with published FID",
@@ -335,6 +343,17 @@ def main(argv=None):
     plot_metrics(rows, plot_path)
     print(f"saved {out} and {plot_path}")
     return metrics
+
+
+def main(argv=None):
+    """Load the checkpoint, measure its samples (or its restorations of held-out images), write the figures."""
+    cfg = parse_config(Config, argv, description=__doc__)
+    cfg = dataclasses.replace(cfg, sampler=cfg.sampler or ("ddpm" if cfg.repaint else "dpm++"))
+    device = pick_device(cfg.device)
+    model, arch, saved = load_image_model(cfg.ckpt, cfg.weights)
+    if cfg.repaint or arch.get("cond_channels"):
+        return evaluate_restoration(cfg, model, arch, saved, device)
+    return measure_samples(cfg, model, arch, saved, device)
 
 
 if __name__ == "__main__":
