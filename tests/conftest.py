@@ -1,8 +1,11 @@
 """Fixtures shared by several test files."""
+import json
 import os
 
 import pytest
 import torch
+
+from modules import UNet, UNet_conditional
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +116,44 @@ def img2img_runs(tmp_path_factory):
         torch.set_num_threads(threads)
     runs = {name: str(root / "models" / name / "ema_ckpt.pt") for name in ("superres", "inpaint", "uncond")}
     return {"root": str(root), **runs}
+
+
+def tiny_conditional(seed=0):
+    """A class-conditional U-Net of 3 classes, 8 channels wide, its weights drawn with `seed`."""
+    torch.manual_seed(seed)
+    return UNet_conditional(num_classes=3, base_channels=8)
+
+
+def tiny_unconditional(seed=0):
+    """An unconditional U-Net, 8 channels wide, its weights drawn with `seed`."""
+    torch.manual_seed(seed)
+    return UNet(base_channels=8)
+
+
+@pytest.fixture
+def ref_cond(tmp_path):
+    """A reference-style checkpoint: a raw state_dict of a conditional U-Net, no config beside it."""
+    path = tmp_path / "ref" / "cond.pt"
+    path.parent.mkdir()
+    torch.save(tiny_conditional().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """This repository's layout: models/R/{ckpt.pt, ema_ckpt.pt, training_state.pt, config.json, classes.json}."""
+    import ddpm_conditional
+    from utils import save_config
+
+    models_dir = tmp_path / "models" / "R"
+    models_dir.mkdir(parents=True)
+    cfg = ddpm_conditional.Config(run_name="R", image_size=16, base_channels=8, noise_steps=200)
+    net, ema_net = tiny_conditional(seed=1), tiny_conditional(seed=2)
+    torch.save(net.state_dict(), models_dir / "ckpt.pt")
+    torch.save(ema_net.state_dict(), models_dir / "ema_ckpt.pt")
+    save_config(cfg, str(models_dir / "config.json"))
+    (models_dir / "classes.json").write_text(json.dumps(["red circle", "green square", "blue triangle"]))
+    state = {"model": net.state_dict(), "ema": ema_net.state_dict(), "step": 3, "epoch": 1,
+             "config": {**vars(cfg), "image_size": 24}}
+    torch.save(state, models_dir / "training_state.pt")
+    return models_dir

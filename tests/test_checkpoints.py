@@ -12,21 +12,12 @@ from checkpoints import (REFERENCE_IMAGE_SIZE, class_names, describe, infer_cond
                          load_image_model, load_model, load_state_dict_strict, pixel_diffusion, read_checkpoint,
                          run_diffusion, strip_wrapper_prefixes)
 from config import network_arch
+from conftest import tiny_conditional
 from latents import Latents, run_latents
 from modules import DIT_SIZES, DiT, DiT_text, UNet, UNet_conditional, UNet_text, build_network
 from utils import UsageError, config_to_dict, save_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def tiny_conditional(seed=0):
-    torch.manual_seed(seed)
-    return UNet_conditional(num_classes=3, base_channels=8)
-
-
-def tiny_unconditional(seed=0):
-    torch.manual_seed(seed)
-    return UNet(base_channels=8)
 
 
 def moved(net):
@@ -40,32 +31,6 @@ def moved(net):
 
 
 # ----------------------------------------------------------------------------- checkpoint files
-@pytest.fixture
-def ref_cond(tmp_path):
-    """A reference-style checkpoint: a raw state_dict of a conditional U-Net, no config beside it."""
-    path = tmp_path / "ref" / "cond.pt"
-    path.parent.mkdir()
-    torch.save(tiny_conditional().state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    """This repository's layout: models/R/{ckpt.pt, ema_ckpt.pt, training_state.pt, config.json, classes.json}."""
-    models_dir = tmp_path / "models" / "R"
-    models_dir.mkdir(parents=True)
-    cfg = ddpm_conditional.Config(run_name="R", image_size=16, base_channels=8, noise_steps=200)
-    net, ema_net = tiny_conditional(seed=1), tiny_conditional(seed=2)
-    torch.save(net.state_dict(), models_dir / "ckpt.pt")
-    torch.save(ema_net.state_dict(), models_dir / "ema_ckpt.pt")
-    save_config(cfg, str(models_dir / "config.json"))
-    (models_dir / "classes.json").write_text(json.dumps(["red circle", "green square", "blue triangle"]))
-    state = {"model": net.state_dict(), "ema": ema_net.state_dict(), "step": 3, "epoch": 1,
-             "config": {**vars(cfg), "image_size": 24}}
-    torch.save(state, models_dir / "training_state.pt")
-    return models_dir
-
-
 # ----------------------------------------------------------------------------- state_dicts
 def test_strip_wrapper_prefixes_removes_compile_and_ddp_prefixes_in_either_order_only_at_the_front():
     assert strip_wrapper_prefixes("module._orig_mod.inc.x") == "inc.x"

@@ -1,7 +1,6 @@
 """Tests for sample.py: the grid it writes from any checkpoint (rebuilt by checkpoints.load_model, tested in
 test_checkpoints.py), its image inputs, its flags, and its errors."""
 
-import json
 import math
 import os
 import re
@@ -19,8 +18,9 @@ import ddpm_conditional  # noqa: E402
 import sample  # noqa: E402
 import train_sd  # noqa: E402
 from config import network_arch  # noqa: E402
+from conftest import tiny_unconditional  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
-from modules import DIT_SIZES, DiT, UNet, UNet_conditional, build_network  # noqa: E402
+from modules import DIT_SIZES, DiT, UNet_conditional, build_network  # noqa: E402
 from utils import parse_config, run_cli, save_config  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "2"]
@@ -42,26 +42,7 @@ def grid_size(rows, cols, size, captioned=True, padding=2):
             rows * shown + (rows + 1) * padding + (14 * rows if captioned else 0))
 
 
-def tiny_conditional(seed=0):
-    torch.manual_seed(seed)
-    return UNet_conditional(num_classes=3, base_channels=8)
-
-
-def tiny_unconditional(seed=0):
-    torch.manual_seed(seed)
-    return UNet(base_channels=8)
-
-
 # ----------------------------------------------------------------------------- checkpoint files
-@pytest.fixture
-def ref_cond(tmp_path):
-    """A reference-style checkpoint: a raw state_dict of a conditional U-Net, no config beside it."""
-    path = tmp_path / "ref" / "cond.pt"
-    path.parent.mkdir()
-    torch.save(tiny_conditional().state_dict(), path)
-    return str(path)
-
-
 @pytest.fixture
 def ref_uncond(tmp_path):
     """A reference-style raw state_dict of an unconditional U-Net."""
@@ -69,23 +50,6 @@ def ref_uncond(tmp_path):
     path.parent.mkdir()
     torch.save(tiny_unconditional().state_dict(), path)
     return str(path)
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    """This repository's layout: models/R/{ckpt.pt, ema_ckpt.pt, training_state.pt, config.json, classes.json}."""
-    models_dir = tmp_path / "models" / "R"
-    models_dir.mkdir(parents=True)
-    cfg = ddpm_conditional.Config(run_name="R", image_size=16, base_channels=8, noise_steps=200)
-    net, ema_net = tiny_conditional(seed=1), tiny_conditional(seed=2)
-    torch.save(net.state_dict(), models_dir / "ckpt.pt")
-    torch.save(ema_net.state_dict(), models_dir / "ema_ckpt.pt")
-    save_config(cfg, str(models_dir / "config.json"))
-    (models_dir / "classes.json").write_text(json.dumps(["red circle", "green square", "blue triangle"]))
-    state = {"model": net.state_dict(), "ema": ema_net.state_dict(), "step": 3, "epoch": 1,
-             "config": {**vars(cfg), "image_size": 24}}
-    torch.save(state, models_dir / "training_state.pt")
-    return models_dir
 
 
 def run_main(argv):

@@ -1,4 +1,5 @@
-"""The training scripts end to end (ddpm.py, ddpm_conditional.py through training.py), on tiny data."""
+"""The training scripts end to end (ddpm.py, ddpm_conditional.py through training.py), on tiny data, and the run's
+files they write and resume from (checkpoints.py)."""
 import contextlib
 import dataclasses
 import datetime
@@ -7,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
@@ -693,15 +695,26 @@ def test_wandb_is_offline_unless_logged_in(workdir, monkeypatch, login, mode):
 
 # ----------------------------------------------------------------------------- checkpoints: the run's files
 # checkpoints.run_dirs, save_run, save_kept and restore_run, through the scripts
-def test_a_run_writes_its_summary_to_training_json(workdir):
+def test_a_run_writes_its_summary_to_training_json(workdir, monkeypatch):
     """results/<run>/training.json (what compare.py reads of a run): its steps, epoch, skipped steps, seconds, and
-    stopped null for a run that reached its end."""
+    stopped null for a run that reached its end, the signal for one stopped by it."""
     done = ddpm_conditional.main(TINY + ["--run_name", "R", "--n_per_row", "1"])
     summary = json.loads((workdir / "results" / "R" / "training.json").read_text())
     assert set(summary) == {"step", "epoch", "skipped", "stopped", "train_seconds", "train_cpu_seconds"}
     assert (summary["step"], summary["epoch"], summary["skipped"], summary["stopped"]) == (2, 0, 0, None)
     assert summary["train_seconds"] > 0 and summary["train_cpu_seconds"] > 0
     assert summary == {key: done[key] for key in summary}
+
+    loss = Diffusion.loss
+
+    def terminated(self, *args, **kwargs):  # SIGTERM during the first step
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(Diffusion, "loss", terminated)
+    ddpm_conditional.main(TINY + ["--run_name", "T", "--n_per_row", "1", "--print_every", "1"])
+    summary = json.loads((workdir / "results" / "T" / "training.json").read_text())
+    assert (summary["step"], summary["stopped"]) == (1, "SIGTERM")
 
 
 def test_max_steps_stops_mid_epoch_and_resume_continues_step_and_optimizer(workdir):
