@@ -64,7 +64,7 @@ class Config:
     steps: int = arg(5, "timed training steps, and timed network evaluations")
     peak_size: int = arg(4096, "n of the n x n matmul that measures the peak (2048 gave unstable peaks here)")
     peak_repeats: int = arg(8, "matmuls timed for the peak; the best counts")
-    n_per_row: int = arg(10, "grid images per class: 10 gives the 10x10 grid", old_names=("n_per_row",))
+    n_per_row: int = arg(10, "grid images per class: 10 gives the 10x10 grid", old_names=("grid_per_class",))
     cfg_scale: float = arg(3.0, "guidance of the grid; > 0 doubles the rows of every network call")
     grid_samplers: str = arg(",".join(SAMPLERS), "comma-separated samplers to time on the grid ('' for none)")
     grid_full: bool = arg(False, "also time complete grid runs with the real network (slow on a CPU)")

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from modules import UNet, UNet_conditional
+from modules import DIT_SIZES, DiT, UNet, UNet_conditional
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +157,29 @@ def run_dir(tmp_path):
              "config": {**vars(cfg), "image_size": 24}}
     torch.save(state, models_dir / "training_state.pt")
     return models_dir
+
+
+def moved(net):
+    """The network with its zero-initialised weights (DiT's adaLN-Zero, its output layer) moved, as after training,
+    so that every input counts in its output."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return net
+
+
+def write_dit_run(root, num_classes=3, **config):
+    """models/D/{ema_ckpt.pt, config.json} of a dit-n/4 network with moved adaLN weights, as after training."""
+    import ddpm_conditional
+    from utils import save_config
+
+    torch.manual_seed(0)
+    depth, dim, heads = DIT_SIZES["dit-n"]
+    net = moved(DiT(num_classes=num_classes, patch_size=4, depth=depth, dim=dim, heads=heads))
+    run = root / "models" / "D"
+    run.mkdir(parents=True)
+    torch.save(net.state_dict(), run / "ema_ckpt.pt")
+    options = {"run_name": "D", "image_size": 16, "backbone": "dit", "dit_size": "dit-n", "patch_size": 4, **config}
+    save_config(ddpm_conditional.Config(**options), str(run / "config.json"))
+    return net.eval(), str(run / "ema_ckpt.pt")

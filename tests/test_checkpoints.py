@@ -12,22 +12,12 @@ from checkpoints import (REFERENCE_IMAGE_SIZE, class_names, describe, infer_cond
                          load_image_model, load_model, load_state_dict_strict, pixel_diffusion, read_checkpoint,
                          run_diffusion, strip_wrapper_prefixes)
 from config import network_arch
-from conftest import tiny_conditional
+from conftest import moved, tiny_conditional, write_dit_run
 from latents import Latents, run_latents
-from modules import DIT_SIZES, DiT, DiT_text, UNet, UNet_conditional, UNet_text, build_network
+from modules import DiT, DiT_text, UNet, UNet_conditional, UNet_text, build_network
 from utils import UsageError, config_to_dict, save_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def moved(net):
-    """The network with its zero-initialised weights (DiT's adaLN-Zero, its output layer) moved, as after training,
-    so that every input counts in its output."""
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
-    return net
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -157,19 +147,6 @@ def test_a_config_naming_another_mode_than_the_weights_is_an_error(ref_cond):
         load_model(ref_cond)
     assert "conditioned by 'add', but its saved config says 'xattn'" in str(info.value)
     assert "\n" not in str(info.value)
-
-
-def write_dit_run(root, num_classes=3, **config):
-    """models/D/{ema_ckpt.pt, config.json} of a dit-n/4 network with moved adaLN weights, as after training."""
-    torch.manual_seed(0)
-    depth, dim, heads = DIT_SIZES["dit-n"]
-    net = moved(DiT(num_classes=num_classes, patch_size=4, depth=depth, dim=dim, heads=heads))
-    run = root / "models" / "D"
-    run.mkdir(parents=True)
-    torch.save(net.state_dict(), run / "ema_ckpt.pt")
-    options = {"run_name": "D", "image_size": 16, "backbone": "dit", "dit_size": "dit-n", "patch_size": 4, **config}
-    save_config(ddpm_conditional.Config(**options), str(run / "config.json"))
-    return net.eval(), str(run / "ema_ckpt.pt")
 
 
 def test_a_dit_checkpoint_is_rebuilt_from_its_weights_and_saved_config(tmp_path):

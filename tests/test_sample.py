@@ -18,9 +18,9 @@ import ddpm_conditional  # noqa: E402
 import sample  # noqa: E402
 import train_sd  # noqa: E402
 from config import network_arch  # noqa: E402
-from conftest import tiny_unconditional  # noqa: E402
+from conftest import tiny_unconditional, write_dit_run  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
-from modules import DIT_SIZES, DiT, UNet_conditional, build_network  # noqa: E402
+from modules import UNet_conditional, build_network  # noqa: E402
 from utils import parse_config, run_cli, save_config  # noqa: E402
 
 FAST = ["--sampler", "ddim", "--steps", "2"]
@@ -106,23 +106,6 @@ def test_a_config_naming_another_mode_than_the_weights_is_an_error(ref_cond, tmp
     assert run_main(["--ckpt", ref_cond, "--out", str(tmp_path / "grid.png"), *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert "conditioned by 'add', but its saved config says 'xattn'" in err and "\n" not in err
-
-
-def write_dit_run(root, num_classes=3, **config):
-    """models/D/{ema_ckpt.pt, config.json} of a dit-n/4 network with moved adaLN weights, as after training."""
-    torch.manual_seed(0)
-    depth, dim, heads = DIT_SIZES["dit-n"]
-    net = DiT(num_classes=num_classes, patch_size=4, depth=depth, dim=dim, heads=heads)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
-    run = root / "models" / "D"
-    run.mkdir(parents=True)
-    torch.save(net.state_dict(), run / "ema_ckpt.pt")
-    options = {"run_name": "D", "image_size": 16, "backbone": "dit", "dit_size": "dit-n", "patch_size": 4, **config}
-    save_config(ddpm_conditional.Config(**options), str(run / "config.json"))
-    return net.eval(), str(run / "ema_ckpt.pt")
 
 
 def test_a_dit_checkpoint_samples_a_grid_at_its_saved_size(tmp_path):
