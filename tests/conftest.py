@@ -183,3 +183,20 @@ def write_dit_run(root, num_classes=3, **config):
     options = {"run_name": "D", "image_size": 16, "backbone": "dit", "dit_size": "dit-n", "patch_size": 4, **config}
     save_config(ddpm_conditional.Config(**options), str(run / "config.json"))
     return net.eval(), str(run / "ema_ckpt.pt")
+
+
+def assert_same_state(state, reference):
+    """Two training_state.pt dicts hold the same run: its step and losses, the model's and the EMA's weights, the EMA's
+    count of updates, and AdamW's moments and step counts (a resume that restored the model alone passes a check of
+    the model alone)."""
+    assert state["step"] == reference["step"] and state["losses"] == reference["losses"]
+    for part in ("model", "ema"):
+        assert state[part].keys() == reference[part].keys()
+        for key, tensor in state[part].items():
+            assert torch.equal(tensor, reference[part][key]), f"{part} {key} differs"
+    assert state["ema_state"] == reference["ema_state"]
+    moments, expected = state["optimizer"]["state"], reference["optimizer"]["state"]
+    assert moments.keys() == expected.keys() and len(moments) > 0
+    for index, entries in moments.items():
+        for name, value in entries.items():
+            assert torch.equal(value, expected[index][name]), f"optimizer state {index} {name} differs"

@@ -75,10 +75,12 @@ def test_noise_images_matches_the_closed_form():
         torch.testing.assert_close(x_t[row], math.sqrt(a) * x_0[row] + math.sqrt(1 - a) * eps[row])
 
 
-def test_one_reverse_step_against_algorithm_2_by_hand():
+@pytest.mark.parametrize("t", [1, 2, 500])
+def test_one_reverse_step_against_algorithm_2_by_hand(t):
+    """At t = 500 alpha_hat_t and alpha_hat_{t-1} are within the tolerance of each other; at t = 1 and 2,
+    1 - alpha_hat_t is 2.2 and 1.5 times 1 - alpha_hat_{t-1}, so a step with the wrong one fails."""
     diffusion = Diffusion(image_size=8)
     x_t, eps, z = torch.randn(3, 1, 1, 1), torch.randn(3, 1, 1, 1), torch.randn(3, 1, 1, 1)
-    t = 500
     beta = 1e-4 + t * (0.02 - 1e-4) / 999
     alpha = 1 - beta
     alpha_hat = math.prod(1 - (1e-4 + i * (0.02 - 1e-4) / 999) for i in range(t + 1))
@@ -391,6 +393,32 @@ def test_repaint_with_the_exact_eps_of_one_image_returns_it_in_the_known_region_
                               known_mask=known, jump_length=10, jump_n_sample=3, seed=0, progress=False)
     torch.testing.assert_close(x_0[:, :, :4], image.expand(4, -1, -1, -1)[:, :, :4])  # exactly: the last replacement
     assert (x_0[:, :, 4:] - image[:, :, 4:]).abs().max() < 0.04  # the hole: the image, up to the last step's noise
+
+
+class ZeroEps(torch.nn.Module):
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("jump_n_sample", [1, 2])
+def test_repaint_puts_the_known_pixels_at_the_noise_level_of_each_step(jump_n_sample):
+    """Every network input x_t after the first holds in the known region a draw of q(x_t | x_0) of the given image
+    (RePaint's replacement, and its jumps back up): the residual (x_t - sqrt(alpha_hat_t) x_0) / sqrt(1 - alpha_hat_t)
+    there has mean 0 and sd 1. Pasting x_0 itself, or noising it to another level, gives another sd."""
+    diffusion = Diffusion(noise_steps=40, image_size=16)
+    image = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    known = torch.zeros(1, 1, 16, 16)
+    known[:, :, :8] = 1  # the upper half: 1536 known values per step
+    inputs = []
+    diffusion.sample_x0(ZeroEps(), 4, known_image=image, known_mask=known, jump_length=5,
+                        jump_n_sample=jump_n_sample, seed=0, progress=False,
+                        callback=lambda step, t, x_t, x0_pred: inputs.append((t, x_t[:, :, :8].clone())))
+    levels = diffusion.repaint_levels(5, jump_n_sample)
+    assert len(inputs) == sum(down < up for up, down in zip(levels, levels[1:])) >= 39  # and more with jumps
+    for t, x_t in inputs[1:]:
+        alpha_hat = diffusion.alpha_hat[t]
+        residual = (x_t - alpha_hat.sqrt() * image[:, :, :8]) / (1 - alpha_hat).sqrt()
+        assert abs(residual.mean().item()) < 0.1 and abs(residual.std().item() - 1) < 0.1, (t, residual.std())
 
 
 def test_repaint_completes_each_image_of_two_from_its_known_half_and_resampling_makes_it_agree():

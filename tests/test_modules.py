@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import infer_network
+from conftest import moved
 from diffusion import Diffusion
 from modules import (DIT_SIZES, EMA, NULL_LABEL, PATCH_SIZES, CrossAttention, DiT, DiT_text, DoubleConv, NoAttention,
                      SelfAttention, UNet, UNet_conditional, UNet_text, build_network, patchify, position_embedding_2d,
@@ -790,3 +791,21 @@ def test_channels_last_in_the_arch_switches_it_on_and_computes_the_same(kind):
     args, kwargs = example_inputs(arch)
     with torch.no_grad():
         torch.testing.assert_close(net(*args, **kwargs), plain(*args, **kwargs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_a_text_network_reads_every_token_of_its_context_not_only_the_first(backbone):
+    """Two contexts that share their first token and differ after it give different outputs; the same context gives
+    the same output. (A cross-attention that read only the first token passes every other test of the text networks
+    but the slow colour learning test.)"""
+    torch.manual_seed(0)
+    if backbone == "unet":
+        net = UNet_text(c_in=4, c_out=4, base_channels=8, context_dim=32)
+    else:  # its cross-attentions start at zero (adaLN-Zero): move them, as training does
+        net = moved(DiT_text(c_in=4, c_out=4, patch_size=2, depth=2, dim=32, heads=2, context_dim=32))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    first = torch.randn(2, 5, 32)
+    other = torch.cat([first[:, :1], torch.randn(2, 4, 32)], dim=1)  # (B, L, D): the same first token
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, first), net(x, t, first.clone()))
+        assert (net(x, t, first) - net(x, t, other)).abs().max() > 1e-3

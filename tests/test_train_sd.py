@@ -17,6 +17,7 @@ import data  # noqa: E402
 import train_sd  # noqa: E402
 from checkpoints import load_model, read_checkpoint, run_diffusion  # noqa: E402
 from config import network_arch  # noqa: E402
+from conftest import assert_same_state  # noqa: E402
 from data import classify_colors  # noqa: E402
 from diffusion import dropped_rows  # noqa: E402
 from latents import load_latents, load_text_encoder  # noqa: E402
@@ -315,6 +316,8 @@ def test_resume_continues_step_and_optimizer(tiny, tmp_path, monkeypatch):
     adam_steps = {float(s["step"]) for s in state_4["optimizer"]["state"].values()}
     assert adam_steps == {4.0}  # AdamW's moments carried on from step 2
     assert state_4["ema_state"]["step"] == 4
+    train_sd.main(tiny_argv(tiny, "whole", max_steps=4))
+    assert_same_state(state_4, torch.load("models/whole/training_state.pt", weights_only=True))
 
 
 def run_script(args, cwd):

@@ -11,6 +11,7 @@ import ddpm_conditional
 import latents
 import train_sd
 import train_vae
+from conftest import assert_same_state
 from utils import UsageError, load_checkpoint, parse_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -208,8 +209,9 @@ def test_a_resumed_run_trains_and_exports_as_one_run(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="different config: kl_weight"):
         train_vae.main(vae_argv("parts", max_steps=4, lr_decay="none", kl_weight=0.1) + ["--resume"])
     parts = train_vae.main(vae_argv("parts", max_steps=4, lr_decay="none") + ["--resume"])
-    losses = [load_checkpoint(f"models/{name}/training_state.pt")["losses"] for name in ("whole", "parts")]
-    assert losses[0] == losses[1] and len(losses[0]) == 4
+    states = [load_checkpoint(f"models/{name}/training_state.pt") for name in ("whole", "parts")]
+    assert len(states[0]["losses"]) == 4
+    assert_same_state(states[1], states[0])  # losses, autoencoder, EMA and optimizer
     assert parts["scaling_factor"] == pytest.approx(whole["scaling_factor"], rel=1e-5)
 
 
