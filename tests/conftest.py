@@ -140,6 +140,15 @@ def ref_cond(tmp_path):
 
 
 @pytest.fixture
+def ref_uncond(tmp_path):
+    """A reference-style raw state_dict of an unconditional U-Net."""
+    path = tmp_path / "ref_uncond" / "uncond.pt"
+    path.parent.mkdir()
+    torch.save(tiny_unconditional().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture
 def run_dir(tmp_path):
     """This repository's layout: models/R/{ckpt.pt, ema_ckpt.pt, training_state.pt, config.json, classes.json}."""
     import ddpm_conditional

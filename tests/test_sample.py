@@ -18,7 +18,7 @@ import ddpm_conditional  # noqa: E402
 import sample  # noqa: E402
 import train_sd  # noqa: E402
 from config import network_arch  # noqa: E402
-from conftest import tiny_unconditional, write_dit_run  # noqa: E402
+from conftest import write_dit_run  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from modules import UNet_conditional, build_network  # noqa: E402
 from utils import parse_config, run_cli, save_config  # noqa: E402
@@ -40,16 +40,6 @@ def grid_size(rows, cols, size, captioned=True, padding=2):
         return shown, shown
     return (cols * shown + (cols + 1) * padding,
             rows * shown + (rows + 1) * padding + (14 * rows if captioned else 0))
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-@pytest.fixture
-def ref_uncond(tmp_path):
-    """A reference-style raw state_dict of an unconditional U-Net."""
-    path = tmp_path / "ref_uncond" / "uncond.pt"
-    path.parent.mkdir()
-    torch.save(tiny_unconditional().state_dict(), path)
-    return str(path)
 
 
 def run_main(argv):
