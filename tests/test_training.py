@@ -473,6 +473,7 @@ def test_each_conditioning_mode_trains_resumes_and_samples_with_and_without_guid
         resumed, whole = (load_checkpoint(workdir / "models" / run / name) for run in ("M", "whole"))
         for key, tensor in resumed.items():
             assert torch.equal(tensor, whole[key]), f"{name} {key}: the resumed run's weights differ"
+    assert_same_state(state, load_checkpoint(workdir / "models" / "whole" / "training_state.pt"))  # EMA, AdamW too
     samples = {}
     for cfg_scale in ("3", "0"):
         out = workdir / f"grid_{cfg_scale}.png"
@@ -503,6 +504,7 @@ def test_dit_trains_resumes_and_samples_through_the_one_loop(workdir, script):
         assert "patch_embed.weight" in resumed and "inc.double_conv.0.weight" not in resumed
         for key, tensor in resumed.items():
             assert torch.equal(tensor, whole[key]), f"{name} {key}: the resumed run's weights differ"
+    assert_same_state(state, load_checkpoint(workdir / "models" / "whole" / "training_state.pt"))  # EMA, AdamW too
     ckpt = str(workdir / "models" / "D" / "ema_ckpt.pt")
     model, arch, _ = checkpoints.load_model(ckpt)
     assert type(model).__name__ == "DiT" and (arch["patch_size"], arch["depth"], arch["dim"]) == (4, 4, 64)
