@@ -130,22 +130,24 @@ def tiny_unconditional(seed=0):
     return UNet(base_channels=8)
 
 
+def reference_checkpoint(path, net):
+    """Write `net`'s raw state_dict to `path` (a new folder for it), as the reference's checkpoints are: no config
+    beside it. Returns the path as a string."""
+    path.parent.mkdir()
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
 @pytest.fixture
 def ref_cond(tmp_path):
-    """A reference-style checkpoint: a raw state_dict of a conditional U-Net, no config beside it."""
-    path = tmp_path / "ref" / "cond.pt"
-    path.parent.mkdir()
-    torch.save(tiny_conditional().state_dict(), path)
-    return str(path)
+    """A reference-style checkpoint of a conditional U-Net."""
+    return reference_checkpoint(tmp_path / "ref" / "cond.pt", tiny_conditional())
 
 
 @pytest.fixture
 def ref_uncond(tmp_path):
-    """A reference-style raw state_dict of an unconditional U-Net."""
-    path = tmp_path / "ref_uncond" / "uncond.pt"
-    path.parent.mkdir()
-    torch.save(tiny_unconditional().state_dict(), path)
-    return str(path)
+    """A reference-style checkpoint of an unconditional U-Net."""
+    return reference_checkpoint(tmp_path / "ref_uncond" / "uncond.pt", tiny_unconditional())
 
 
 @pytest.fixture
